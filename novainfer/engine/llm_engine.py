@@ -1,0 +1,279 @@
+"""The engine: requests in, one scheduled model step at a time, RequestOutputs out.
+
+`add_request` validates and enqueues; `step` schedules, runs the model, samples, applies
+stop rules and returns the requests that progressed. A server drives the same three calls
+(plus `abort_request`) from its own loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from novainfer.config import EngineConfig
+from novainfer.engine.block_manager import BlockManager
+from novainfer.engine.detokenizer import IncrementalDetokenizer, find_stop
+from novainfer.engine.model_runner import ModelRunner
+from novainfer.engine.scheduler import Scheduler
+from novainfer.engine.sequence import Sequence
+from novainfer.loader.model_path import resolve_model
+from novainfer.models.config import ModelConfig
+from novainfer.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from novainfer.sampling_params import SamplingParams
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    stream: bool
+    detokenizers: list[IncrementalDetokenizer | None] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        from transformers import AutoTokenizer
+
+        self.config = config
+        folder = resolve_model(config.model)
+        self.model_config = ModelConfig.from_folder(folder)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(config.tokenizer or folder))
+        self.max_model_len = min(
+            config.max_model_len or self.model_config.max_position_embeddings,
+            self.model_config.max_position_embeddings,
+        )
+        if config.max_model_len and config.max_model_len > self.model_config.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {config.max_model_len} exceeds the model's "
+                f"max_position_embeddings ({self.model_config.max_position_embeddings})"
+            )
+        self.eos_ids = _eos_ids(folder, self.tokenizer)
+        self.runner = ModelRunner(config, self.model_config, folder, self.max_model_len)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        default_tokens = 16384 if self.runner.device.type == "cuda" else 4096
+        self.scheduler = Scheduler(
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens or default_tokens,
+        )
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._rng = torch.Generator().manual_seed(config.seed)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        """Validate a prompt (text or token ids) and return (text, token ids)."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            return prompt, self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple)):
+            raise TypeError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not prompt:
+            raise ValueError("prompt must not be empty (got no token ids)")
+        for t in prompt:
+            if not isinstance(t, int) or isinstance(t, bool):
+                raise TypeError(f"prompt token ids must be ints, got {type(t).__name__}")
+            if not 0 <= t < self.vocab_size:
+                raise ValueError(
+                    f"prompt token id {t} is out of range; allowed: 0 <= id < {self.vocab_size}"
+                )
+        return None, list(prompt)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        stream: bool = False,
+    ) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request_id '{request_id}' is already in use")
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        text, ids = self.tokenize(prompt)
+        self.check_length(len(ids), params)
+        self._check_token_ids(params)
+        now = time.monotonic()
+        seqs: list[Sequence] = []
+        for index in range(params.n):
+            seed = params.seed + index if params.seed is not None else None
+            seqs.append(
+                Sequence(
+                    seq_id=next(self._seq_ids),
+                    request_id=request_id,
+                    index=index,
+                    token_ids=list(ids),
+                    num_prompt_tokens=len(ids),
+                    params=params,
+                    generator=self._generator(seed),
+                    arrival=now,
+                    parent=seqs[0] if index else None,
+                )
+            )
+        needs_text = stream or bool(params.stop_list)
+        request = Request(request_id, text, ids, params, seqs, stream)
+        request.detokenizers = [
+            IncrementalDetokenizer(self.tokenizer, ids) if needs_text else None for _ in seqs
+        ]
+        self.requests[request_id] = request
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def check_length(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        if num_prompt_tokens >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {num_prompt_tokens} tokens; max_model_len is {self.max_model_len}, "
+                f"so the prompt must have fewer than {self.max_model_len} tokens"
+            )
+        if num_prompt_tokens + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                f"max_model_len ({self.max_model_len}); lower max_tokens to at most "
+                f"{self.max_model_len - num_prompt_tokens}"
+            )
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"stop_token_ids {bad} are out of range; allowed: 0 <= id < {self.vocab_size}"
+            )
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self._rng))
+        return torch.Generator(device=self.runner.device).manual_seed(seed)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        return self._output(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        sampled, tokens, logprobs = self.runner.execute(batch, self.eos_ids)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.cache_computed_blocks(seq)
+        touched: dict[str, Request] = {}
+        for seq, token, lp in zip(sampled, tokens, logprobs):
+            request = self.requests[seq.request_id]
+            self._append(request, seq, token, lp)
+            touched[request.request_id] = request
+        outputs = []
+        for request in touched.values():
+            done = all(s.is_finished for s in request.seqs)
+            if done or request.stream:
+                outputs.append(self._output(request))
+            if done:
+                del self.requests[request.request_id]
+        return outputs
+
+    def _append(
+        self, request: Request, seq: Sequence, token: int, lp: PositionLogprobs | None
+    ) -> None:
+        params = seq.params
+        seq.append_token(token)
+        if lp is not None:
+            seq.logprobs.append(lp)
+            seq.cumulative_logprob += lp[token].logprob
+        detok = request.detokenizers[seq.index]
+        delta = detok.step(seq.token_ids) if detok is not None else ""
+        past_min = seq.num_output_tokens >= params.min_tokens
+        if past_min and not params.ignore_eos and token in self.eos_ids:
+            self._finish(seq, "stop", None)
+        elif past_min and token in params.stop_token_ids:
+            self._finish(seq, "stop", token)
+        elif past_min and params.stop_list and delta:
+            hit = find_stop(detok.text, len(delta), params.stop_list)
+            if hit is not None:
+                detok.text = detok.text[: hit[0]]
+                self._finish(seq, "stop", hit[1])
+        if not seq.is_finished and (
+            seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len
+        ):
+            self._finish(seq, "length", None)
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.scheduler.finish(seq)
+
+    # -- outputs ----------------------------------------------------------------------------
+
+    def _text(self, request: Request, seq: Sequence) -> str:
+        detok = request.detokenizers[seq.index]
+        if detok is not None and (not seq.is_finished or isinstance(seq.stop_reason, str)):
+            return detok.text
+        return self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+
+    def _output(self, request: Request) -> RequestOutput:
+        completions = []
+        for seq in request.seqs:
+            logprobs = None
+            if seq.logprobs is not None:
+                logprobs = [self._decorate(p) for p in seq.logprobs]
+            completions.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=self._text(request, seq),
+                    token_ids=list(seq.output_token_ids),
+                    cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+                    logprobs=logprobs,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=completions,
+            finished=all(s.is_finished for s in request.seqs),
+            num_cached_tokens=request.seqs[0].num_cached_tokens,
+        )
+
+    def _decorate(self, position: PositionLogprobs) -> PositionLogprobs:
+        return {
+            tid: Logprob(lp.logprob, lp.rank, lp.decoded_token or self.tokenizer.decode([tid]))
+            for tid, lp in position.items()
+        }
+
+
+def _eos_ids(folder: Path, tokenizer: Any) -> list[int]:
+    ids: list[int] = []
+    gen = folder / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids.extend(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))

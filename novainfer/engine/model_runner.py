@@ -1,0 +1,195 @@
+"""Owns the model weights and the KV cache; turns a scheduled batch into sampled tokens.
+
+Step metadata (input ids, positions, slot mapping, block tables, sequence lengths) is built
+once per step here, copied to the device once, and handed to the model explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from novainfer.config import EngineConfig
+from novainfer.engine.sampler import sample
+from novainfer.engine.scheduler import ScheduledBatch
+from novainfer.engine.sequence import Sequence
+from novainfer.layers.attention import AttentionMetadata, get_backend
+from novainfer.loader.weights import load_weights
+from novainfer.models.config import ModelConfig
+from novainfer.models.registry import model_class
+from novainfer.outputs import PositionLogprobs
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_BYTES = 2 << 30
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor
+    sampling_seqs: list[Sequence]
+
+
+class ModelRunner:
+    def __init__(
+        self, config: EngineConfig, model_config: ModelConfig, folder: Path, max_model_len: int
+    ) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype(self.device, model_config.torch_dtype)
+        self.block_size = config.block_size
+        self.backend = get_backend(config.attention_backend, self.device)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                self.model = model_class(model_config)(model_config, max_model_len, self.backend)
+        finally:
+            torch.set_default_dtype(previous)
+        load_weights(self.model, folder, model_config.tie_word_embeddings)
+        self.model.eval()
+        self.num_blocks = self._num_kv_blocks(max_model_len)
+        cfg = model_config
+        self.kv_cache = torch.zeros(
+            cfg.num_layers, 2, self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim,
+            dtype=self.dtype, device=self.device,
+        )
+
+    def kv_bytes_per_block(self) -> int:
+        cfg = self.model_config
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return cfg.num_layers * 2 * self.block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+    def _num_kv_blocks(self, max_model_len: int) -> int:
+        if self.config.num_kv_blocks is not None:
+            blocks = self.config.num_kv_blocks
+        elif self.device.type == "cuda":
+            blocks = self._profile_gpu_blocks()
+        else:
+            budget = self.config.kv_cache_memory or CPU_DEFAULT_KV_BYTES
+            blocks = budget // self.kv_bytes_per_block()
+        needed = -(-max_model_len // self.block_size)
+        if blocks < needed:
+            raise ValueError(
+                f"the KV cache holds {blocks} blocks of {self.block_size} tokens, fewer than one "
+                f"sequence of max_model_len={max_model_len} needs ({needed}); raise kv_cache_memory "
+                f"/ gpu_memory_utilization / num_kv_blocks or lower max_model_len"
+            )
+        return blocks
+
+    def _profile_gpu_blocks(self) -> int:
+        """Blocks that fit in gpu_memory_utilization after a forward pass at the largest batch."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        tokens = self.config.max_num_batched_tokens or 1
+        cfg = self.model_config
+        probe_blocks = -(-tokens // self.block_size)
+        probe = torch.zeros(
+            cfg.num_layers, 2, probe_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim,
+            dtype=self.dtype, device=self.device,
+        )
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(tokens, device=self.device),
+            query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([tokens], dtype=torch.int32, device=self.device),
+            block_tables=torch.arange(probe_blocks, dtype=torch.int32, device=self.device)[None],
+            num_decodes=0, max_query_len=tokens, max_seq_len=tokens,
+            query_lens_host=[tokens], seq_lens_host=[tokens],
+        )
+        ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            hidden = self.model(ids, torch.arange(tokens, device=self.device), probe, meta)
+            self.model.compute_logits(hidden[-min(tokens, self.config.max_num_seqs):])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del probe, hidden
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        budget = int(total * self.config.gpu_memory_utilization) - peak
+        return max(budget // self.kv_bytes_per_block(), 0)
+
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        # Decodes (one new token) first, so attention can batch them together.
+        order = sorted(range(len(batch)), key=lambda i: batch.num_new_tokens[i] != 1)
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        logits_indices: list[int] = []
+        sampling: list[Sequence] = []
+        for i in order:
+            seq, n = batch.seqs[i], batch.num_new_tokens[i]
+            start = seq.num_computed_tokens
+            end = start + n
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            query_lens.append(n)
+            seq_lens.append(end)
+            if end == seq.num_tokens:  # the chunk reaches the last token: sample after it
+                logits_indices.append(len(input_ids) - 1)
+                sampling.append(seq)
+        max_blocks = max(len(batch.seqs[i].block_table) for i in order)
+        tables = [batch.seqs[i].block_table + [0] * (max_blocks - len(batch.seqs[i].block_table))
+                  for i in order]
+        cu = [0]
+        for q in query_lens:
+            cu.append(cu[-1] + q)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=_to(slots, torch.long, dev),
+            query_start_loc=_to(cu, torch.int32, dev),
+            seq_lens=_to(seq_lens, torch.int32, dev),
+            block_tables=_to(tables, torch.int32, dev),
+            num_decodes=_leading_ones(query_lens),
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+            query_lens_host=query_lens,
+            seq_lens_host=seq_lens,
+        )
+        return StepInputs(
+            input_ids=_to(input_ids, torch.long, dev),
+            positions=_to(positions, torch.long, dev),
+            meta=meta,
+            logits_indices=_to(logits_indices, torch.long, dev),
+            sampling_seqs=sampling,
+        )
+
+    @torch.inference_mode()
+    def execute(
+        self, batch: ScheduledBatch, eos_ids: list[int]
+    ) -> tuple[list[Sequence], list[int], list[PositionLogprobs | None]]:
+        """Run one step; returns the sequences that sampled, their new tokens and logprobs."""
+        inputs = self.prepare(batch)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
+        if not inputs.sampling_seqs:
+            return [], [], []
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        tokens, logprobs = sample(logits, inputs.sampling_seqs, eos_ids)
+        return inputs.sampling_seqs, tokens, logprobs
+
+
+def _leading_ones(query_lens: list[int]) -> int:
+    count = 0
+    for q in query_lens:
+        if q != 1:
+            break
+        count += 1
+    return count
+
+
+def _to(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t

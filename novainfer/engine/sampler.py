@@ -1,0 +1,124 @@
+"""Turn the last-position logits of each sampling sequence into the next tokens.
+
+Order: raw logprobs (reported to users) -> penalties -> min_tokens masking -> greedy argmax,
+or temperature -> top-k -> top-p -> min-p -> a draw from each sequence's own generator, so a
+seeded request draws the same numbers whatever it is batched with.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from novainfer.engine.sequence import Sequence
+from novainfer.outputs import Logprob, PositionLogprobs
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        if not p.has_penalties:
+            continue
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
+            vals = logits[row, seen]
+            logits[row, seen] = torch.where(
+                vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
+            )
+        if seq.output_counts and (p.frequency_penalty or p.presence_penalty):
+            ids = torch.tensor(list(seq.output_counts), device=logits.device)
+            counts = torch.tensor(
+                list(seq.output_counts.values()), device=logits.device, dtype=logits.dtype
+            )
+            logits[row, ids] -= p.frequency_penalty * counts + p.presence_penalty
+
+
+def mask_stops_below_min_tokens(
+    logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]
+) -> None:
+    for row, seq in enumerate(seqs):
+        if seq.num_output_tokens < seq.params.min_tokens:
+            banned = list(seq.params.stop_token_ids) + ([] if seq.params.ignore_eos else eos_ids)
+            if banned:
+                logits[row, banned] = float("-inf")
+
+
+def filter_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p, vectorised over rows with per-row settings."""
+    dev = logits.device
+    temps = torch.tensor([s.params.temperature for s in seqs], device=dev, dtype=logits.dtype)
+    logits = logits / temps[:, None]
+    top_ks = [s.params.top_k for s in seqs]
+    top_ps = [s.params.top_p for s in seqs]
+    min_ps = [s.params.min_p for s in seqs]
+    vocab = logits.shape[-1]
+    if any(k != -1 for k in top_ks) or any(p < 1.0 for p in top_ps):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        k = torch.tensor([vocab if k == -1 else min(k, vocab) for k in top_ks], device=dev)
+        ranks = torch.arange(vocab, device=dev)[None, :]
+        drop = ranks >= k[:, None]
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass strictly ahead of each token
+        p = torch.tensor(top_ps, device=dev, dtype=probs.dtype)
+        drop = before >= p[:, None]  # the first token always survives (before == 0)
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    if any(m > 0 for m in min_ps):
+        probs = logits.softmax(dim=-1)
+        m = torch.tensor(min_ps, device=dev, dtype=probs.dtype)
+        keep = probs >= m[:, None] * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(~keep, float("-inf"))
+    return logits
+
+
+def draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Gumbel-style draw: argmax(p / E) with E ~ Exp(1) from each sequence's generator."""
+    noise = torch.empty_like(probs)
+    for row, seq in enumerate(seqs):
+        noise[row].exponential_(generator=seq.generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+def gather_logprobs(
+    logprobs: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]
+) -> list[PositionLogprobs | None]:
+    out: list[PositionLogprobs | None] = []
+    for row, seq in enumerate(seqs):
+        k = seq.params.logprobs
+        if k is None:
+            out.append(None)
+            continue
+        row_lp = logprobs[row]
+        token = int(tokens[row])
+        chosen = float(row_lp[token])
+        entry: PositionLogprobs = {}
+        if k > 0:
+            values, ids = row_lp.topk(k)
+            for rank, (tid, val) in enumerate(zip(ids.tolist(), values.tolist()), start=1):
+                entry[tid] = Logprob(val, rank)
+        if token not in entry:
+            rank = int((row_lp > row_lp[token]).sum()) + 1
+            entry[token] = Logprob(chosen, rank)
+        out.append(entry)
+    return out
+
+
+def sample(
+    logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]
+) -> tuple[list[int], list[PositionLogprobs | None]]:
+    logits = logits.float() if logits.dtype not in (torch.float32, torch.float64) else logits
+    want_logprobs = any(s.params.logprobs is not None for s in seqs)
+    raw_logprobs = logits.log_softmax(dim=-1) if want_logprobs else None
+    if any(s.params.has_penalties for s in seqs) or any(s.params.min_tokens for s in seqs):
+        logits = logits.clone()
+        apply_penalties(logits, seqs)
+        mask_stops_below_min_tokens(logits, seqs, eos_ids)
+    tokens = logits.argmax(dim=-1)
+    sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+    if sampled_rows:
+        rows = torch.tensor(sampled_rows, device=logits.device)
+        sub = [seqs[i] for i in sampled_rows]
+        probs = filter_logits(logits[rows], sub).softmax(dim=-1)
+        tokens[rows] = draw(probs, sub)
+    logprobs = gather_logprobs(raw_logprobs, tokens, seqs) if want_logprobs else [None] * len(seqs)
+    return tokens.tolist(), logprobs

@@ -1,0 +1,73 @@
+"""One generated sequence: its tokens, how many of them have KV in the cache, and its blocks."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from novainfer.outputs import PositionLogprobs
+from novainfer.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Tokens are prompt + generated; `num_computed_tokens` of them already have KV in blocks.
+
+    The scheduler asks each step for the tokens still to compute; a step that reaches the
+    last token produces logits and a new sampled token. Prefill, chunked prefill, decode and
+    recompute after preemption are all the same rule.
+    """
+
+    seq_id: int
+    request_id: str
+    index: int  # completion index within its request (n > 1)
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    generator: torch.Generator | None
+    arrival: float
+    parent: Sequence | None = None  # n > 1: the sibling whose prompt blocks this one shares
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # chained hashes of full token blocks
+    num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
+    logprobs: list[PositionLogprobs] | None = None
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    text: str = ""  # filled by the detokenizer
+    output_counts: dict[int, int] = field(default_factory=dict)  # for presence/frequency penalties
+
+    def __post_init__(self) -> None:
+        if self.params.logprobs is not None:
+            self.logprobs = []
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+        self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1

@@ -1,0 +1,49 @@
+"""The attention backend interface and the registry that picks one by name."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from novainfer.layers.attention.metadata import AttentionMetadata
+
+
+class AttentionBackend(Protocol):
+    """Writes a layer's new K/V into the paged cache, then attends over the cached context.
+
+    q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim];
+    kv_cache: [2, num_blocks, block_size, kv_heads, head_dim] for one layer.
+    Returns [tokens, heads, head_dim].
+    """
+
+    name: str
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor: ...
+
+
+def available_backends(device: torch.device) -> list[str]:
+    """Backend names usable on `device`, best first."""
+    return ["torch"]
+
+
+def get_backend(name: str, device: torch.device) -> AttentionBackend:
+    allowed = available_backends(device)
+    if name == "auto":
+        name = allowed[0]
+    if name not in allowed:
+        raise ValueError(
+            f"attention_backend '{name}' is not available on {device.type}; allowed: "
+            f"{', '.join(['auto', *allowed])}"
+        )
+    from novainfer.layers.attention.torch_ref import TorchReferenceBackend
+
+    return TorchReferenceBackend()

@@ -1,0 +1,185 @@
+"""`LLM`: offline generation with vLLM's Python API."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Sequence as Seq
+from typing import Any
+
+import torch
+
+from novainfer.config import EngineConfig
+from novainfer.engine.llm_engine import LLMEngine
+from novainfer.outputs import RequestOutput
+from novainfer.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+Message = dict[str, str]
+
+
+class LLM:
+    """Load a model and generate from batches of prompts.
+
+    `model` is a Hugging Face folder, a `.gguf` file, or None for the built-in default model
+    (SmolLM2-135M-Instruct). Other arguments mirror vLLM's `LLM`.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | None = None,
+        *,
+        tokenizer: str | os.PathLike | None = None,
+        dtype: str | torch.dtype = "auto",
+        device: str = "auto",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        block_size: int = 16,
+        enable_prefix_caching: bool = True,
+        gpu_memory_utilization: float = 0.9,
+        kv_cache_memory: int | None = None,
+        num_kv_blocks: int | None = None,
+        seed: int = 0,
+        attention_backend: str = "auto",
+    ) -> None:
+        config = EngineConfig(
+            model=model,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            device=device,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            block_size=block_size,
+            enable_prefix_caching=enable_prefix_caching,
+            gpu_memory_utilization=gpu_memory_utilization,
+            kv_cache_memory=kv_cache_memory,
+            num_kv_blocks=num_kv_blocks,
+            seed=seed,
+            attention_backend=attention_backend,
+        )
+        self.llm_engine = LLMEngine(config)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        prompt_list = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(prompt_list))
+        engine = self.llm_engine
+        # Validate the whole batch before queuing any of it, so a bad prompt queues nothing.
+        for prompt, p in zip(prompt_list, params):
+            _, ids = engine.tokenize(prompt)
+            engine.check_length(len(ids), p)
+        request_ids = []
+        try:
+            for prompt, p in zip(prompt_list, params):
+                request_id = str(next(self._ids))
+                engine.add_request(request_id, prompt, p)
+                request_ids.append(request_id)
+            finished = self._run(len(request_ids), use_tqdm)
+        except BaseException:
+            for request_id in request_ids:
+                engine.abort_request(request_id)
+            raise
+        return [finished[r] for r in request_ids]
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+    ) -> list[RequestOutput]:
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+        conversations = messages if isinstance(messages[0], list) else [messages]
+        prompts = [self.apply_chat_template(c, add_generation_prompt, chat_template) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def apply_chat_template(
+        self,
+        conversation: list[Message],
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+    ) -> list[int]:
+        if not conversation or not all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in conversation
+        ):
+            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+        tokenizer = self.get_tokenizer()
+        if chat_template is None and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template; pass chat_template")
+        ids = tokenizer.apply_chat_template(
+            conversation,
+            add_generation_prompt=add_generation_prompt,
+            chat_template=chat_template,
+            tokenize=True,
+        )
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def _run(self, total: int, use_tqdm: bool) -> dict[str, RequestOutput]:
+        engine = self.llm_engine
+        finished: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)
+        start, out_tokens = time.perf_counter(), 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+                    out_tokens += sum(len(c.token_ids) for c in out.outputs)
+                    if bar is not None:
+                        rate = out_tokens / max(time.perf_counter() - start, 1e-9)
+                        bar.set_postfix_str(f"output {rate:.1f} tok/s", refresh=False)
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return finished
+
+
+def _as_prompt_list(prompts: Any) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, Seq) and prompts and all(isinstance(t, int) for t in prompts):
+        return [list(prompts)]  # a single prompt given as token ids
+    if not isinstance(prompts, Seq) or isinstance(prompts, (bytes, bytearray)):
+        raise TypeError(
+            "prompts must be a string, a list of strings or a list of token-id lists, "
+            f"got {type(prompts).__name__}"
+        )
+    if not prompts:
+        raise ValueError("prompts must not be empty")
+    return list(prompts)
+
+
+def _as_params_list(params: Any, count: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * count
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    if isinstance(params, Seq):
+        if len(params) != count:
+            raise ValueError(
+                f"sampling_params has {len(params)} entries but there are {count} prompts; "
+                "pass one SamplingParams or one per prompt"
+            )
+        for p in params:
+            if not isinstance(p, SamplingParams):
+                raise TypeError(f"sampling_params entries must be SamplingParams, got {type(p).__name__}")
+        return list(params)
+    raise TypeError(f"sampling_params must be a SamplingParams or a list, got {type(params).__name__}")
