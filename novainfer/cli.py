@@ -1,0 +1,138 @@
+"""The `novainfer` command: generate and chat (more subcommands join as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+
+
+def _engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16, float64")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
+
+
+def _sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=-1)
+    parser.add_argument("--sample-seed", dest="sample_seed", type=int, default=None,
+                        help="seed for this request's sampling")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="novainfer", description="novainfer: LLM inference engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="complete one prompt and print the text")
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _engine_args(gen)
+    _sampling_args(gen, max_tokens=64)
+    chat = sub.add_parser("chat", help="interactive multi-turn chat, streamed to the terminal")
+    chat.add_argument("--system", default=None, help="optional system prompt")
+    _engine_args(chat)
+    _sampling_args(chat, max_tokens=512)
+    return parser
+
+
+def _make_llm(args: argparse.Namespace):
+    from novainfer import LLM
+
+    return LLM(args.model, dtype=args.dtype, device=args.device,
+               max_model_len=args.max_model_len, seed=args.seed)
+
+
+def _params(args: argparse.Namespace):
+    from novainfer import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          max_tokens=args.max_tokens, seed=args.sample_seed)
+
+
+def stream(llm, prompt: str | list[int], params) -> Iterator[str]:
+    """Yield the text of one request as the engine produces it."""
+    engine = llm.llm_engine
+    request_id = f"stream-{id(prompt)}"
+    engine.add_request(request_id, prompt, params, stream=True)
+    shown = 0
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.request_id != request_id:
+                    continue
+                text = out.outputs[0].text
+                if len(text) > shown:
+                    yield text[shown:]
+                    shown = len(text)
+                if out.finished:
+                    return
+    finally:
+        engine.abort_request(request_id)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = _params(args)
+    llm = _make_llm(args)
+    prompt: str | list[int] = args.prompt
+    if args.chat:
+        prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}])
+    for piece in stream(llm, prompt, params):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = _params(args)
+    llm = _make_llm(args)
+    history: list[dict[str, str]] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    print("novainfer chat: type a message, /reset to clear, /exit or Ctrl-D to quit.")
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            ids = llm.apply_chat_template(history)
+            reply = []
+            for piece in stream(llm, ids, params):
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except ValueError as exc:  # e.g. the conversation outgrew max_model_len
+            history.pop()
+            print(f"error: {exc}")
+            continue
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return cmd_generate(args)
+        return cmd_chat(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Model loading helpers: resolving a model argument to a Hugging Face folder."""
