@@ -206,15 +206,15 @@ class LLMEngine:
         if lp is not None:
             seq.logprobs.append(lp)
             seq.cumulative_logprob += lp[token].logprob
-        detok = request.detokenizers[seq.index]
-        delta = detok.step(seq.token_ids) if detok is not None else ""
         past_min = seq.num_output_tokens >= params.min_tokens
         if past_min and not params.ignore_eos and token in self.eos_ids:
             self._finish(seq, "stop", None)
         elif past_min and token in params.stop_token_ids:
             self._finish(seq, "stop", token)
-        elif past_min and params.stop_list and delta:
-            hit = find_stop(detok.text, len(delta), params.stop_list)
+        else:  # a stopping token's own text is never shown, so detokenize only the others
+            detok = request.detokenizers[seq.index]
+            delta = detok.step(seq.token_ids) if detok is not None else ""
+            hit = find_stop(detok.text, len(delta), params.stop_list) if past_min and delta else None
             if hit is not None:
                 detok.text = detok.text[: hit[0]]
                 self._finish(seq, "stop", hit[1])
@@ -233,7 +233,10 @@ class LLMEngine:
         detok = request.detokenizers[seq.index]
         if detok is not None and (not seq.is_finished or isinstance(seq.stop_reason, str)):
             return detok.text
-        return self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        ids = seq.output_token_ids
+        if seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str):
+            ids = ids[:-1]  # finished by EOS or a stop token id: that token is not text
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _output(self, request: Request) -> RequestOutput:
         completions = []

@@ -38,12 +38,16 @@ def gather_kv(
 def _softmax_attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """q: [..., kv_heads, group, q_len, d]; k, v: [..., kv_heads, ctx, d]; mask True = keep."""
+    """q: [..., kv_heads, rows, d]; k, v: [..., kv_heads, ctx, d]; mask True = keep.
+
+    Each kv head's query group is stacked into `rows`, so every matmul is a plain batched
+    GEMM with no broadcasting (GQA without repeating K/V).
+    """
     acc = torch.promote_types(q.dtype, torch.float32)
-    scores = torch.matmul(q.to(acc), k.to(acc).unsqueeze(-3).transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2))
+    scores.mul_(scale).masked_fill_(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, v.to(acc).unsqueeze(-3)).to(q.dtype)
+    return torch.matmul(probs, v.to(acc)).to(q.dtype)
 
 
 class TorchReferenceBackend:
@@ -67,9 +71,9 @@ class TorchReferenceBackend:
         if nd:
             max_len = max(meta.seq_lens_host[:nd])
             kd, vd = gather_kv(kv_cache, meta.block_tables[:nd], max_len)  # [nd, T, Hkv, D]
-            qd = q[:nd].view(nd, num_kv_heads, group, 1, head_dim)
+            qd = q[:nd].view(nd, num_kv_heads, group, head_dim)
             positions = torch.arange(max_len, device=q.device)
-            mask = (positions[None, :] < meta.seq_lens[:nd, None]).view(nd, 1, 1, 1, max_len)
+            mask = (positions[None, :] < meta.seq_lens[:nd, None]).view(nd, 1, 1, max_len)
             od = _softmax_attend(qd, kd.transpose(1, 2), vd.transpose(1, 2), mask, scale)
             out[:nd] = od.view(nd, num_heads, head_dim)
         start = nd
@@ -77,11 +81,12 @@ class TorchReferenceBackend:
             q_len, ctx = meta.query_lens_host[i], meta.seq_lens_host[i]
             ks, vs = gather_kv(kv_cache, meta.block_tables[i], ctx)  # [ctx, Hkv, D]
             qs = q[start : start + q_len].view(q_len, num_kv_heads, group, head_dim)
-            qs = qs.permute(1, 2, 0, 3)  # [Hkv, G, q_len, D]
+            qs = qs.permute(1, 2, 0, 3).reshape(num_kv_heads, group * q_len, head_dim)
             # Query i sits at context position ctx - q_len + i and sees keys up to there.
             rows = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
-            mask = torch.arange(ctx, device=q.device)[None, :] <= rows
+            mask = (torch.arange(ctx, device=q.device)[None, :] <= rows).repeat(group, 1)
             os_ = _softmax_attend(qs, ks.transpose(0, 1), vs.transpose(0, 1), mask, scale)
-            out[start : start + q_len] = os_.permute(2, 0, 1, 3).reshape(q_len, num_heads, head_dim)
+            os_ = os_.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3)
+            out[start : start + q_len] = os_.reshape(q_len, num_heads, head_dim)
             start += q_len
         return out
