@@ -36,7 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="optional system prompt")
     _engine_args(chat)
     _sampling_args(chat, max_tokens=512)
+    bench = sub.add_parser("bench", help="offline throughput on the seeds' workload, with the floor")
+    from novainfer.bench import build_parser as bench_args
+
+    bench_args(bench)
     return parser
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from novainfer.bench import print_report, run
+
+    print_report(run(args), args.json)
+    return 0
 
 
 def _make_llm(args: argparse.Namespace):
@@ -126,9 +137,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "generate":
-            return cmd_generate(args)
-        return cmd_chat(args)
+        commands = {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench}
+        return commands[args.command](args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

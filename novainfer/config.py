@@ -35,8 +35,15 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # explicit block count, overrides memory-based sizing
     seed: int = 0
     attention_backend: str = "auto"
+    enforce_eager: bool = False  # True: no CUDA graphs
+    load_format: str = "auto"  # "dummy": random weights of the checkpoint's shapes (benchmarks)
+    skip_tokenizer_init: bool = False  # token-id prompts only; outputs carry no text
 
     def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "safetensors", "dummy"):
+            raise ValueError(
+                f"load_format must be 'auto', 'safetensors' or 'dummy', got {self.load_format!r}"
+            )
         _positive_int("max_num_seqs", self.max_num_seqs)
         if self.max_model_len is not None:
             _positive_int("max_model_len", self.max_model_len)

@@ -43,6 +43,9 @@ class LLM:
         num_kv_blocks: int | None = None,
         seed: int = 0,
         attention_backend: str = "auto",
+        enforce_eager: bool = False,
+        load_format: str = "auto",
+        skip_tokenizer_init: bool = False,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -59,6 +62,9 @@ class LLM:
             num_kv_blocks=num_kv_blocks,
             seed=seed,
             attention_backend=attention_backend,
+            enforce_eager=enforce_eager,
+            load_format=load_format,
+            skip_tokenizer_init=skip_tokenizer_init,
         )
         self.llm_engine = LLMEngine(config)
         self._ids = itertools.count()

@@ -46,7 +46,11 @@ class LLMEngine:
         self.config = config
         folder = resolve_model(config.model)
         self.model_config = ModelConfig.from_folder(folder)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(config.tokenizer or folder))
+        self.tokenizer = (
+            None
+            if config.skip_tokenizer_init
+            else AutoTokenizer.from_pretrained(str(config.tokenizer or folder))
+        )
         self.max_model_len = min(
             config.max_model_len or self.model_config.max_position_embeddings,
             self.model_config.max_position_embeddings,
@@ -57,19 +61,19 @@ class LLMEngine:
                 f"max_position_embeddings ({self.model_config.max_position_embeddings})"
             )
         self.eos_ids = _eos_ids(folder, self.tokenizer)
+        if config.max_num_batched_tokens is None:
+            cuda = config.torch_device().type == "cuda"
+            config.max_num_batched_tokens = 16384 if cuda else 4096
         self.runner = ModelRunner(config, self.model_config, folder, self.max_model_len)
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching
         )
-        default_tokens = 16384 if self.runner.device.type == "cuda" else 4096
         self.scheduler = Scheduler(
-            self.block_manager,
-            config.max_num_seqs,
-            config.max_num_batched_tokens or default_tokens,
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
         )
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
-        self._rng = torch.Generator().manual_seed(config.seed)
+        self.num_steps = 0
 
     @property
     def vocab_size(self) -> int:
@@ -82,6 +86,8 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must not be empty")
+            if self.tokenizer is None:
+                raise ValueError("prompt must be token ids when skip_tokenizer_init=True")
             return prompt, self.tokenizer.encode(prompt)
         if not isinstance(prompt, (list, tuple)):
             raise TypeError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
@@ -127,7 +133,9 @@ class LLMEngine:
                     parent=seqs[0] if index else None,
                 )
             )
-        needs_text = stream or bool(params.stop_list)
+        if params.stop_list and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True was set)")
+        needs_text = (stream or bool(params.stop_list)) and self.tokenizer is not None
         request = Request(request_id, text, ids, params, seqs, stream)
         request.detokenizers = [
             IncrementalDetokenizer(self.tokenizer, ids) if needs_text else None for _ in seqs
@@ -156,9 +164,10 @@ class LLMEngine:
                 f"stop_token_ids {bad} are out of range; allowed: 0 <= id < {self.vocab_size}"
             )
 
-    def _generator(self, seed: int | None) -> torch.Generator:
+    def _generator(self, seed: int | None) -> torch.Generator | None:
+        """A private generator for seeded requests; unseeded ones share the engine's."""
         if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,), generator=self._rng))
+            return None
         return torch.Generator(device=self.runner.device).manual_seed(seed)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -180,6 +189,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
+        self.num_steps += 1
         sampled, tokens, logprobs = self.runner.execute(batch, self.eos_ids)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
@@ -234,6 +244,8 @@ class LLMEngine:
         if detok is not None and (not seq.is_finished or isinstance(seq.stop_reason, str)):
             return detok.text
         ids = seq.output_token_ids
+        if self.tokenizer is None:
+            return ""
         if seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str):
             ids = ids[:-1]  # finished by EOS or a stop token id: that token is not text
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -266,7 +278,11 @@ class LLMEngine:
 
     def _decorate(self, position: PositionLogprobs) -> PositionLogprobs:
         return {
-            tid: Logprob(lp.logprob, lp.rank, lp.decoded_token or self.tokenizer.decode([tid]))
+            tid: Logprob(
+                lp.logprob,
+                lp.rank,
+                self.tokenizer.decode([tid]) if self.tokenizer is not None else None,
+            )
             for tid, lp in position.items()
         }
 
@@ -277,6 +293,6 @@ def _eos_ids(folder: Path, tokenizer: Any) -> list[int]:
     if gen.exists():
         eos = json.loads(gen.read_text()).get("eos_token_id")
         ids.extend(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return sorted(set(ids))

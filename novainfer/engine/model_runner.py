@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 
 from novainfer.config import EngineConfig
+from novainfer.engine.cuda_graphs import DecodeGraphs
 from novainfer.engine.sampler import sample
 from novainfer.engine.scheduler import ScheduledBatch
 from novainfer.engine.sequence import Sequence
 from novainfer.layers.attention import AttentionMetadata, get_backend
-from novainfer.loader.weights import load_weights
+from novainfer.loader.weights import init_dummy_weights, load_weights
 from novainfer.models.config import ModelConfig
 from novainfer.models.registry import model_class
 from novainfer.outputs import PositionLogprobs
@@ -25,6 +26,7 @@ from novainfer.outputs import PositionLogprobs
 logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 2 << 30
+MAX_DECODE_SPLITS = 32
 
 
 @dataclass
@@ -46,6 +48,7 @@ class ModelRunner:
         self.dtype = config.torch_dtype(self.device, model_config.torch_dtype)
         self.block_size = config.block_size
         self.backend = get_backend(config.attention_backend, self.device)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
@@ -53,7 +56,10 @@ class ModelRunner:
                 self.model = model_class(model_config)(model_config, max_model_len, self.backend)
         finally:
             torch.set_default_dtype(previous)
-        load_weights(self.model, folder, model_config.tie_word_embeddings)
+        if config.load_format == "dummy":
+            init_dummy_weights(self.model, config.seed)
+        else:
+            load_weights(self.model, folder, model_config.tie_word_embeddings)
         self.model.eval()
         self.num_blocks = self._num_kv_blocks(max_model_len)
         cfg = model_config
@@ -61,6 +67,21 @@ class ModelRunner:
             cfg.num_layers, 2, self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim,
             dtype=self.dtype, device=self.device,
         )
+        self.graphs: DecodeGraphs | None = None
+        if (
+            self.device.type == "cuda"
+            and not config.enforce_eager
+            and getattr(self.backend, "supports_cuda_graphs", False)
+        ):
+            # Scratch for the largest decode split count, so replays never see a reallocation.
+            self.backend.reserve_workspace(
+                config.max_num_seqs, cfg.num_heads, cfg.head_dim, MAX_DECODE_SPLITS, self.device
+            )
+            self.graphs = DecodeGraphs(
+                self.model, self.kv_cache, config.max_num_seqs,
+                -(-max_model_len // self.block_size), max_model_len,
+                cfg.hidden_size, self.dtype, self.device,
+            )
 
     def kv_bytes_per_block(self) -> int:
         cfg = self.model_config
@@ -171,11 +192,14 @@ class ModelRunner:
     ) -> tuple[list[Sequence], list[int], list[PositionLogprobs | None]]:
         """Run one step; returns the sequences that sampled, their new tokens and logprobs."""
         inputs = self.prepare(batch)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
+        if self.graphs is not None and self.graphs.can_run(inputs.meta):
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
         if not inputs.sampling_seqs:
             return [], [], []
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        tokens, logprobs = sample(logits, inputs.sampling_seqs, eos_ids)
+        tokens, logprobs = sample(logits, inputs.sampling_seqs, eos_ids, self.generator)
         return inputs.sampling_seqs, tokens, logprobs
 
 

@@ -71,11 +71,16 @@ def filter_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits
 
 
-def draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Gumbel-style draw: argmax(p / E) with E ~ Exp(1) from each sequence's generator."""
-    noise = torch.empty_like(probs)
+def draw(probs: torch.Tensor, seqs: list[Sequence], generator: torch.Generator) -> torch.Tensor:
+    """Gumbel-style draw: argmax(p / E) with E ~ Exp(1).
+
+    Unseeded rows share one batched draw from the engine's generator; a seeded request
+    draws its row from its own generator, so its tokens do not depend on its batch-mates.
+    """
+    noise = torch.empty_like(probs).exponential_(generator=generator)
     for row, seq in enumerate(seqs):
-        noise[row].exponential_(generator=seq.generator)
+        if seq.generator is not None:
+            noise[row].exponential_(generator=seq.generator)
     return (probs / noise).argmax(dim=-1)
 
 
@@ -104,7 +109,7 @@ def gather_logprobs(
 
 
 def sample(
-    logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]
+    logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int], generator: torch.Generator
 ) -> tuple[list[int], list[PositionLogprobs | None]]:
     logits = logits.float() if logits.dtype not in (torch.float32, torch.float64) else logits
     want_logprobs = any(s.params.logprobs is not None for s in seqs)
@@ -119,6 +124,6 @@ def sample(
         rows = torch.tensor(sampled_rows, device=logits.device)
         sub = [seqs[i] for i in sampled_rows]
         probs = filter_logits(logits[rows], sub).softmax(dim=-1)
-        tokens[rows] = draw(probs, sub)
+        tokens[rows] = draw(probs, sub, generator)
     logprobs = gather_logprobs(raw_logprobs, tokens, seqs) if want_logprobs else [None] * len(seqs)
     return tokens.tolist(), logprobs

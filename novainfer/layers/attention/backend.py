@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Protocol
 
 import torch
@@ -31,8 +32,15 @@ class AttentionBackend(Protocol):
 
 
 def available_backends(device: torch.device) -> list[str]:
-    """Backend names usable on `device`, best first."""
-    return ["torch"]
+    """Backend names usable on `device`, best first.
+
+    Only checks that triton is installed (no import: `import novainfer` never imports triton).
+    """
+    names = []
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        names.append("triton")
+    names.append("torch")
+    return names
 
 
 def get_backend(name: str, device: torch.device) -> AttentionBackend:
@@ -44,6 +52,10 @@ def get_backend(name: str, device: torch.device) -> AttentionBackend:
             f"attention_backend '{name}' is not available on {device.type}; allowed: "
             f"{', '.join(['auto', *allowed])}"
         )
+    if name == "triton":
+        from novainfer.layers.attention.triton_backend import TritonBackend
+
+        return TritonBackend()
     from novainfer.layers.attention.torch_ref import TorchReferenceBackend
 
     return TorchReferenceBackend()

@@ -1,0 +1,228 @@
+"""`novainfer bench`: the seeds' offline throughput workload, with the hardware floor.
+
+Workload (seed 001's bench.py): random.seed(0); 256 prompts of randint(100, 1024) random ids
+in [0, 10000]; then 256 output lengths randint(100, 1024); temperature 0.6, ignore_eos;
+one warm-up request; one timed generate() over all. 133,966 output tokens in total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    max_tokens: list[int]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.max_tokens)
+
+    def kv_pairs(self) -> int:
+        """(token, context) pairs the decode steps must read: each output token after the
+        first attends over its whole context once."""
+        return sum(m * len(p) + m * (m - 1) // 2 for p, m in zip(self.prompts, self.max_tokens))
+
+
+def make_workload(num_seqs: int, max_input_len: int, max_output_len: int, seed: int = 0) -> Workload:
+    rng = random.Random(seed)
+    lo_in, lo_out = min(100, max_input_len), min(100, max_output_len)
+    prompts = [
+        [rng.randint(0, 10000) for _ in range(rng.randint(lo_in, max_input_len))]
+        for _ in range(num_seqs)
+    ]
+    max_tokens = [rng.randint(lo_out, max_output_len) for _ in range(num_seqs)]
+    return Workload(prompts, max_tokens)
+
+
+def measure_bandwidth(device: torch.device) -> float:
+    """Copy bandwidth in bytes/s, counting read + write (as the reference floor does)."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 26)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    _sync(device)
+    reps = 20 if device.type == "cuda" else 5
+    start = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    _sync(device)
+    return 2 * n * reps / (time.perf_counter() - start)
+
+
+def measure_matmul(device: torch.device, dtype: torch.dtype) -> float:
+    """Dense matmul rate in FLOP/s at the model's dtype."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    reps = 10 if device.type == "cuda" else 3
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def floor_seconds(llm, work: Workload, steps: int, bandwidth: float, flops: float) -> dict:
+    """The time the run cannot beat: bytes it must move over bandwidth + matmul FLOPs."""
+    runner = llm.llm_engine.runner
+    cfg = runner.model_config
+    elem = torch.empty((), dtype=runner.dtype).element_size()
+    kv_per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * elem
+    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    embed = cfg.vocab_size * cfg.hidden_size
+    matmul_params = sum(p.numel() for p in runner.model.parameters()) - (
+        embed if not cfg.tie_word_embeddings else 0
+    )
+    tokens = work.prompt_tokens + work.output_tokens
+    kv_bytes = work.kv_pairs() * kv_per_token
+    weights_total = weight_bytes * steps
+    flop = 2 * matmul_params * tokens
+    seconds = (kv_bytes + weights_total) / bandwidth + flop / flops
+    return {
+        "kv_read_bytes": kv_bytes,
+        "weight_read_bytes": weights_total,
+        "matmul_flop": flop,
+        "bandwidth_Bps": bandwidth,
+        "matmul_flops": flops,
+        "floor_s": seconds,
+    }
+
+
+def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from novainfer.presets import PRESETS
+
+    parser.add_argument("--model", default=None, help="HF model folder or .gguf (real weights)")
+    parser.add_argument("--preset", choices=list(PRESETS), default=None,
+                        help="random weights of a known shape (no download)")
+    parser.add_argument("--num-seqs", type=int, default=None, help="requests (default 256; tiny: 16)")
+    parser.add_argument("--max-input-len", type=int, default=None, help="default 1024; tiny: 128")
+    parser.add_argument("--max-output-len", type=int, default=None, help="default 1024; tiny: 128")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--compare", choices=["hf"], default=None,
+                        help="also run transformers' continuous batching on the same workload")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+    from novainfer import LLM, SamplingParams
+    from novainfer.presets import preset_folder
+
+    if args.model and args.preset:
+        raise ValueError("give --model or --preset, not both")
+    tiny = args.preset == "tiny"
+    num_seqs = args.num_seqs or (16 if tiny else 256)
+    max_in = args.max_input_len or (128 if tiny else 1024)
+    max_out = args.max_output_len or (128 if tiny else 1024)
+    work = make_workload(num_seqs, max_in, max_out)
+    preset = args.preset or (None if args.model else "tiny")
+    model = args.model or str(preset_folder(preset))
+    extra = {"load_format": "dummy", "skip_tokenizer_init": True} if preset else {}
+    llm = LLM(
+        model,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        attention_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager,
+        **extra,
+    )
+    engine = llm.llm_engine
+    device = engine.runner.device
+    llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in work.max_tokens]
+    steps_before = engine.num_steps
+    _sync(device)
+    start = time.perf_counter()
+    outputs = llm.generate(work.prompts, params, use_tqdm=False)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    steps = engine.num_steps - steps_before
+    produced = sum(len(o.outputs[0].token_ids) for o in outputs)
+    if produced != work.output_tokens:
+        raise RuntimeError(f"produced {produced} tokens, expected {work.output_tokens}")
+    floor = floor_seconds(llm, work, steps, measure_bandwidth(device), measure_matmul(device, engine.runner.dtype))
+    result = {
+        "model": args.model or preset,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(engine.runner.dtype).replace("torch.", ""),
+        "attention_backend": engine.runner.backend.name,
+        "cuda_graphs": engine.runner.graphs is not None,
+        "num_seqs": num_seqs,
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": engine.scheduler.max_num_batched_tokens,
+        "max_model_len": engine.max_model_len,
+        "kv_blocks": engine.runner.num_blocks,
+        "prompt_tokens": work.prompt_tokens,
+        "output_tokens": produced,
+        "steps": steps,
+        "seconds": round(seconds, 3),
+        "output_tok_s": round(produced / seconds, 1),
+        "floor_s": round(floor["floor_s"], 3),
+        "floor_tok_s": round(produced / floor["floor_s"], 1),
+        "fraction_of_floor": round(floor["floor_s"] / seconds, 3),
+        "bandwidth_TBps": round(floor["bandwidth_Bps"] / 1e12, 3),
+        "matmul_TFLOPs": round(floor["matmul_flops"] / 1e12, 1),
+        "kv_read_TB": round(floor["kv_read_bytes"] / 1e12, 3),
+        "weight_read_TB": round(floor["weight_read_bytes"] / 1e12, 3),
+    }
+    if args.compare == "hf":
+        from novainfer.bench_hf import run_hf_continuous_batching
+
+        del llm, engine, outputs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        hf_s = run_hf_continuous_batching(model, bool(preset), work, device)
+        result["hf_seconds"] = round(hf_s, 3)
+        result["hf_output_tok_s"] = round(work.output_tokens / hf_s, 1)
+    return result
+
+
+def print_report(result: dict, as_json: bool) -> None:
+    keys = ["model", "device", "dtype", "attention_backend", "cuda_graphs", "num_seqs",
+            "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_blocks", "steps"]
+    print("configuration: " + ", ".join(f"{k}={result[k]}" for k in keys))
+    print(f"total: {result['prompt_tokens']} prompt + {result['output_tokens']} output tokens "
+          f"in {result['seconds']:.2f} s")
+    print(f"throughput: {result['output_tok_s']:,.1f} output tok/s")
+    print(f"floor: {result['floor_s']:.2f} s = {result['floor_tok_s']:,.1f} tok/s "
+          f"(KV reads {result['kv_read_TB']} TB + weights {result['weight_read_TB']} TB over "
+          f"{result['bandwidth_TBps']} TB/s, matmuls at {result['matmul_TFLOPs']} TFLOP/s); "
+          f"achieved {100 * result['fraction_of_floor']:.1f}% of it")
+    if "hf_output_tok_s" in result:
+        print(f"transformers continuous batching: {result['hf_output_tok_s']:,.1f} tok/s "
+              f"({result['hf_seconds']:.2f} s); novainfer is "
+              f"{result['output_tok_s'] / result['hf_output_tok_s']:.1f}x")
+    if as_json:
+        print(json.dumps(result))

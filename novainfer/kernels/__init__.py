@@ -1,0 +1,1 @@
+"""Triton kernels for the paged KV cache (imported lazily: `import novainfer` never imports triton)."""

@@ -1,0 +1,43 @@
+"""Shared helpers for the attention kernels."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LOG2E = 1.4426950408889634
+
+
+def check_head_dim(head_dim: int) -> None:
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(
+            f"triton attention needs head_dim to be a power of 2 >= 16, got {head_dim}; "
+            "use attention_backend='torch' for this model"
+        )
+
+
+def scale_log2(scale: float) -> float:
+    """Softmax scale folded with log2(e), so the kernels can use exp2."""
+    return float(scale) * LOG2E
+
+
+def kv_tile(block_size: int, preferred: int) -> int:
+    """KV tile length (`preferred`, a power of 2 >= 16). Block sizes are powers of 2, so the tile
+    is either a whole number of cache blocks (gathered per token through the block table) or a
+    slice of one block (one block-table entry per tile); it never straddles a block partially."""
+    assert preferred >= 16 and preferred & (preferred - 1) == 0
+    return preferred
+
+
+def use_ieee(dtype: torch.dtype) -> bool:
+    """fp32 inputs: exact dot products (no TF32) so fp32 runs match the reference."""
+    return dtype == torch.float32
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, x))))

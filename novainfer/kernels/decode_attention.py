@@ -1,0 +1,249 @@
+"""Paged decode attention (one query token per sequence), flash-decoding style.
+
+Kernel 1 (`_decode_split_kernel`): grid (sequences, kv heads, splits). A program takes one
+sequence, one kv head and one slice of the context, loads the query heads of that kv head's
+group as one [GROUP_PAD, D] tile (so each K/V tile is read once per group) and walks its
+slice of the context in KV tiles gathered through the block table, with an fp32 online
+softmax. It writes partial (max, sum, acc) to an fp32 workspace; with a single split it
+normalizes and writes the output directly.
+Kernel 2 (`_decode_reduce_kernel`): grid (sequences, heads), merges the splits.
+
+CUDA-graph safe: no host sync; the grid depends only on the batch size, the head counts and
+`num_splits` (which callers fix once, or which is derived from static shapes: batch size,
+block-table width and the SM count). Sequences with seq_len 0 produce zeros and read nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from novainfer.kernels._common import cdiv, check_head_dim, kv_tile, next_pow2, scale_log2, use_ieee
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, KV, BT, SEQ_LENS, OUT, ACC, M, L,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kv, stride_blk, stride_slot, stride_cache_h, stride_bt,
+    qk_scale,
+    NUM_HEADS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq64 = seq.to(tl.int64)
+
+    seq_len = tl.load(SEQ_LENS + seq)
+    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = kvh * GROUP + offs_g
+    gmask = offs_g < GROUP
+    q = tl.load(
+        Q + seq64 * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=gmask[:, None], other=0.0,
+    )
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    bt_row = BT + seq64 * stride_bt
+    head_off = kvh * stride_cache_h
+
+    for t in range(tile_lo, tile_hi):
+        pos = t * BLOCK_N + offs_n
+        pmask = pos < seq_len
+        if BLOCK_N <= BLOCK_SIZE:
+            # the tile lies inside one cache block: one block-table entry
+            blk = tl.load(bt_row + (t * BLOCK_N) // BLOCK_SIZE).to(tl.int64)
+            slots = blk * BLOCK_SIZE + (pos % BLOCK_SIZE)
+        else:
+            blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=pmask, other=0).to(tl.int64)
+            slots = blk * BLOCK_SIZE + (pos % BLOCK_SIZE)
+        kv_off = slots * stride_slot + head_off
+        k = tl.load(KV + kv_off[None, :] + offs_d[:, None], mask=pmask[None, :], other=0.0)
+        if IEEE:
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        s = tl.where(pmask[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(KV + stride_kv + kv_off[:, None] + offs_d[None, :], mask=pmask[:, None], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        denom = tl.where(l_i > 0.0, l_i, 1.0)
+        o = acc / denom[:, None]
+        tl.store(
+            OUT + seq64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+            o.to(OUT.dtype.element_ty), mask=gmask[:, None],
+        )
+    else:
+        row = (seq64 * NUM_HEADS + heads) * NUM_SPLITS + split  # [GROUP_PAD]
+        tl.store(M + row, m_i, mask=gmask)
+        tl.store(L + row, l_i, mask=gmask)
+        tl.store(ACC + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=gmask[:, None])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    OUT, ACC, M, L,
+    stride_ot, stride_oh,
+    NUM_HEADS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    smask = offs_s < NUM_SPLITS
+    row = (seq * NUM_HEADS + head) * NUM_SPLITS + offs_s
+    m = tl.load(M + row, mask=smask, other=float("-inf"))
+    l = tl.load(L + row, mask=smask, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # empty context: all weights 0
+    w = tl.exp2(m - m_max)
+    denom = tl.sum(w * l, 0)
+    acc = tl.load(ACC + row[:, None] * HEAD_DIM + offs_d[None, :], mask=smask[:, None], other=0.0)
+    o = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(OUT + seq * stride_ot + head * stride_oh + offs_d, o.to(OUT.dtype.element_ty))
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def default_num_splits(
+    num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device,
+    min_tokens_per_split: int = 256, max_splits: int = 32,
+) -> int:
+    """Splits so that (seqs x kv heads x splits) programs fill ~2 waves of SMs, never splitting
+    the context into pieces shorter than `min_tokens_per_split`. Depends only on static
+    quantities (batch size, kv heads, maximum context capacity, SM count): CUDA-graph safe."""
+    # H200 (132 SMs), D=128, 8 kv heads, bf16: 8 seqs x 4k -> 8 splits (51 us vs 141 us
+    # unsplit); 64 x 1k or more -> 1 split (~3.4-4.0 TB/s).
+    programs = max(1, num_seqs * num_kv_heads)
+    want = next_pow2(cdiv(2 * _sm_count(device), programs))
+    by_len = max(1, cdiv(max_context, min_tokens_per_split))
+    return max(1, min(want, by_len, max_splits))
+
+
+def decode_workspace_numel(num_seqs: int, num_heads: int, head_dim: int, num_splits: int) -> int:
+    return num_seqs * num_heads * num_splits * (head_dim + 2)
+
+
+def alloc_decode_workspace(
+    max_num_seqs: int, num_heads: int, head_dim: int, num_splits: int, device: torch.device
+) -> torch.Tensor:
+    """fp32 scratch for `decode_attention(..., workspace=)`: allocate once, reuse every step."""
+    n = decode_workspace_numel(max_num_seqs, num_heads, head_dim, num_splits)
+    return torch.empty(n, dtype=torch.float32, device=device)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    num_splits: int | None = None,
+    workspace: torch.Tensor | None = None,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """q: [seqs, heads, D] (one token per sequence); kv_cache: [2, blocks, block_size, kv_heads, D];
+    block_tables: [seqs, max_blocks] int32; seq_lens: [seqs] int32 (0 = padding row -> zeros);
+    out: [seqs, heads, D], written in place and returned.
+
+    num_splits None -> `default_num_splits` from static shapes (graph safe). workspace: an fp32
+    tensor of at least `decode_workspace_numel(...)` elements (else allocated when splitting).
+    """
+    num_seqs, num_heads, head_dim = q.shape
+    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    check_head_dim(head_dim)
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if num_seqs == 0:
+        return out
+    assert kv_cache.is_contiguous(), "kv_cache must be contiguous"
+    assert q.stride(-1) == 1 and out.stride(-1) == 1
+    group = num_heads // num_kv_heads
+    if num_splits is None:
+        num_splits = default_num_splits(
+            num_seqs, num_kv_heads, block_tables.shape[1] * block_size, q.device
+        )
+    if block_n is None:
+        block_n = kv_tile(block_size, 64 if head_dim <= 128 else 32)
+    ieee = use_ieee(q.dtype)
+    if num_splits > 1:
+        need = decode_workspace_numel(num_seqs, num_heads, head_dim, num_splits)
+        if workspace is None:
+            workspace = torch.empty(need, dtype=torch.float32, device=q.device)
+        assert workspace.dtype == torch.float32 and workspace.numel() >= need, "workspace too small"
+        rows = num_seqs * num_heads * num_splits
+        acc = workspace[: rows * head_dim]
+        m = workspace[rows * head_dim : rows * (head_dim + 1)]
+        lse = workspace[rows * (head_dim + 1) : rows * (head_dim + 2)]
+    else:
+        acc = m = lse = out  # unused
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, kv_cache, block_tables, seq_lens, out, acc, m, lse,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        block_tables.stride(0),
+        scale_log2(scale),
+        NUM_HEADS=num_heads,
+        NUM_SPLITS=num_splits,
+        GROUP=group,
+        GROUP_PAD=max(16, next_pow2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        IEEE=ieee,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            out, acc, m, lse,
+            out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads,
+            NUM_SPLITS=num_splits,
+            SPLITS_PAD=next_pow2(num_splits),
+            HEAD_DIM=head_dim,
+            num_warps=1 if head_dim <= 64 else 2,
+        )
+    return out

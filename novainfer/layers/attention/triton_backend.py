@@ -1,0 +1,80 @@
+"""Triton paged-attention backend: store_kv, then flash-decoding for the decodes and a
+flash-attention prefill kernel for the prefills / prefill chunks (one launch each)."""
+
+from __future__ import annotations
+
+import torch
+
+from novainfer.kernels.decode_attention import (
+    decode_attention,
+    decode_workspace_numel,
+    default_num_splits,
+)
+from novainfer.kernels.kv_cache import store_kv
+from novainfer.kernels.prefill_attention import prefill_attention
+from novainfer.layers.attention.metadata import AttentionMetadata
+
+
+class TritonBackend:
+    name = "triton"
+    supports_cuda_graphs = True  # decode reads no host-side lengths; grid fixed per batch size
+
+    def __init__(self, num_splits: int | None = None) -> None:
+        # None: derived per call from static shapes (batch size, block-table width, SM count),
+        # which is CUDA-graph safe as long as the block-table buffer width is fixed.
+        self.num_splits = num_splits
+        self._workspace: torch.Tensor | None = None
+
+    def reserve_workspace(
+        self, max_num_seqs: int, num_heads: int, head_dim: int, num_splits: int,
+        device: torch.device,
+    ) -> None:
+        """Allocate the decode scratch once (call before CUDA-graph capture)."""
+        self._get_workspace(decode_workspace_numel(max_num_seqs, num_heads, head_dim, num_splits),
+                            device)
+
+    def _get_workspace(self, numel: int, device: torch.device) -> torch.Tensor:
+        ws = self._workspace
+        if ws is None or ws.numel() < numel or ws.device != device:
+            ws = torch.empty(numel, dtype=torch.float32, device=device)
+            self._workspace = ws
+        return ws
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        store_kv(k, v, kv_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            num_heads, head_dim = q.shape[1], q.shape[2]
+            block_tables = meta.block_tables[:nd]
+            splits = self.num_splits
+            if splits is None:
+                splits = default_num_splits(
+                    nd, kv_cache.shape[3], block_tables.shape[1] * kv_cache.shape[2], q.device
+                )
+            ws = None
+            if splits > 1:
+                ws = self._get_workspace(
+                    decode_workspace_numel(nd, num_heads, head_dim, splits), q.device
+                )
+            decode_attention(
+                q[:nd], kv_cache, block_tables, meta.seq_lens[:nd], scale, out[:nd],
+                num_splits=splits, workspace=ws,
+            )
+        if meta.num_seqs > nd:
+            qsl = meta.query_start_loc[nd:]
+            if nd:
+                qsl = qsl - qsl[0]
+            prefill_attention(
+                q[nd:], kv_cache, meta.block_tables[nd:], qsl, meta.seq_lens[nd:],
+                max(meta.query_lens_host[nd:]), scale, out[nd:],
+            )
+        return out
