@@ -138,6 +138,18 @@ def test_prefix_cache_reused_by_a_different_prompt(llm, model_dir, shared_prefix
     assert list(out.outputs[0].token_ids) == exp
 
 
+def test_prefix_cache_full_block_aligned_hit(llm, model_dir):
+    """A repeated prompt made only of full blocks (64 = 4 x 16 tokens) is entirely cached;
+    the engine must still compute the last prompt position to get the first logits."""
+    prompt = random_prompts([64], seed=77)[0]
+    exp = hf_greedy(model_dir, [prompt], MAX_TOKENS)[0]
+    for _ in range(2):
+        out = llm.generate([prompt], greedy(), use_tqdm=False)[0]
+        assert list(out.outputs[0].token_ids) == exp
+        assert out.num_cached_tokens < len(prompt)
+    assert out.num_cached_tokens > 0
+
+
 @pytest.mark.parametrize("prefix_caching", [True, False])
 def test_preemption_recompute_is_exact(model_dir, prefix_caching):
     # 8 blocks of 16 tokens = 128 slots. Each sequence grows to 20 + 40 = 60 tokens

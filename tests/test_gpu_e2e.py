@@ -16,7 +16,8 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-PROMPT_LENGTHS = [1, 7, 15, 16, 17, 33, 100, 300]
+# The parity test's prompts (seed 7), whose reference greedy steps have clear margins.
+PROMPT_LENGTHS = [1, 2, 7, 15, 16, 17, 33, 64, 100, 200, 255, 300]
 MAX_TOKENS = 32
 
 
@@ -36,7 +37,7 @@ def _greedy(llm, prompts):
 @pytest.mark.parametrize("name", sorted(CHECKPOINTS))
 def test_fp32_greedy_matches_transformers_eager_and_graphs(checkpoint, name):
     model_dir = checkpoint(name)
-    prompts = random_prompts(PROMPT_LENGTHS, seed=11)
+    prompts = random_prompts(PROMPT_LENGTHS, seed=7)
     expected = hf_greedy(model_dir, prompts, MAX_TOKENS)
     graphs = _llm(model_dir, dtype="float32", attention_backend="triton")
     assert graphs.llm_engine.runner.graphs is not None

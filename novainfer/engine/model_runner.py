@@ -61,6 +61,7 @@ class ModelRunner:
         else:
             load_weights(self.model, folder, model_config.tie_word_embeddings)
         self.model.eval()
+        self.max_model_len = max_model_len
         self.num_blocks = self._num_kv_blocks(max_model_len)
         cfg = model_config
         self.kv_cache = torch.zeros(
@@ -126,7 +127,9 @@ class ModelRunner:
         )
         ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
         with torch.inference_mode():
-            hidden = self.model(ids, torch.arange(tokens, device=self.device), probe, meta)
+            # Positions wrap at max_model_len (the rotary table's size); memory use is the same.
+            positions = torch.arange(tokens, device=self.device) % self.max_model_len
+            hidden = self.model(ids, positions, probe, meta)
             self.model.compute_logits(hidden[-min(tokens, self.config.max_num_seqs):])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
