@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from novainfer.config import EngineConfig
@@ -47,7 +48,8 @@ class ModelRunner:
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(self.device, model_config.torch_dtype)
         self.block_size = config.block_size
-        self.backend = get_backend(config.attention_backend, self.device)
+        self.backend = get_backend(config.attention_backend, self.device, model_config.head_dim)
+        self._staging: torch.Tensor | None = None
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
@@ -163,18 +165,30 @@ class ModelRunner:
             if end == seq.num_tokens:  # the chunk reaches the last token: sample after it
                 logits_indices.append(len(input_ids) - 1)
                 sampling.append(seq)
-        max_blocks = max(len(batch.seqs[i].block_table) for i in order)
-        tables = [batch.seqs[i].block_table + [0] * (max_blocks - len(batch.seqs[i].block_table))
-                  for i in order]
+        tables = [batch.seqs[i].block_table for i in order]
+        n, max_blocks, num_tokens = len(order), max(len(t) for t in tables), len(input_ids)
         cu = [0]
         for q in query_lens:
             cu.append(cu[-1] + q)
-        dev = self.device
+        # Everything goes to the device in one copy: [ids | positions | slots | seq_lens |
+        # query_start_loc | logits_indices | block_tables (n x max_blocks)].
+        sizes = [num_tokens, num_tokens, num_tokens, n, n + 1, len(logits_indices)]
+        host = np.zeros(sum(sizes) + n * max_blocks, dtype=np.int64)
+        offsets = np.cumsum([0, *sizes])
+        for values, lo in zip(
+            (input_ids, positions, slots, seq_lens, cu, logits_indices), offsets
+        ):
+            host[lo : lo + len(values)] = values
+        grid = host[offsets[-1] :].reshape(n, max_blocks)
+        for row, table in enumerate(tables):
+            grid[row, : len(table)] = table
+        buf = self._upload(host)
+        part = [buf[offsets[i] : offsets[i + 1]] for i in range(len(sizes))]
         meta = AttentionMetadata(
-            slot_mapping=_to(slots, torch.long, dev),
-            query_start_loc=_to(cu, torch.int32, dev),
-            seq_lens=_to(seq_lens, torch.int32, dev),
-            block_tables=_to(tables, torch.int32, dev),
+            slot_mapping=part[2],
+            query_start_loc=part[4].to(torch.int32),
+            seq_lens=part[3].to(torch.int32),
+            block_tables=buf[offsets[-1] :].view(n, max_blocks).to(torch.int32),
             num_decodes=_leading_ones(query_lens),
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
@@ -182,12 +196,23 @@ class ModelRunner:
             seq_lens_host=seq_lens,
         )
         return StepInputs(
-            input_ids=_to(input_ids, torch.long, dev),
-            positions=_to(positions, torch.long, dev),
+            input_ids=part[0],
+            positions=part[1],
             meta=meta,
-            logits_indices=_to(logits_indices, torch.long, dev),
+            logits_indices=part[5],
             sampling_seqs=sampling,
         )
+
+    def _upload(self, host: np.ndarray) -> torch.Tensor:
+        """One host-to-device copy through a reused pinned buffer (no per-step allocation)."""
+        t = torch.from_numpy(host)
+        if self.device.type != "cuda":
+            return t
+        if self._staging is None or self._staging.numel() < t.numel():
+            self._staging = torch.empty(max(t.numel(), 1 << 20), dtype=torch.int64).pin_memory()
+        staging = self._staging[: t.numel()]
+        staging.copy_(t)
+        return staging.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def execute(
@@ -215,8 +240,3 @@ def _leading_ones(query_lens: list[int]) -> int:
     return count
 
 
-def _to(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    t = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t

@@ -31,25 +31,28 @@ class AttentionBackend(Protocol):
     ) -> torch.Tensor: ...
 
 
-def available_backends(device: torch.device) -> list[str]:
-    """Backend names usable on `device`, best first.
+def available_backends(device: torch.device, head_dim: int | None = None) -> list[str]:
+    """Backend names usable on `device` (and `head_dim`), best first.
 
     Only checks that triton is installed (no import: `import novainfer` never imports triton).
+    The Triton kernels tile the head dimension, so they need a power of two >= 16.
     """
     names = []
-    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+    triton_ok = head_dim is None or (head_dim >= 16 and head_dim & (head_dim - 1) == 0)
+    if device.type == "cuda" and triton_ok and importlib.util.find_spec("triton") is not None:
         names.append("triton")
     names.append("torch")
     return names
 
 
-def get_backend(name: str, device: torch.device) -> AttentionBackend:
-    allowed = available_backends(device)
+def get_backend(name: str, device: torch.device, head_dim: int | None = None) -> AttentionBackend:
+    allowed = available_backends(device, head_dim)
     if name == "auto":
         name = allowed[0]
     if name not in allowed:
         raise ValueError(
-            f"attention_backend '{name}' is not available on {device.type}; allowed: "
+            f"attention_backend '{name}' is not available on {device.type} with head_dim "
+            f"{head_dim}; allowed: "
             f"{', '.join(['auto', *allowed])}"
         )
     if name == "triton":
