@@ -45,8 +45,11 @@ def mask_stops_below_min_tokens(
 def filter_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Temperature, top-k, top-p and min-p, vectorised over rows with per-row settings."""
     dev = logits.device
-    temps = torch.tensor([s.params.temperature for s in seqs], device=dev, dtype=logits.dtype)
-    logits = logits / temps[:, None]
+    temps = [s.params.temperature for s in seqs]
+    if all(t == temps[0] for t in temps):  # the common case needs no host-to-device copy
+        logits = logits / temps[0]
+    else:
+        logits = logits / torch.tensor(temps, dtype=logits.dtype).to(dev, non_blocking=True)[:, None]
     top_ks = [s.params.top_k for s in seqs]
     top_ps = [s.params.top_p for s in seqs]
     min_ps = [s.params.min_p for s in seqs]

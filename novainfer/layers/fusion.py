@@ -27,6 +27,9 @@ def fused_on_cuda(fn: F) -> F:
         if not x.is_cuda or os.environ.get("NOVAINFER_NO_COMPILE") == "1":
             return fn(x, *args, **kwargs)
         if compiled is None:
+            # One specialisation per (dtype, eps, model shape): a process that loads several
+            # models (tests, benchmarks) needs more than dynamo's default of 8.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
             compiled = torch.compile(fn, dynamic=True, fullgraph=True)
         return compiled(x, *args, **kwargs)
 
