@@ -72,6 +72,22 @@ def _engine_logits(llm, prompt: list[int]) -> torch.Tensor:
         engine.abort_request("probe")
 
 
+def _calm_copy(model_dir, tmp_path):
+    """The checkpoint with o_proj/down_proj scaled back to a 1/sqrt(fan_in) init."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst = tmp_path / "calm"
+    shutil.copytree(model_dir, dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    for key in weights:
+        if key.endswith(("o_proj.weight", "down_proj.weight")):
+            weights[key] = weights[key] / 6.0
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
 def _hf_bf16_logits(model_dir, prompt: list[int]) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
@@ -86,15 +102,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("name", sorted(CHECKPOINTS))
-def test_bf16_logits_triton_vs_torch_vs_transformers(checkpoint, name):
+def test_bf16_logits_triton_vs_torch_vs_transformers(checkpoint, name, tmp_path):
     """bf16: both backends within 1e-2 of transformers' bf16 logits and of each other.
 
-    (Against transformers' fp32 logits the bf16 rounding of these large-logit test models
-    alone gives ~1-2%, so the comparison is at the same precision; the fp32 test above
-    checks exact agreement.)
+    The parity checkpoints amplify their residual updates 6x to get clear greedy margins,
+    which also amplifies bf16 rounding to ~1-2% whatever the implementation (transformers'
+    own bf16 vs fp32 included); this test uses a copy with unamplified output projections.
+    The fp32 test above checks exact agreement on the original checkpoints.
     """
     _skip_if_no_triton(name)
-    model_dir = checkpoint(name)
+    model_dir = _calm_copy(checkpoint(name), tmp_path)
     prompts = random_prompts([5, 64, 300], seed=3)
     per_backend = {}
     for backend in ("triton", "torch"):

@@ -19,6 +19,7 @@ from novainfer.engine.sampler import sample
 from novainfer.engine.scheduler import ScheduledBatch
 from novainfer.engine.sequence import Sequence
 from novainfer.layers.attention import AttentionMetadata, get_backend
+from novainfer.layers.linear import pack_for_cpu
 from novainfer.loader.weights import init_dummy_weights, load_weights
 from novainfer.models.config import ModelConfig
 from novainfer.models.registry import model_class
@@ -63,6 +64,8 @@ class ModelRunner:
         else:
             load_weights(self.model, folder, model_config.tie_word_embeddings)
         self.model.eval()
+        if self.device.type == "cpu":
+            pack_cpu_weights(self.model)
         self.max_model_len = max_model_len
         self.num_blocks = self._num_kv_blocks(max_model_len)
         cfg = model_config
@@ -234,6 +237,13 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         tokens, logprobs = sample(logits, inputs.sampling_seqs, eos_ids, self.generator)
         return inputs.sampling_seqs, tokens, logprobs
+
+
+def pack_cpu_weights(model: torch.nn.Module) -> None:
+    """Give every linear layer (and the LM head) a oneDNN-packed copy of its weight."""
+    for module in model.modules():
+        if hasattr(module, "packed"):
+            module.packed = pack_for_cpu(module.weight.data)
 
 
 def _leading_ones(query_lens: list[int]) -> int:

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from novainfer.layers.linear import cpu_packed_linear
+
 
 class Embedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
@@ -20,6 +22,10 @@ class LMHead(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+        self.packed: torch.Tensor | None = None  # oneDNN layout of `weight` (CPU fp32)
+        self.bias = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return cpu_packed_linear(hidden, self.packed, None)
         return F.linear(hidden, self.weight)

@@ -1,12 +1,15 @@
 """Pure-PyTorch paged attention: the reference every fast kernel is tested against.
 
-Runs on CPU and GPU. Decodes are handled together as one batched gather + matmul;
-prefills and prefill chunks (with a cached prefix) one sequence at a time.
+Runs on CPU and GPU. Decodes are handled together: one gather of their cached K/V and one
+batched SDPA call (the query group of each KV head shares its K/V: enable_gqa). Prefills
+and prefill chunks over a cached prefix go one sequence at a time with a causal mask
+offset by the cached length.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from novainfer.layers.attention.metadata import AttentionMetadata
 
@@ -23,35 +26,40 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slots: to
 
 
 def gather_kv(
-    kv_cache: torch.Tensor, block_table: torch.Tensor, length: int
+    kv_cache: torch.Tensor, block_tables: torch.Tensor, length: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contiguous K and V of one or many sequences: [..., length, kv_heads, head_dim]."""
+    """K and V of sequences as [seqs, kv_heads, length, head_dim] (strided views of a copy)."""
     block_size = kv_cache.shape[2]
     num_blocks = -(-length // block_size)
-    table = block_table[..., :num_blocks].long()
-    k = kv_cache[0][table]  # [..., num_blocks, block_size, kv_heads, head_dim]
-    v = kv_cache[1][table]
-    shape = (*table.shape[:-1], num_blocks * block_size, *k.shape[-2:])
-    return k.reshape(shape)[..., :length, :, :], v.reshape(shape)[..., :length, :, :]
+    ids = block_tables[:, :num_blocks].reshape(-1).long()
+    shape = (block_tables.shape[0], num_blocks * block_size, *kv_cache.shape[-2:])
+    # index_select copies whole blocks; much faster than advanced indexing on the CPU.
+    k = kv_cache[0].index_select(0, ids).view(shape)[:, :length]
+    v = kv_cache[1].index_select(0, ids).view(shape)[:, :length]
+    return k.transpose(1, 2), v.transpose(1, 2)
 
 
-def _softmax_attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """q: [..., kv_heads, rows, d]; k, v: [..., kv_heads, ctx, d]; mask True = keep.
-
-    Each kv head's query group is stacked into `rows`, so every matmul is a plain batched
-    GEMM with no broadcasting (GQA without repeating K/V).
-    """
-    acc = torch.promote_types(q.dtype, torch.float32)
-    scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2))
-    scores.mul_(scale).masked_fill_(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, v.to(acc)).to(q.dtype)
+# Decodes are attended in groups of similar length, so the gathered (padded) K/V of a
+# group stays close to what its sequences really hold: the gather is memory-bound.
+DECODE_GROUP = 8
 
 
 class TorchReferenceBackend:
     name = "torch"
+
+    @staticmethod
+    def _decode_groups(meta: AttentionMetadata, device: torch.device) -> list:
+        """[(row indices, padded length)] for the decodes, computed once per step."""
+        groups = meta.backend_cache.get("torch_decode_groups")
+        if groups is None:
+            lens = meta.seq_lens_host[: meta.num_decodes]
+            order = sorted(range(len(lens)), key=lens.__getitem__)
+            groups = []
+            for i in range(0, len(order), DECODE_GROUP):
+                rows = order[i : i + DECODE_GROUP]
+                groups.append((torch.tensor(rows, device=device), lens[rows[-1]]))
+            meta.backend_cache["torch_decode_groups"] = groups
+        return groups
 
     def forward(
         self,
@@ -63,30 +71,28 @@ class TorchReferenceBackend:
         scale: float,
     ) -> torch.Tensor:
         write_kv(k, v, kv_cache, meta.slot_mapping)
-        num_heads, head_dim = q.shape[1], q.shape[2]
-        num_kv_heads = k.shape[1]
-        group = num_heads // num_kv_heads
         out = torch.empty_like(q)
         nd = meta.num_decodes
-        if nd:
-            max_len = max(meta.seq_lens_host[:nd])
-            kd, vd = gather_kv(kv_cache, meta.block_tables[:nd], max_len)  # [nd, T, Hkv, D]
-            qd = q[:nd].view(nd, num_kv_heads, group, head_dim)
+        for idx, max_len in self._decode_groups(meta, q.device):
+            kd, vd = gather_kv(kv_cache, meta.block_tables.index_select(0, idx), max_len)
             positions = torch.arange(max_len, device=q.device)
-            mask = (positions[None, :] < meta.seq_lens[:nd, None]).view(nd, 1, 1, max_len)
-            od = _softmax_attend(qd, kd.transpose(1, 2), vd.transpose(1, 2), mask, scale)
-            out[:nd] = od.view(nd, num_heads, head_dim)
+            mask = positions[None, :] < meta.seq_lens.index_select(0, idx)[:, None]
+            qd = q.index_select(0, idx).unsqueeze(2)  # [group, heads, 1, head_dim]
+            od = F.scaled_dot_product_attention(
+                qd, kd, vd, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
+            )
+            out.index_copy_(0, idx, od.squeeze(2))
         start = nd
         for i in range(nd, meta.num_seqs):
             q_len, ctx = meta.query_lens_host[i], meta.seq_lens_host[i]
-            ks, vs = gather_kv(kv_cache, meta.block_tables[i], ctx)  # [ctx, Hkv, D]
-            qs = q[start : start + q_len].view(q_len, num_kv_heads, group, head_dim)
-            qs = qs.permute(1, 2, 0, 3).reshape(num_kv_heads, group * q_len, head_dim)
-            # Query i sits at context position ctx - q_len + i and sees keys up to there.
+            ks, vs = gather_kv(kv_cache, meta.block_tables[i : i + 1], ctx)
+            qs = q[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, heads, q_len, d]
+            # Query j sits at context position ctx - q_len + j and sees keys up to there.
             rows = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
-            mask = (torch.arange(ctx, device=q.device)[None, :] <= rows).repeat(group, 1)
-            os_ = _softmax_attend(qs, ks.transpose(0, 1), vs.transpose(0, 1), mask, scale)
-            os_ = os_.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3)
-            out[start : start + q_len] = os_.reshape(q_len, num_heads, head_dim)
+            mask = torch.arange(ctx, device=q.device)[None, :] <= rows
+            os_ = F.scaled_dot_product_attention(
+                qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True
+            )
+            out[start : start + q_len] = os_[0].transpose(0, 1)
             start += q_len
         return out
