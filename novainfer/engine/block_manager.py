@@ -45,9 +45,6 @@ class BlockManager:
     def usage(self) -> float:
         return 1.0 - len(self.free) / self.num_blocks
 
-    def _blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
-        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
-
     def _update_hashes(self, seq: Sequence, num_tokens: int) -> None:
         """Extend seq.block_hashes to cover the full blocks among its first num_tokens tokens."""
         bs = self.block_size
@@ -97,12 +94,18 @@ class BlockManager:
         seq.num_registered_blocks = 0
         return num_cached
 
-    def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
-        return self._blocks_needed(seq, seq.num_computed_tokens + num_new_tokens) <= len(self.free)
-
-    def append(self, seq: Sequence, num_new_tokens: int) -> None:
-        for _ in range(self._blocks_needed(seq, seq.num_computed_tokens + num_new_tokens)):
+    def try_append(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Give a running sequence the blocks for num_new_tokens more; False if too few free."""
+        needed = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size) - len(
+            seq.block_table
+        )
+        if needed <= 0:  # the common decode step: the last block still has room
+            return True
+        if needed > len(self.free):
+            return False
+        for _ in range(needed):
             seq.block_table.append(self._pop_free())
+        return True
 
     def _pop_free(self) -> int:
         block, _ = self.free.popitem(last=False)
@@ -116,9 +119,9 @@ class BlockManager:
 
     def cache_computed_blocks(self, seq: Sequence) -> None:
         """Register seq's blocks that are full and computed, so later requests can reuse them."""
-        if not self.enable_prefix_caching:
-            return
         full = seq.num_computed_tokens // self.block_size
+        if not self.enable_prefix_caching or full <= seq.num_registered_blocks:
+            return
         self._update_hashes(seq, full * self.block_size)
         start, seq.num_registered_blocks = seq.num_registered_blocks, full
         for i in range(start, full):

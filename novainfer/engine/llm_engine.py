@@ -22,6 +22,7 @@ from novainfer.engine.detokenizer import IncrementalDetokenizer, find_stop
 from novainfer.engine.model_runner import ModelRunner
 from novainfer.engine.scheduler import Scheduler
 from novainfer.engine.sequence import Sequence
+from novainfer.engine.step_timer import StepTimer, enabled_by_env
 from novainfer.loader.model_path import resolve_model
 from novainfer.models.config import ModelConfig
 from novainfer.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
@@ -75,6 +76,10 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.num_steps = 0
+        # Per-step phase timing (novainfer/engine/step_timer.py); None = off, zero cost.
+        self.step_timer = None
+        if enabled_by_env():
+            self.enable_step_timing(report_at_exit=True)
 
     @property
     def vocab_size(self) -> int:
@@ -186,12 +191,35 @@ class LLMEngine:
 
     # -- the step ---------------------------------------------------------------------------
 
+    def enable_step_timing(self, report_at_exit: bool = False, **kwargs: Any) -> StepTimer:
+        """Time every step's phases from now on (see engine/step_timer.py); returns the timer."""
+        timer = StepTimer(self.runner.device, **kwargs)
+        self.step_timer = self.runner.step_timer = timer
+        if report_at_exit:
+            import atexit
+
+            atexit.register(lambda: timer.steps and not timer.reported and timer.report())
+        return timer
+
+    def disable_step_timing(self) -> None:
+        self.step_timer = self.runner.step_timer = None
+
     def step(self) -> list[RequestOutput]:
+        timer = self.step_timer
+        if timer is not None:
+            timer.start()
+            timer.phase("schedule")
         batch = self.scheduler.schedule()
         if not batch.seqs:
+            if timer is not None:
+                timer.cancel()
             return []
         self.num_steps += 1
+        if timer is not None:
+            timer.phase("prepare")  # the runner marks forward and sample
         sampled, tokens, logprobs = self.runner.execute(batch, self.eos_ids)
+        if timer is not None:
+            timer.phase("postprocess")
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             self.block_manager.cache_computed_blocks(seq)
@@ -207,6 +235,9 @@ class LLMEngine:
                 outputs.append(self._output(request))
             if done:
                 del self.requests[request.request_id]
+        if timer is not None:
+            timer.stop(sum(batch.num_new_tokens), len(batch.seqs),
+                       all(n == 1 for n in batch.num_new_tokens))
         return outputs
 
     def _append(
@@ -217,7 +248,8 @@ class LLMEngine:
         if lp is not None:
             seq.logprobs.append(lp)
             seq.cumulative_logprob += lp[token].logprob
-        past_min = seq.num_output_tokens >= params.min_tokens
+        num_output = len(seq.token_ids) - seq.num_prompt_tokens
+        past_min = num_output >= params.min_tokens
         if past_min and not params.ignore_eos and token in self.eos_ids:
             self._finish(seq, "stop", None)
         elif past_min and token in params.stop_token_ids:
@@ -229,8 +261,8 @@ class LLMEngine:
             if hit is not None:
                 detok.text = detok.text[: hit[0]]
                 self._finish(seq, "stop", hit[1])
-        if not seq.is_finished and (
-            seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len
+        if seq.finish_reason is None and (
+            num_output >= params.max_tokens or len(seq.token_ids) >= self.max_model_len
         ):
             self._finish(seq, "length", None)
 

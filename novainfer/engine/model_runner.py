@@ -52,6 +52,7 @@ class ModelRunner:
         self.backend = get_backend(config.attention_backend, self.device, model_config.head_dim)
         self._staging: torch.Tensor | None = None
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.step_timer = None  # set by LLMEngine.enable_step_timing: phase marks below
         previous = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
@@ -228,6 +229,9 @@ class ModelRunner:
     ) -> tuple[list[Sequence], list[int], list[PositionLogprobs | None]]:
         """Run one step; returns the sequences that sampled, their new tokens and logprobs."""
         inputs = self.prepare(batch)
+        timer = self.step_timer
+        if timer is not None:
+            timer.phase("forward")
         if self.graphs is not None and self.graphs.can_run(inputs.meta):
             hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
         else:
@@ -235,6 +239,8 @@ class ModelRunner:
         if not inputs.sampling_seqs:
             return [], [], []
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        if timer is not None:
+            timer.phase("sample")
         tokens, logprobs = sample(logits, inputs.sampling_seqs, eos_ids, self.generator)
         return inputs.sampling_seqs, tokens, logprobs
 

@@ -1,0 +1,1 @@
+"""Developer tools behind `novainfer trace` and `novainfer profile` (imported on demand)."""
