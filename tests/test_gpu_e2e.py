@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CHECKPOINTS, completion_tokens, hf_greedy, hf_next_logits, random_prompts
+from conftest import CHECKPOINTS, completion_tokens, hf_greedy, random_prompts
 
 pytestmark = [
     pytest.mark.gpu,
