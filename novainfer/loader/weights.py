@@ -52,7 +52,7 @@ def load_weights(model: nn.Module, folder: Path, tied_embeddings: bool) -> None:
     for path in checkpoint_files(folder):
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in f.keys():
+                for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
                     if name.endswith(_IGNORED_SUFFIXES):
                         continue
                     if tied_embeddings and name == "lm_head.weight":
