@@ -163,6 +163,8 @@ def run(args: argparse.Namespace) -> dict:
     llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in work.max_tokens]
     steps_before = engine.num_steps
+    if engine.step_timer is not None:  # --step-timing / NOVAINFER_STEP_TIMING=1
+        engine.step_timer.reset()  # time the measured run only, not the warm-up
     _sync(device)
     start = time.perf_counter()
     outputs = llm.generate(work.prompts, params, use_tqdm=False)
@@ -197,6 +199,9 @@ def run(args: argparse.Namespace) -> dict:
         "kv_read_TB": round(floor["kv_read_bytes"] / 1e12, 3),
         "weight_read_TB": round(floor["weight_read_bytes"] / 1e12, 3),
     }
+    if engine.step_timer is not None:
+        result["step_timing"] = engine.step_timer.summary()
+        engine.step_timer.reported = True  # print_report shows it
     if args.compare == "hf":
         from novainfer.bench_hf import run_hf_continuous_batching
 
@@ -224,5 +229,9 @@ def print_report(result: dict, as_json: bool) -> None:
         print(f"transformers continuous batching: {result['hf_output_tok_s']:,.1f} tok/s "
               f"({result['hf_seconds']:.2f} s); novainfer is "
               f"{result['output_tok_s'] / result['hf_output_tok_s']:.1f}x")
+    if "step_timing" in result:
+        from novainfer.engine.step_timer import format_summary
+
+        print(format_summary(result["step_timing"]))
     if as_json:
         print(json.dumps(result))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterator
 
@@ -32,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _engine_args(gen)
     _sampling_args(gen, max_tokens=64)
+    gen.add_argument("--step-timing", action="store_true",
+                     help="time each step's phases; summary on stderr (or NOVAINFER_STEP_TIMING=1)")
     chat = sub.add_parser("chat", help="interactive multi-turn chat, streamed to the terminal")
     chat.add_argument("--system", default=None, help="optional system prompt")
     _engine_args(chat)
@@ -40,12 +43,42 @@ def build_parser() -> argparse.ArgumentParser:
     from novainfer.bench import build_parser as bench_args
 
     bench_args(bench)
+    bench.add_argument("--step-timing", action="store_true",
+                       help="time each step's phases (schedule, prepare, forward, sample, postprocess)")
+    from novainfer.tools import profile as profile_tool
+    from novainfer.tools import trace as trace_tool
+
+    trace_tool.build_parser(sub.add_parser("trace", help="hook every module for a short generation"))
+    profile_tool.build_parser(sub.add_parser("profile", help="torch.profiler over prefill and decode steps"))
+    from novainfer.server.serve import add_serve_args
+
+    add_serve_args(sub.add_parser("serve", help="OpenAI-compatible HTTP server (pip install novainfer[server])"))
     return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from novainfer.server.serve import cmd_serve as run_serve
+
+    return run_serve(args)
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from novainfer.tools.trace import run
+
+    return run(args)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from novainfer.tools.profile import run
+
+    return run(args)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from novainfer.bench import print_report, run
 
+    if args.step_timing:
+        os.environ["NOVAINFER_STEP_TIMING"] = "1"  # bench resets the timer after its warm-up
     print_report(run(args), args.json)
     return 0
 
@@ -88,6 +121,9 @@ def stream(llm, prompt: str | list[int], params) -> Iterator[str]:
 def cmd_generate(args: argparse.Namespace) -> int:
     params = _params(args)
     llm = _make_llm(args)
+    timer = llm.llm_engine.step_timer
+    if args.step_timing and timer is None:
+        timer = llm.llm_engine.enable_step_timing()
     prompt: str | list[int] = args.prompt
     if args.chat:
         prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}])
@@ -95,6 +131,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if timer is not None:
+        sys.stdout.flush()
+        timer.report()
     return 0
 
 
@@ -135,9 +174,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["bench", "serve"]:  # online benchmark against a running `novainfer serve`
+        from novainfer.server.bench_serve import main as bench_serve
+
+        return bench_serve(argv[2:])
     args = build_parser().parse_args(argv)
     try:
-        commands = {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench}
+        commands = {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench,
+                    "trace": cmd_trace, "profile": cmd_profile, "serve": cmd_serve}
         return commands[args.command](args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

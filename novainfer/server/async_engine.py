@@ -110,6 +110,10 @@ class AsyncEngine:
     def abort(self, group: Group) -> None:
         self._cmds.put(("abort", group))
 
+    def abort_all(self) -> None:
+        """Abort every request; their consumers get a final output with finish_reason 'abort'."""
+        self._cmds.put(("abort_all",))
+
     # -- engine thread --------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -124,7 +128,7 @@ class AsyncEngine:
                     continue
                 try:
                     outputs = engine.step()
-                except Exception as exc:  # an engine bug: fail what is in flight, keep serving
+                except Exception as exc:  # noqa: BLE001 - an engine bug: fail what is in flight, keep serving
                     logger.error("engine step failed:\n%s", traceback.format_exc())
                     self._fail_all(exc)
                     continue
@@ -151,6 +155,8 @@ class AsyncEngine:
                 self._add(cmd[1])
             elif cmd[0] == "abort":
                 self._abort(cmd[1])
+            elif cmd[0] == "abort_all":
+                self._abort_all()
 
     def _add(self, group: Group) -> None:
         engine = self.engine
@@ -160,7 +166,7 @@ class AsyncEngine:
             for rid, (prompt, params) in zip(group.request_ids, prepared):
                 engine.add_request(rid, prompt, params, stream=True)
                 added.append(rid)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - reported to this request only
             for rid in added:
                 engine.abort_request(rid)
             client = _is_client_error(exc)
@@ -182,7 +188,20 @@ class AsyncEngine:
             group.live.discard(rid)
             self._groups.pop(rid, None)
             if out is not None:
-                self.metrics.count_request("abort")
+                for _ in out.outputs:
+                    self.metrics.count_request("abort")
+
+    def _abort_all(self) -> None:
+        deliveries = []
+        for rid, group in list(self._groups.items()):
+            out = self.engine.abort_request(rid)
+            group.live.discard(rid)
+            del self._groups[rid]
+            if out is not None:
+                for _ in out.outputs:
+                    self.metrics.count_request("abort")
+                deliveries.append((group, out))
+        self._send(deliveries)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
@@ -229,7 +248,7 @@ class AsyncEngine:
         for rid, group in list(self._groups.items()):
             try:
                 self.engine.abort_request(rid)
-            except Exception:  # pragma: no cover - best effort
+            except Exception:  # noqa: BLE001 - best effort
                 logger.error("abort failed:\n%s", traceback.format_exc())
             self._groups.pop(rid, None)
             if rid in group.live:

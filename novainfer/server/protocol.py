@@ -8,7 +8,7 @@ max_model_len, token ids against the vocabulary) happen in the engine and come b
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
@@ -20,7 +20,7 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 TokenId = Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
-Stop = Union[StrictStr, Annotated[list[StrictStr], Field(max_length=MAX_STOP)], None]
+Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP)] | None
 
 
 class _Base(BaseModel):
@@ -53,12 +53,12 @@ class _Sampling(_Base):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[
-        StrictStr,
-        Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_PROMPTS)],
-        TokenIds,
-        Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)],
-    ]
+    prompt: (
+        StrictStr
+        | Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    )
     logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
 
 
@@ -69,7 +69,7 @@ class TextPart(_Base):
 
 class ChatMessage(_Base):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[StrictStr, Annotated[list[TextPart], Field(max_length=256)], None] = None
+    content: StrictStr | Annotated[list[TextPart], Field(max_length=256)] | None = None
     name: StrictStr | None = None
 
 

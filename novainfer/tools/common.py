@@ -13,7 +13,8 @@ def model_args(parser: argparse.ArgumentParser) -> None:
                         help="random weights of a known shape (no download, no tokenizer)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="default: the model's own (presets: 2048)")
 
 
 def load_llm(args: argparse.Namespace, enforce_eager: bool = True, **kwargs):
@@ -25,10 +26,12 @@ def load_llm(args: argparse.Namespace, enforce_eager: bool = True, **kwargs):
         raise ValueError("give --model or --preset, not both")
     extra = dict(kwargs)
     model = args.model
+    max_model_len = args.max_model_len
     if args.preset:
+        max_model_len = max_model_len or 2048
         model = str(preset_folder(args.preset))
         extra.update(load_format="dummy", skip_tokenizer_init=True)
-    return LLM(model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+    return LLM(model, dtype=args.dtype, device=args.device, max_model_len=max_model_len,
                enforce_eager=enforce_eager, **extra)
 
 

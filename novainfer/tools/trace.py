@@ -181,17 +181,18 @@ def trace_generation(llm, prompt, params=None) -> TraceResult:
     return tracer.result
 
 
-def _formula(count: int, layers: int) -> str:
-    """'2L+1' style description of a per-forward count."""
+def _formula(calls: list[Call], layers: int) -> str:
+    """'4L+1' style description of a per-forward count: calls per layer x L + calls outside."""
     if layers <= 0:
         return ""
-    for a in range(0, 9):
-        b = count - a * layers
-        if 0 <= b <= 3 and (a > 0 or b > 0):
-            if a == 0:
-                return str(b)
-            return f"{a if a > 1 else ''}L" + (f"+{b}" if b else "")
-    return ""
+    inside = sum(1 for c in calls if ".layers." in c.name)
+    outside = len(calls) - inside
+    if inside % layers:
+        return ""
+    per = inside // layers
+    if per == 0:
+        return str(outside)
+    return f"{per if per > 1 else ''}L" + (f"+{outside}" if outside else "")
 
 
 def _fmt_shape(s: Any) -> str:
@@ -216,7 +217,8 @@ def format_report(result: TraceResult, layer: int = 0, detail: bool = False,
     order = {c.type: c.index for c in reversed(result.forward_calls(0))}
     for type_name, n in sorted(counts.items(), key=lambda kv: order[kv[0]]):
         if keep(type_name):
-            lines.append(f"  {type_name:<28} {n:>5}   {_formula(n, L)}")
+            typed = [c for c in result.forward_calls(0) if c.type == type_name]
+            lines.append(f"  {type_name:<28} {n:>5}   {_formula(typed, L)}")
     totals = result.type_counts(None)
     lines.append("")
     lines.append(f"call order inside decoder layer {layer} (first forward), input -> output shapes:")

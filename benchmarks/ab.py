@@ -1,0 +1,331 @@
+"""A/B micro-benchmark: two implementations of one op over a batch x sequence-length grid.
+
+    python benchmarks/ab.py --list
+    python benchmarks/ab.py qkv-split                      # default grid (batch 1..64 x seq 128..4096)
+    python benchmarks/ab.py rmsnorm-residual --batch 1,4 --seq-len 128,512 --repeats 50 --out /tmp/ab
+
+Per cell: warm-up, then `--repeats` timed runs (CUDA events on the GPU, perf_counter on the
+CPU) of `--inner` calls each; the median of A and of B, their spread (interquartile range
+relative to the median) and the improvement of B over A (positive = B faster). Summary:
+average, best and worst improvement, standard deviation over cells, and every regression
+that is larger than the cell's measured noise (an A-vs-A null run of the same cell: what the
+timer sees when nothing changed). Markdown table (+ JSON) and a PNG heatmap into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# A comparison: make(batch, seq_len, device, dtype) -> (fn_a, fn_b), each called with no args.
+Maker = Callable[[int, int, torch.device, torch.dtype], tuple[Callable[[], object], Callable[[], object]]]
+
+
+@dataclass
+class Comparison:
+    name: str
+    label_a: str
+    label_b: str
+    make: Maker
+    description: str = ""
+
+
+# ---------------------------------------------------------------------------- shipped pairs
+
+
+def _qkv_shapes(hidden: int = 4096, heads: int = 32, kv_heads: int = 8, head_dim: int = 128):
+    return heads * head_dim, kv_heads * head_dim
+
+
+def make_qkv_split(batch: int, seq_len: int, device: torch.device, dtype: torch.dtype, *,
+                   heads: int = 32, kv_heads: int = 8, head_dim: int = 128):
+    """QKV output split with sizes computed per call (A) vs cached at construction (B, seed 004)."""
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    qkv = torch.randn(batch * seq_len, q_size + 2 * kv_size, device=device, dtype=dtype)
+
+    class PerCall:
+        def __init__(self) -> None:
+            self.num_heads, self.num_kv_heads, self.head_dim = heads, kv_heads, head_dim
+
+        def split(self, x):
+            return x.split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+                            self.num_kv_heads * self.head_dim], dim=-1)
+
+    class Cached:
+        def __init__(self) -> None:
+            self.sizes = [q_size, kv_size, kv_size]
+
+        def split(self, x):
+            return x.split(self.sizes, dim=-1)
+
+    a, b = PerCall(), Cached()
+
+    def run_a():
+        q, k, v = a.split(qkv)
+        return v.contiguous()
+
+    def run_b():
+        q, k, v = b.split(qkv)
+        return v.contiguous()
+
+    return run_a, run_b
+
+
+def make_rmsnorm_residual(batch: int, seq_len: int, device: torch.device, dtype: torch.dtype, *,
+                          hidden: int = 4096):
+    """Residual add then RMSNorm as two ops (A) vs novainfer's fused add_rms_norm (B)."""
+    from novainfer.layers.norm import add_rms_norm, rms_norm
+
+    x = torch.randn(batch * seq_len, hidden, device=device, dtype=dtype)
+    residual = torch.randn_like(x)
+    weight = torch.ones(hidden, device=device, dtype=dtype)
+
+    def run_a():
+        r = x + residual
+        return rms_norm(r, weight, 1e-6), r
+
+    def run_b():
+        return add_rms_norm(x, residual, weight, 1e-6)
+
+    return run_a, run_b
+
+
+COMPARISONS: dict[str, Comparison] = {
+    "qkv-split": Comparison("qkv-split", "split sizes per call", "split sizes cached",
+                            make_qkv_split, "Llama-3-8B attention shapes (32 q / 8 kv heads x 128)"),
+    "rmsnorm-residual": Comparison("rmsnorm-residual", "add + rms_norm", "fused add_rms_norm",
+                                   make_rmsnorm_residual, "hidden 4096"),
+}
+
+# ---------------------------------------------------------------------------- measurement
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, repeats: int, inner: int) -> list[float]:
+    """`repeats` timings (seconds per call) of `inner` back-to-back calls each."""
+    out = []
+    if device.type == "cuda":
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end) / 1e3 / inner)
+        return out
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        out.append((time.perf_counter() - t0) / inner)
+    return out
+
+
+def _iqr(values: list[float]) -> float:
+    if len(values) < 4:
+        return max(values) - min(values)
+    q = statistics.quantiles(values, n=4)
+    return q[2] - q[0]
+
+
+def measure_cell(fn_a, fn_b, device: torch.device, warmup: int, repeats: int, inner: int) -> dict:
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    _sync(device)
+    # Interleave A and B in chunks so drift (clock, thermal, other load) hits both alike;
+    # a second A series gives the null (A vs A) difference: the noise of this cell.
+    a, b, a2 = [], [], []
+    chunk = max(1, repeats // 5)
+    done = 0
+    while done < repeats:
+        n = min(chunk, repeats - done)
+        a += time_calls(fn_a, device, n, inner)
+        b += time_calls(fn_b, device, n, inner)
+        a2 += time_calls(fn_a, device, n, inner)
+        done += n
+    med_a, med_b, med_a2 = statistics.median(a), statistics.median(b), statistics.median(a2)
+    improvement = (med_a - med_b) / med_a * 100  # % time saved by B (positive = B faster)
+    null = abs(med_a - med_a2) / med_a * 100
+    # Noise floor: the null difference, or the spread of the medians' estimate, whichever is larger.
+    spread_a = _iqr(a) / med_a * 100
+    spread_b = _iqr(b) / med_b * 100
+    noise = max(null, (spread_a + spread_b) / 2 / max(len(a), 1) ** 0.5 * 2)
+    return {
+        "a_ms": med_a * 1e3, "b_ms": med_b * 1e3, "a_spread_pct": spread_a, "b_spread_pct": spread_b,
+        "improvement_pct": improvement, "speedup": med_a / med_b, "noise_pct": noise,
+    }
+
+
+def run_grid(cmp: Comparison, batches: list[int], seq_lens: list[int], device: torch.device,
+             dtype: torch.dtype, warmup: int, repeats: int, inner: int, log=None) -> dict:
+    cells = []
+    for bsz in batches:
+        for sl in seq_lens:
+            fn_a, fn_b = cmp.make(bsz, sl, device, dtype)
+            cell = measure_cell(fn_a, fn_b, device, warmup, repeats, inner)
+            cell.update(batch=bsz, seq_len=sl)
+            cells.append(cell)
+            if log:
+                print(f"  batch {bsz:>3} seq {sl:>5}: A {cell['a_ms']:.4f} ms, B {cell['b_ms']:.4f} ms, "
+                      f"{cell['improvement_pct']:+.2f}% (noise {cell['noise_pct']:.2f}%)", file=log)
+            del fn_a, fn_b
+    return {"comparison": cmp.name, "a": cmp.label_a, "b": cmp.label_b,
+            "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+            "warmup": warmup, "repeats": repeats, "inner": inner,
+            "batches": batches, "seq_lens": seq_lens, "cells": cells, "summary": summarize(cells)}
+
+
+def summarize(cells: list[dict]) -> dict:
+    imps = [c["improvement_pct"] for c in cells]
+    best = max(cells, key=lambda c: c["improvement_pct"])
+    worst = min(cells, key=lambda c: c["improvement_pct"])
+    regressions = [
+        {"batch": c["batch"], "seq_len": c["seq_len"], "improvement_pct": c["improvement_pct"],
+         "noise_pct": c["noise_pct"]}
+        for c in cells if c["improvement_pct"] < -c["noise_pct"]
+    ]
+    wins = [c for c in cells if c["improvement_pct"] > c["noise_pct"]]
+    mean = statistics.fmean(imps)
+    losses = [c for c in cells if c["improvement_pct"] < -c["noise_pct"]]
+    if mean > 0 and 2 * len(wins) >= len(cells):
+        winner = "B"
+    elif mean < 0 and 2 * len(losses) >= len(cells):
+        winner = "A"
+    else:
+        winner = "tie"
+    return {
+        "mean_improvement_pct": mean,
+        "std_improvement_pct": statistics.pstdev(imps) if len(imps) > 1 else 0.0,
+        "best": {"batch": best["batch"], "seq_len": best["seq_len"], "improvement_pct": best["improvement_pct"]},
+        "worst": {"batch": worst["batch"], "seq_len": worst["seq_len"], "improvement_pct": worst["improvement_pct"]},
+        "mean_speedup": statistics.fmean(c["speedup"] for c in cells),
+        "significant_wins": len(wins),
+        "regressions": regressions,
+        "winner": winner,
+    }
+
+
+def markdown(result: dict) -> str:
+    s = result["summary"]
+    lines = [
+        f"## A/B: {result['comparison']}: A = {result['a']}, B = {result['b']}",
+        "",
+        f"{result['device']}, {result['dtype']}; warm-up {result['warmup']}, {result['repeats']} repeats "
+        f"x {result['inner']} calls per cell; improvement = time saved by B (positive: B faster).",
+        "",
+        "| batch | seq len | A median ms | A spread | B median ms | B spread | improvement | noise |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in result["cells"]:
+        flag = " **regression**" if c["improvement_pct"] < -c["noise_pct"] else ""
+        lines.append(
+            f"| {c['batch']} | {c['seq_len']} | {c['a_ms']:.4f} | {c['a_spread_pct']:.1f}% | "
+            f"{c['b_ms']:.4f} | {c['b_spread_pct']:.1f}% | {c['improvement_pct']:+.2f}%{flag} | "
+            f"{c['noise_pct']:.2f}% |"
+        )
+    regs = ", ".join(f"batch {r['batch']} x {r['seq_len']} ({r['improvement_pct']:+.2f}% vs noise "
+                     f"{r['noise_pct']:.2f}%)" for r in s["regressions"]) or "none"
+    lines += [
+        "",
+        f"- winner: **{ {'A': result['a'], 'B': result['b'], 'tie': 'no clear winner'}[s['winner']] }**",
+        f"- average improvement {s['mean_improvement_pct']:+.2f}% (std {s['std_improvement_pct']:.2f}%), "
+        f"mean speedup {s['mean_speedup']:.3f}x",
+        f"- best {s['best']['improvement_pct']:+.2f}% (batch {s['best']['batch']}, seq {s['best']['seq_len']}); "
+        f"worst {s['worst']['improvement_pct']:+.2f}% (batch {s['worst']['batch']}, seq {s['worst']['seq_len']})",
+        f"- cells where B is faster beyond noise: {s['significant_wins']} of {len(result['cells'])}",
+        f"- regressions beyond measured noise: {regs}",
+    ]
+    return "\n".join(lines)
+
+
+def heatmap(result: dict, path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: skipped the PNG heatmap (pip install matplotlib)"
+    bs, sls = result["batches"], result["seq_lens"]
+    grid = [[0.0] * len(sls) for _ in bs]
+    for c in result["cells"]:
+        grid[bs.index(c["batch"])][sls.index(c["seq_len"])] = c["improvement_pct"]
+    lim = max(1e-6, max(abs(v) for row in grid for v in row))
+    fig, ax = plt.subplots(figsize=(1.2 * len(sls) + 2.5, 0.5 * len(bs) + 2))
+    im = ax.imshow(grid, cmap="RdYlGn", vmin=-lim, vmax=lim, aspect="auto")
+    ax.set_xticks(range(len(sls)), [str(s) for s in sls])
+    ax.set_yticks(range(len(bs)), [str(b) for b in bs])
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("batch")
+    for i in range(len(bs)):
+        for j in range(len(sls)):
+            ax.text(j, i, f"{grid[i][j]:+.1f}%", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax, label="improvement of B over A (%)")
+    ax.set_title(f"{result['comparison']}: {result['b']} vs {result['a']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv: list[str] | None = None, comparisons: dict[str, Comparison] | None = None) -> int:
+    comparisons = comparisons or COMPARISONS
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("comparison", nargs="*", help=f"which: {', '.join(comparisons)} (default all)")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--batch", type=_ints, default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--seq-len", type=_ints, default=[128, 512, 1024, 2048, 4096])
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--inner", type=int, default=1, help="calls per timed repeat")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--out", default="ab_out", help="folder for the .md, .json and .png files")
+    args = parser.parse_args(argv)
+    if args.list:
+        for c in comparisons.values():
+            print(f"{c.name}: A = {c.label_a}, B = {c.label_b}. {c.description}")
+        return 0
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" \
+        else getattr(torch, args.dtype)
+    names = args.comparison or list(comparisons)
+    unknown = [n for n in names if n not in comparisons]
+    if unknown:
+        parser.error(f"unknown comparison {unknown}; choose from {', '.join(comparisons)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        print(f"{name}: {len(args.batch)} x {len(args.seq_len)} cells on {device}", file=sys.stderr)
+        result = run_grid(comparisons[name], args.batch, args.seq_len, device, dtype,
+                          args.warmup, args.repeats, args.inner, log=sys.stderr)
+        md = markdown(result)
+        print(md + "\n")
+        (out / f"{name}.md").write_text(md + "\n")
+        (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+        note = heatmap(result, out / f"{name}.png")
+        print(note or f"wrote {out / name}.md, .json, .png", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

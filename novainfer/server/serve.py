@@ -1,0 +1,107 @@
+"""`novainfer serve`: arguments (no server imports) and the uvicorn runner."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on /v1 (or env NOVAINFER_API_KEY)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="model name clients must send (default: --model, or the default model's name)")
+    parser.add_argument("--max-request-body-bytes", type=int, default=4 * 1024 * 1024,
+                        help="larger request bodies get 413")
+    parser.add_argument("--max-waiting-requests", type=int, default=1024,
+                        help="new requests get 503 + Retry-After while this many are waiting")
+    parser.add_argument("--shutdown-grace", type=float, default=30.0,
+                        help="seconds in-flight requests may finish after SIGTERM/SIGINT")
+    parser.add_argument("--log-level", default="info")
+    # engine options
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16, float64")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument("--kv-cache-memory", type=int, default=None, help="bytes (CPU)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
+
+
+def _ignore_signal(signum, frame) -> None:
+    """Installed before uvicorn so that its re-raise after a graceful shutdown is a no-op."""
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from novainfer.server.app import ServerSettings, build_app
+    except ImportError as exc:
+        print(f"error: the server needs extra packages ({exc.name}); "
+              "pip install 'novainfer[server]'", file=sys.stderr)
+        return 2
+    from novainfer.config import EngineConfig
+    from novainfer.engine.llm_engine import LLMEngine
+    from novainfer.server.async_engine import AsyncEngine
+    from novainfer.server.metrics import Metrics
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    api_key = args.api_key or os.environ.get("NOVAINFER_API_KEY") or None
+    config = EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
+        attention_backend=args.attention_backend, seed=args.seed,
+    )
+    engine = LLMEngine(config)
+    name = args.served_model_name or (str(args.model) if args.model else "SmolLM2-135M-Instruct")
+    metrics = Metrics(name)
+    async_engine = AsyncEngine(engine, metrics)
+    metrics.gauges = lambda: async_engine.snapshot
+    settings = ServerSettings(served_model_name=name, api_key=api_key,
+                              max_body_bytes=args.max_request_body_bytes,
+                              max_waiting_requests=args.max_waiting_requests,
+                              max_model_len=engine.max_model_len,
+                              vocab_size=engine.vocab_size)
+    app = build_app(async_engine, settings, metrics)
+    uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                               timeout_graceful_shutdown=args.shutdown_grace,
+                               timeout_keep_alive=5, access_log=False)
+    grace = args.shutdown_grace
+
+    class Server(uvicorn.Server):
+        """On the first SIGTERM/SIGINT: stop accepting (uvicorn), and after the grace period
+        abort what is still running so that every stream still ends with a finish_reason."""
+
+        def handle_exit(self, sig, frame):
+            if not self.should_exit:
+                timer = threading.Timer(grace, async_engine.abort_all)
+                timer.daemon = True
+                timer.start()
+            super().handle_exit(sig, frame)
+
+    uv_config.timeout_graceful_shutdown = grace + 5
+    server = Server(uv_config)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _ignore_signal)
+    server.run()
+    async_engine.stop()
+    return 0

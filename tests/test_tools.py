@@ -1,0 +1,223 @@
+"""novainfer trace / profile, step timing and benchmarks/ab.py (all on the CPU, tiny models)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import completion_tokens, make_llm, random_prompts
+from novainfer import SamplingParams
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _no_hooks(model: torch.nn.Module) -> bool:
+    return all(
+        not m._forward_hooks and not m._forward_pre_hooks for m in model.modules()
+    )
+
+
+# ---------------------------------------------------------------------------- trace
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_trace_counts_shapes_and_cleanup(checkpoint, name):
+    from novainfer.tools.trace import trace_generation
+
+    llm = make_llm(checkpoint(name), enforce_eager=True)
+    cfg = llm.llm_engine.model_config
+    L, H = cfg.num_layers, cfg.hidden_size
+    prompt = random_prompts([7], seed=3)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    before = completion_tokens(llm.generate([prompt], params, use_tqdm=False))
+    result = trace_generation(llm, prompt, params)
+    after = completion_tokens(llm.generate([prompt], params, use_tqdm=False))
+    assert before == after  # tracing does not change results
+    model = llm.llm_engine.runner.model
+    assert _no_hooks(model)
+    assert "forward" not in vars(llm.llm_engine.runner.backend)
+
+    assert result.num_forwards == 5  # one prefill + 4 decodes
+    counts = result.type_counts(0)
+    qk = 2 * L if cfg.qk_norm else 0
+    assert counts["RMSNorm"] == 2 * L + 1 + qk
+    assert counts["SelfAttention"] == L
+    assert counts["MLP"] == L
+    assert counts["DecoderLayer"] == L
+    assert counts["QKVLinear"] == L and counts["MergedLinear"] == L
+    assert counts["Linear"] == 2 * L  # o_proj + down_proj
+    assert counts["RotaryEmbedding"] == L  # shared module, called once per layer
+    assert counts["LMHead"] == 1 and counts["Embedding"] == 1
+    assert counts["TorchReferenceBackend"] == L
+    # every forward sees the same calls; the total is forwards x per-forward
+    assert sum(result.type_counts(None).values()) == 5 * sum(counts.values())
+
+    # shapes: prefill of 7 tokens, then decodes of 1
+    layer = result.layer_calls(0)
+    names = [c.name.split("layers.0.", 1)[-1] for c in layer]
+    assert names[:3] == ["model.layers.0", "input_layernorm", "self_attn"]
+    by = {c.name.split("layers.0.", 1)[-1]: c for c in layer}
+    assert by["input_layernorm"].inputs == [[7, H]] and by["input_layernorm"].outputs == [7, H]
+    qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    assert by["self_attn.qkv_proj"].outputs == [7, qkv_out]
+    # the second norm takes the residual too and returns (normed, residual)
+    assert by["post_attention_layernorm"].inputs == [[7, H], [7, H]]
+    assert by["post_attention_layernorm"].outputs == [[7, H], [7, H]]
+    assert by["mlp.gate_up_proj"].outputs == [7, 2 * cfg.intermediate_size]
+    # the shared rotary module is named after the layer that called it
+    assert any(c.name == "model.layers.1.self_attn.rotary" for c in result.forward_calls(0))
+    dec = [c for c in result.forward_calls(1) if c.name.endswith("layers.0.input_layernorm")]
+    assert dec[0].inputs == [[1, H]]
+
+
+def test_trace_cli_json(checkpoint, tmp_path, capsys):
+    from novainfer.cli import main
+
+    out = tmp_path / "trace.json"
+    rc = main(["trace", "--model", str(checkpoint("llama")), "--device", "cpu", "--max-tokens", "2",
+               "--detail", "--filter", "RMSNorm,Attention", "--output", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "2L+1" in text and "model.layers.0.input_layernorm" in text
+    data = json.loads(out.read_text())
+    assert data["type_counts_first_forward"]["RMSNorm"] == 5
+    assert data["num_forwards"] == 2
+
+
+# ---------------------------------------------------------------------------- profile
+
+
+def test_profile_cpu_writes_files_and_categories_add_up(checkpoint, tmp_path, capsys):
+    from novainfer.cli import main
+    from novainfer.tools.profile import CATEGORIES, collect_records, profile_engine, summarize
+
+    out = tmp_path / "prof"
+    rc = main(["profile", "--model", str(checkpoint("llama")), "--device", "cpu", "--steps", "4",
+               "--num-seqs", "2", "--prompt-len", "24", "--output-dir", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "time by category" in text and "novainfer/layers/norm.py" in text
+    assert (out / "profiler_report.txt").stat().st_size > 0
+    trace = json.loads((out / "trace.json").read_text())
+    assert trace["traceEvents"]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "categories.png").read_bytes()[:4] == b"\x89PNG"
+
+    llm = make_llm(checkpoint("llama"), enforce_eager=True)
+    prof, info = profile_engine(llm, num_seqs=2, prompt_len=24, steps=3)
+    assert info["step_kinds"]["prefill/mixed"] >= 1 and info["step_kinds"]["decode"] >= 1
+    summary = summarize(collect_records(prof.events(), cuda=False))
+    cats = summary["categories"]
+    assert set(cats) == set(CATEGORIES)
+    assert sum(c["total_ms"] for c in cats.values()) == pytest.approx(summary["total_ms"], rel=1e-9)
+    assert abs(sum(c["share"] for c in cats.values()) - 1) < 1e-9
+    for must in ("GEMM", "norm", "attention", "sampling", "KV-cache write", "rotary", "activation"):
+        assert cats[must]["total_ms"] > 0, must
+    assert _no_hooks(llm.llm_engine.runner.model)
+    assert llm.llm_engine.step_timer is None
+
+
+# ---------------------------------------------------------------------------- step timing
+
+
+def test_step_timing_phases(checkpoint):
+    from novainfer.engine.step_timer import PHASES
+
+    llm = make_llm(checkpoint("llama"))
+    engine = llm.llm_engine
+    assert engine.step_timer is None and engine.runner.step_timer is None
+    timer = engine.enable_step_timing()
+    llm.generate(random_prompts([9, 5], seed=1), SamplingParams(max_tokens=4, ignore_eos=True),
+                 use_tqdm=False)
+    assert len(timer.steps) == engine.num_steps
+    for s in timer.steps:
+        assert set(s.phases) == set(PHASES)
+        assert sum(s.phases.values()) <= s.total + 1e-9
+        assert sum(s.phases.values()) > 0.9 * s.total
+    summary = timer.summary()
+    assert summary["steps"] == len(timer.steps)
+    assert summary["by_kind"]["decode"]["steps"] >= 3
+    assert sum(p["share"] for p in summary["phases"].values()) == pytest.approx(
+        1 - summary["unaccounted_s"] / summary["wall_s"])
+    engine.disable_step_timing()
+    assert engine.runner.step_timer is None
+
+
+def test_step_timing_env_and_cli(checkpoint, monkeypatch, capsys):
+    from novainfer.cli import main
+
+    monkeypatch.setenv("NOVAINFER_STEP_TIMING", "1")
+    llm = make_llm(checkpoint("llama"))
+    assert llm.llm_engine.step_timer is not None
+    monkeypatch.delenv("NOVAINFER_STEP_TIMING")
+    rc = main(["generate", "hello world", "--model", str(checkpoint("llama")), "--device", "cpu",
+               "--max-tokens", "3", "--step-timing"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "step timing:" in err and "forward" in err and "p99 ms" in err
+
+
+# ---------------------------------------------------------------------------- ab.py
+
+
+def _load_ab():
+    spec = importlib.util.spec_from_file_location("novainfer_ab", ROOT / "benchmarks" / "ab.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ab_reports_the_faster_side_and_no_false_regressions(tmp_path, capsys):
+    ab = _load_ab()
+
+    def make_toy(batch, seq_len, device, dtype):
+        def fast():
+            time.sleep(0.0004)
+
+        def slow():
+            time.sleep(0.0012)
+
+        return slow, fast  # A slow, B fast: B must win everywhere
+
+    def make_same(batch, seq_len, device, dtype):
+        def f():
+            time.sleep(0.0004)
+
+        return f, f
+
+    comps = {
+        "toy": ab.Comparison("toy", "slow", "fast", make_toy),
+        "same": ab.Comparison("same", "same-a", "same-b", make_same),
+    }
+    rc = ab.main(["toy", "same", "--batch", "1,2", "--seq-len", "8,16", "--warmup", "1",
+                  "--repeats", "10", "--device", "cpu", "--out", str(tmp_path)], comps)
+    assert rc == 0
+    toy = json.loads((tmp_path / "toy.json").read_text())["summary"]
+    assert toy["winner"] == "B"
+    assert toy["significant_wins"] == 4 and toy["regressions"] == []
+    assert toy["mean_improvement_pct"] > 30
+    same = json.loads((tmp_path / "same.json").read_text())["summary"]
+    assert same["winner"] == "tie" and same["regressions"] == []
+    md = (tmp_path / "toy.md").read_text()
+    assert "| batch | seq len |" in md and "winner: **fast**" in md
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "toy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ab_shipped_comparisons_run():
+    ab = _load_ab()
+    assert {"qkv-split", "rmsnorm-residual"} <= set(ab.COMPARISONS)
+    for name in ("qkv-split", "rmsnorm-residual"):
+        fa, fb = ab.COMPARISONS[name].make(1, 8, torch.device("cpu"), torch.float32)
+        a, b = fa(), fb()
+        torch.testing.assert_close(a, b)  # the two sides compute the same thing
+    result = ab.run_grid(ab.COMPARISONS["qkv-split"], [1], [8], torch.device("cpu"), torch.float32,
+                         warmup=1, repeats=4, inner=2)
+    assert len(result["cells"]) == 1 and "winner" in result["summary"]
