@@ -103,13 +103,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("name", sorted(CHECKPOINTS))
 def test_bf16_logits_triton_vs_torch_vs_transformers(checkpoint, name, tmp_path):
-    """bf16: both backends within 1e-2 of transformers' bf16 logits and of each other.
+    """bf16: the two backends agree within 1e-2, and each is as close to the exact (fp32)
+    logits as transformers' own bf16 run is (within 1e-2, or 1.25x transformers' error).
 
-    The parity checkpoints amplify their residual updates 6x to get clear greedy margins,
-    which also amplifies bf16 rounding to ~1-2% whatever the implementation (transformers'
-    own bf16 vs fp32 included); this test uses a copy with unamplified output projections.
-    The fp32 test above checks exact agreement on the original checkpoints.
+    Measured on an H200 on these random models, bf16 rounding alone puts any two bf16
+    implementations ~1.1-1.2% apart (transformers' bf16 vs ours), so "as faithful as
+    transformers' bf16" is the comparison that can fail for a real bug without failing on
+    rounding. The fp32 test above checks exact agreement with transformers.
     """
+    from conftest import hf_next_logits
+
     _skip_if_no_triton(name)
     model_dir = _calm_copy(checkpoint(name), tmp_path)
     prompts = random_prompts([5, 64, 300], seed=3)
@@ -119,8 +122,11 @@ def test_bf16_logits_triton_vs_torch_vs_transformers(checkpoint, name, tmp_path)
         per_backend[backend] = [_engine_logits(llm, p) for p in prompts]
         del llm
     for i, prompt in enumerate(prompts):
-        ref = _hf_bf16_logits(model_dir, prompt)
+        exact = hf_next_logits(model_dir, prompt)  # transformers, fp32, CPU
+        hf_err = _rel(_hf_bf16_logits(model_dir, prompt), exact)
+        allowed = max(1e-2, 1.25 * hf_err)
         triton_l, torch_l = per_backend["triton"][i], per_backend["torch"][i]
         assert _rel(triton_l, torch_l) <= 1e-2, f"{name}: triton vs torch {_rel(triton_l, torch_l):.3e}"
-        assert _rel(triton_l, ref) <= 1e-2, f"{name}: triton vs transformers {_rel(triton_l, ref):.3e}"
-        assert _rel(torch_l, ref) <= 1e-2, f"{name}: torch vs transformers {_rel(torch_l, ref):.3e}"
+        for label, ours in (("triton", triton_l), ("torch", torch_l)):
+            err = _rel(ours, exact)
+            assert err <= allowed, f"{name}/{label}: {err:.3e} vs fp32 (transformers bf16: {hf_err:.3e})"
