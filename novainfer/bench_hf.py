@@ -29,18 +29,33 @@ def run_hf_continuous_batching(model: str, random_weights: bool, work, device: t
     manager.start()
     try:
         manager.add_request([1, 2, 3, 4], request_id="warmup", max_new_tokens=8, eos_token_id=-1)
-        manager.get_result(request_id="warmup", timeout=600)
+        _collect(manager, {"warmup"})
         _sync(device)
         start = time.perf_counter()
+        ids = set()
         for i, (prompt, m) in enumerate(zip(work.prompts, work.max_tokens)):
-            manager.add_request(prompt, request_id=f"r{i}", max_new_tokens=m, eos_token_id=-1)
-        for i in range(len(work.prompts)):
-            if manager.get_result(request_id=f"r{i}", timeout=3600) is None:
-                raise RuntimeError(f"transformers returned no result for request r{i}")
+            ids.add(manager.add_request(prompt, request_id=f"r{i}", max_new_tokens=m,
+                                        eos_token_id=-1) or f"r{i}")
+        _collect(manager, ids)
         _sync(device)
         return time.perf_counter() - start
     finally:
         manager.stop(block=True)
+
+
+def _collect(manager, ids: set[str], timeout: float = 3600.0) -> None:
+    """Wait for a finished result of every id (results arrive in completion order)."""
+    pending = set(ids)
+    deadline = time.monotonic() + timeout
+    while pending:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"transformers did not finish {len(pending)} requests in time")
+        result = manager.get_result(timeout=1.0)
+        if result is None:
+            if not manager.is_running():
+                raise RuntimeError("transformers' continuous batching stopped early")
+            continue
+        pending.discard(result.request_id)
 
 
 def _sync(device: torch.device) -> None:

@@ -50,7 +50,7 @@ def test_generate_reports_bad_input_without_a_traceback(checkpoint, capsys):
 def test_bench_tiny_preset_reports_throughput_and_floor(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("NOVAINFER_CACHE_DIR", str(tmp_path))
     cli.main(["bench", "--preset", "tiny", "--num-seqs", "4", "--max-input-len", "32",
-              "--max-output-len", "16", "--device", "cpu", "--json"])
+              "--max-output-len", "16", "--device", "cpu", "--compare", "hf", "--json"])
     out = capsys.readouterr().out.strip().splitlines()
     result = json.loads(out[-1])
     from novainfer.bench import make_workload
@@ -58,6 +58,7 @@ def test_bench_tiny_preset_reports_throughput_and_floor(capsys, tmp_path, monkey
     assert result["output_tokens"] == make_workload(4, 32, 16).output_tokens
     assert result["output_tok_s"] > 0 and 0 < result["fraction_of_floor"]
     assert any(line.startswith("floor:") for line in out)
+    assert result["hf_output_tok_s"] > 0  # transformers' continuous batching ran the same work
 
 
 @pytest.mark.parametrize("command", ["generate", "chat", "bench"])

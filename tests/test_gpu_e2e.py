@@ -104,12 +104,12 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("name", sorted(CHECKPOINTS))
 def test_bf16_logits_triton_vs_torch_vs_transformers(checkpoint, name, tmp_path):
     """bf16: the two backends agree within 1e-2, and each is as close to the exact (fp32)
-    logits as transformers' own bf16 run is (within 1e-2, or 1.25x transformers' error).
+    logits as transformers' own bf16 run is (within 1e-2, or 2x transformers' error).
 
-    Measured on an H200 on these random models, bf16 rounding alone puts any two bf16
-    implementations ~1.1-1.2% apart (transformers' bf16 vs ours), so "as faithful as
-    transformers' bf16" is the comparison that can fail for a real bug without failing on
-    rounding. The fp32 test above checks exact agreement with transformers.
+    Measured on H200/H100 on these random models: transformers' bf16 is 1.0-1.2% from the
+    fp32 answer, ours 1.1-1.5% (both backends; the fused ops round at other places), and
+    two bf16 implementations sit ~1.2% apart, so a flat 1e-2 would fail on rounding alone.
+    A real bug (a wrong rope, head or mask) shows up as tens of percent. The fp32 test above checks exact agreement with transformers.
     """
     from conftest import hf_next_logits
 
@@ -124,7 +124,7 @@ def test_bf16_logits_triton_vs_torch_vs_transformers(checkpoint, name, tmp_path)
     for i, prompt in enumerate(prompts):
         exact = hf_next_logits(model_dir, prompt)  # transformers, fp32, CPU
         hf_err = _rel(_hf_bf16_logits(model_dir, prompt), exact)
-        allowed = max(1e-2, 1.25 * hf_err)
+        allowed = max(1e-2, 2.0 * hf_err)
         triton_l, torch_l = per_backend["triton"][i], per_backend["torch"][i]
         assert _rel(triton_l, torch_l) <= 1e-2, f"{name}: triton vs torch {_rel(triton_l, torch_l):.3e}"
         for label, ours in (("triton", triton_l), ("torch", torch_l)):
