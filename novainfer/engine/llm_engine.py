@@ -245,8 +245,8 @@ class LLMEngine:
     ) -> None:
         params = seq.params
         seq.append_token(token)
-        if lp is not None:
-            seq.logprobs.append(lp)
+        if lp is not None:  # decorated once here, so streamed outputs never redo old positions
+            seq.logprobs.append(self._decorate(lp))
             seq.cumulative_logprob += lp[token].logprob
         num_output = len(seq.token_ids) - seq.num_prompt_tokens
         past_min = num_output >= params.min_tokens
@@ -286,9 +286,7 @@ class LLMEngine:
     def _output(self, request: Request) -> RequestOutput:
         completions = []
         for seq in request.seqs:
-            logprobs = None
-            if seq.logprobs is not None:
-                logprobs = [self._decorate(p) for p in seq.logprobs]
+            logprobs = list(seq.logprobs) if seq.logprobs is not None else None
             completions.append(
                 CompletionOutput(
                     index=seq.index,
