@@ -72,8 +72,20 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> No
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    with _memoized_gguf(gguf_path):
-        _convert(gguf_path, out_dir)
+    import sys
+
+    from transformers.utils import logging as hf_logging
+
+    print(f"novainfer: converting {gguf_path.name} once into {out_dir.parent}", file=sys.stderr)
+    # One line above instead of transformers' per-tensor progress bars.
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with _memoized_gguf(gguf_path):
+            _convert(gguf_path, out_dir)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 def _convert(gguf_path: Path, out_dir: Path) -> None:
