@@ -6,7 +6,6 @@ once per step here, copied to the device once, and handed to the model explicitl
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +23,6 @@ from novainfer.loader.weights import init_dummy_weights, load_weights
 from novainfer.models.config import ModelConfig
 from novainfer.models.registry import model_class
 from novainfer.outputs import PositionLogprobs
-
-logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 2 << 30
 MAX_DECODE_SPLITS = 32

@@ -72,10 +72,7 @@ class StepTimer:
         """Close the current phase (if any) and open `name`."""
         if self._sync:
             torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        if self._phase is not None:
-            self._cur[self._phase] = self._cur.get(self._phase, 0.0) + now - self._t_phase
-            self._close()
+        now = self._end_phase()
         self._phase, self._t_phase = name, now
         self._open(name)
 
@@ -83,14 +80,19 @@ class StepTimer:
         """End of a step that ran the model."""
         if self._sync:
             torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        if self._phase is not None:
-            self._cur[self._phase] = self._cur.get(self._phase, 0.0) + now - self._t_phase
-            self._close()
+        now = self._end_phase()
         self._close()  # the step range
         self._phase = None
         if self.record:
             self.steps.append(StepRecord(now - self._t_step, self._cur, num_tokens, num_seqs, decode_only))
+
+    def _end_phase(self) -> float:
+        """Add the running phase's time to this step and close its range; returns now."""
+        now = time.perf_counter()
+        if self._phase is not None:
+            self._cur[self._phase] = self._cur.get(self._phase, 0.0) + now - self._t_phase
+            self._close()
+        return now
 
     def cancel(self) -> None:
         """End of a step that had nothing to run (not recorded)."""
@@ -184,8 +186,10 @@ def format_summary(summary: dict) -> str:
     if not summary["steps"]:
         return "step timing: no steps recorded"
     lines = [
-        f"step timing: {summary['steps']} steps, {summary['wall_s']:.3f} s in steps, "
-        f"{summary['tokens']} tokens computed",
+        (
+            f"step timing: {summary['steps']} steps, {summary['wall_s']:.3f} s in steps, "
+            f"{summary['tokens']} tokens computed"
+        ),
         f"{'phase':<12} {'mean ms':>9} {'p50 ms':>9} {'p99 ms':>9} {'total s':>9} {'share':>7}",
     ]
     for name, st in [*summary["phases"].items(), ("step", summary["step"])]:

@@ -14,12 +14,23 @@ import torch.nn.functional as F
 from novainfer.layers.attention.metadata import AttentionMetadata
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
-    """Scatter new K/V rows into their cache slots; slots < 0 (padding) are skipped."""
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slots: torch.Tensor,
+    valid: torch.Tensor | None = None,
+) -> None:
+    """Scatter new K/V rows into their cache slots; slots < 0 (padding) are skipped.
+
+    `valid` (rows with a real slot, or None when all are real) may be passed in by a caller
+    that derived it once per step; otherwise it is computed here.
+    """
     k_flat = kv_cache[0].view(-1, *k.shape[1:])
     v_flat = kv_cache[1].view(-1, *v.shape[1:])
-    valid = slots >= 0
-    if not bool(valid.all()):
+    if valid is None and not bool((slots >= 0).all()):
+        valid = slots >= 0
+    if valid is not None:
         slots, k, v = slots[valid], k[valid], v[valid]
     k_flat.index_copy_(0, slots, k)
     v_flat.index_copy_(0, slots, v)
@@ -48,8 +59,19 @@ class TorchReferenceBackend:
     name = "torch"
 
     @staticmethod
+    def _valid_slots(meta: AttentionMetadata) -> torch.Tensor | None:
+        """Rows with a real KV slot (None: all of them), derived once per step."""
+        if "torch_valid" not in meta.backend_cache:
+            valid = meta.slot_mapping >= 0
+            meta.backend_cache["torch_valid"] = None if bool(valid.all()) else valid
+        return meta.backend_cache["torch_valid"]
+
+    @staticmethod
     def _decode_groups(meta: AttentionMetadata, device: torch.device) -> list:
-        """[(row indices, padded length)] for the decodes, computed once per step."""
+        """Per group of decodes: (row indices, padded length, block tables, length mask).
+
+        Everything here depends only on the step, so it is built once and reused by every layer.
+        """
         groups = meta.backend_cache.get("torch_decode_groups")
         if groups is None:
             lens = meta.seq_lens_host[: meta.num_decodes]
@@ -57,7 +79,12 @@ class TorchReferenceBackend:
             groups = []
             for i in range(0, len(order), DECODE_GROUP):
                 rows = order[i : i + DECODE_GROUP]
-                groups.append((torch.tensor(rows, device=device), lens[rows[-1]]))
+                idx = torch.tensor(rows, device=device)
+                max_len = lens[rows[-1]]
+                positions = torch.arange(max_len, device=device)
+                mask = positions[None, :] < meta.seq_lens.index_select(0, idx)[:, None]
+                tables = meta.block_tables.index_select(0, idx)
+                groups.append((idx, max_len, tables, mask[:, None, None, :]))
             meta.backend_cache["torch_decode_groups"] = groups
         return groups
 
@@ -70,16 +97,14 @@ class TorchReferenceBackend:
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        write_kv(k, v, kv_cache, meta.slot_mapping)
+        write_kv(k, v, kv_cache, meta.slot_mapping, self._valid_slots(meta))
         out = torch.empty_like(q)
         nd = meta.num_decodes
-        for idx, max_len in self._decode_groups(meta, q.device):
-            kd, vd = gather_kv(kv_cache, meta.block_tables.index_select(0, idx), max_len)
-            positions = torch.arange(max_len, device=q.device)
-            mask = positions[None, :] < meta.seq_lens.index_select(0, idx)[:, None]
+        for idx, max_len, tables, mask in self._decode_groups(meta, q.device):
+            kd, vd = gather_kv(kv_cache, tables, max_len)
             qd = q.index_select(0, idx).unsqueeze(2)  # [group, heads, 1, head_dim]
             od = F.scaled_dot_product_attention(
-                qd, kd, vd, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
+                qd, kd, vd, attn_mask=mask, scale=scale, enable_gqa=True
             )
             out.index_copy_(0, idx, od.squeeze(2))
         start = nd

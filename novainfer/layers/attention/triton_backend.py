@@ -40,6 +40,20 @@ class TritonBackend:
             self._workspace = ws
         return ws
 
+    @staticmethod
+    def _prefill_offsets(meta: AttentionMetadata) -> tuple[torch.Tensor, int]:
+        """Query offsets of the prefill part (rebased to 0) and its max query length.
+
+        Derived once per step and reused by every layer.
+        """
+        cached = meta.backend_cache.get("triton_prefill")
+        if cached is None:
+            nd = meta.num_decodes
+            qsl = meta.query_start_loc[nd:]
+            cached = (qsl - qsl[0] if nd else qsl, max(meta.query_lens_host[nd:]))
+            meta.backend_cache["triton_prefill"] = cached
+        return cached
+
     def forward(
         self,
         q: torch.Tensor,
@@ -70,11 +84,9 @@ class TritonBackend:
                 num_splits=splits, workspace=ws,
             )
         if meta.num_seqs > nd:
-            qsl = meta.query_start_loc[nd:]
-            if nd:
-                qsl = qsl - qsl[0]
+            qsl, max_q = self._prefill_offsets(meta)
             prefill_attention(
                 q[nd:], kv_cache, meta.block_tables[nd:], qsl, meta.seq_lens[nd:],
-                max(meta.query_lens_host[nd:]), scale, out[nd:],
+                max_q, scale, out[nd:],
             )
         return out
