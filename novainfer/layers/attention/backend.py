@@ -31,13 +31,58 @@ class AttentionBackend(Protocol):
     ) -> torch.Tensor: ...
 
 
-def available_backends(device: torch.device, head_dim: int | None = None) -> list[str]:
-    """Backend names usable on `device` (and `head_dim`), best first.
+# flash-attn 2 refuses paged KV caches whose block size is not a multiple of this.
+FLASH_ATTN_BLOCK_MULTIPLE = 256
+FLASH_ATTN_DTYPES = (torch.float16, torch.bfloat16)
 
-    Only checks that triton is installed (no import: `import novainfer` never imports triton).
-    The Triton kernels tile the head dimension, so they need a power of two >= 16.
+
+def _flash_attn_problem(
+    device: torch.device,
+    head_dim: int | None = None,
+    block_size: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> str | None:
+    """Why the flash_attn backend cannot run with these settings, or None if nothing known
+    stops it (a None argument is not checked). Finds packages without importing them."""
+    if device.type != "cuda":
+        return "it needs a CUDA device"
+    if importlib.util.find_spec("flash_attn") is None:
+        return "the flash-attn package (import name flash_attn) is not installed"
+    if importlib.util.find_spec("triton") is None:
+        return "it writes the KV cache with a Triton kernel and triton is not installed"
+    if head_dim is not None and (head_dim % 8 or head_dim > 256):
+        return f"flash-attn needs head_dim a multiple of 8 and <= 256, got {head_dim}"
+    if block_size is not None and block_size % FLASH_ATTN_BLOCK_MULTIPLE:
+        return (
+            f"flash-attn's paged KV cache needs block_size a multiple of "
+            f"{FLASH_ATTN_BLOCK_MULTIPLE} (use block_size={FLASH_ATTN_BLOCK_MULTIPLE}), "
+            f"got {block_size}"
+        )
+    if dtype is not None and dtype not in FLASH_ATTN_DTYPES:
+        return f"flash-attn runs float16 / bfloat16 only, got dtype {dtype}"
+    return None
+
+
+def available_backends(
+    device: torch.device,
+    head_dim: int | None = None,
+    block_size: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> list[str]:
+    """Backend names usable on `device` (and `head_dim`, `block_size`, `dtype`), best first:
+    "auto" picks the first.
+
+    Only checks that packages are installed (no import: `import novainfer` never imports
+    triton or flash_attn). flash_attn is listed only when the caller passes head_dim,
+    block_size and dtype and they fit, so "auto" never picks it on a guess. The Triton
+    kernels tile the head dimension, so they need a power of two >= 16.
     """
     names = []
+    if (
+        None not in (head_dim, block_size, dtype)
+        and _flash_attn_problem(device, head_dim, block_size, dtype) is None
+    ):
+        names.append("flash_attn")
     triton_ok = head_dim is None or (head_dim >= 16 and head_dim & (head_dim - 1) == 0)
     if device.type == "cuda" and triton_ok and importlib.util.find_spec("triton") is not None:
         names.append("triton")
@@ -45,10 +90,28 @@ def available_backends(device: torch.device, head_dim: int | None = None) -> lis
     return names
 
 
-def get_backend(name: str, device: torch.device, head_dim: int | None = None) -> AttentionBackend:
-    allowed = available_backends(device, head_dim)
+def get_backend(
+    name: str,
+    device: torch.device,
+    head_dim: int | None = None,
+    block_size: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> AttentionBackend:
+    allowed = available_backends(device, head_dim, block_size, dtype)
     if name == "auto":
         name = allowed[0]
+    if name == "flash_attn":
+        # An explicit request is refused only for a known reason; settings the caller did
+        # not pass are checked by flash-attn itself on the first forward.
+        problem = _flash_attn_problem(device, head_dim, block_size, dtype)
+        if problem is not None:
+            raise ValueError(
+                f"attention_backend 'flash_attn' is not available: {problem}; allowed: "
+                f"{', '.join(['auto', *allowed])}"
+            )
+        from novainfer.layers.attention.flash_attn_backend import FlashAttnBackend
+
+        return FlashAttnBackend(device)
     if name not in allowed:
         raise ValueError(
             f"attention_backend '{name}' is not available on {device.type} with head_dim "
