@@ -46,7 +46,10 @@ class ModelRunner:
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(self.device, model_config.torch_dtype)
         self.block_size = config.block_size
-        self.backend = get_backend(config.attention_backend, self.device, model_config.head_dim)
+        self.backend = get_backend(
+            config.attention_backend, self.device, model_config.head_dim,
+            block_size=self.block_size, dtype=self.dtype,
+        )
         self._staging: torch.Tensor | None = None
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.step_timer = None  # set by LLMEngine.enable_step_timing: phase marks below

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from novainfer.layers.fusion import fused_on_cuda
+from novainfer.kernels import cpu_native
+from novainfer.layers.fusion import fused
 
 
-@fused_on_cuda
+@fused(cpu=cpu_native.silu_and_mul)
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

@@ -1,9 +1,10 @@
-"""Kernel fusion for the small element-wise ops, on CUDA only.
+"""Fused small element-wise ops: torch.compile on CUDA, C kernels on the CPU.
 
 Each wrapped function is compiled by torch.compile (dynamic shapes, so one kernel serves
-every batch size) the first time it sees a CUDA tensor; on the CPU the plain PyTorch code
-runs, which is also the reference the compiled version is checked against.
-Set NOVAINFER_NO_COMPILE=1 to run eager everywhere.
+every batch size) the first time it sees a CUDA tensor. On the CPU, float32 calls go to the
+function's C twin (novainfer/kernels/cpu_elementwise.c) when that library could be built.
+Everything else runs the plain PyTorch code, which is also the reference both are tested
+against. Set NOVAINFER_NO_COMPILE=1 to run the plain PyTorch code everywhere.
 """
 
 from __future__ import annotations
@@ -15,22 +16,41 @@ from typing import TypeVar
 
 import torch
 
+from novainfer.kernels import cpu_native
+
 F = TypeVar("F", bound=Callable)
 
 
-def fused_on_cuda(fn: F) -> F:
-    compiled: Callable | None = None
+def _cpu_float32(args: tuple) -> bool:
+    floats = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    return all(a.dtype == torch.float32 and a.device.type == "cpu" for a in floats)
 
-    @functools.wraps(fn)
-    def wrapper(x: torch.Tensor, *args, **kwargs):
-        nonlocal compiled
-        if not x.is_cuda or os.environ.get("NOVAINFER_NO_COMPILE") == "1":
+
+def fused(cpu: Callable | None = None) -> Callable[[F], F]:
+    """Decorator: run `fn` compiled on CUDA, as `cpu` (a C twin) on float32 CPU tensors."""
+
+    def decorate(fn: F) -> F:
+        compiled: Callable | None = None
+
+        @functools.wraps(fn)
+        def wrapper(x: torch.Tensor, *args, **kwargs):
+            nonlocal compiled
+            if os.environ.get("NOVAINFER_NO_COMPILE") == "1":
+                return fn(x, *args, **kwargs)
+            if x.is_cuda:
+                if compiled is None:
+                    # One specialisation per (dtype, eps, model shape): a process that loads
+                    # several models (tests, benchmarks) needs more than dynamo's default of 8.
+                    torch._dynamo.config.recompile_limit = max(
+                        torch._dynamo.config.recompile_limit, 128
+                    )
+                    compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+                return compiled(x, *args, **kwargs)
+            if cpu is not None and _cpu_float32((x, *args)) and cpu_native.native_available():
+                return cpu(x, *args, **kwargs)
             return fn(x, *args, **kwargs)
-        if compiled is None:
-            # One specialisation per (dtype, eps, model shape): a process that loads several
-            # models (tests, benchmarks) needs more than dynamo's default of 8.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
-            compiled = torch.compile(fn, dynamic=True, fullgraph=True)
-        return compiled(x, *args, **kwargs)
 
-    return wrapper  # type: ignore[return-value]
+        wrapper.reference = fn  # the plain PyTorch version, for tests
+        return wrapper  # type: ignore[return-value]
+
+    return decorate

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from novainfer.layers.fusion import fused_on_cuda
+from novainfer.kernels import cpu_native
+from novainfer.layers.fusion import fused
 
 
-@fused_on_cuda
+@fused(cpu=cpu_native.rms_norm)
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Same order of operations as transformers: statistics in at least fp32, scale in x's dtype.
     dtype = x.dtype
@@ -17,7 +18,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(dtype)
 
 
-@fused_on_cuda
+@fused(cpu=cpu_native.add_rms_norm)
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

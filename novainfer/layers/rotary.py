@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from novainfer.layers.fusion import fused_on_cuda
+from novainfer.kernels import cpu_native
+from novainfer.layers.fusion import fused
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any]) -> torch.Tensor:
@@ -51,7 +52,7 @@ class RotaryEmbedding(nn.Module):
         return apply_rope(positions, q, k, self.cos, self.sin)
 
 
-@fused_on_cuda
+@fused(cpu=cpu_native.apply_rope)  # the C twin rotates in place
 def apply_rope(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

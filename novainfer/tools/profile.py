@@ -37,6 +37,11 @@ SOURCES = {
 BACKEND_SOURCES = {
     "torch": ("novainfer/layers/attention/torch_ref.py (forward)",
               "novainfer/layers/attention/torch_ref.py (write_kv)"),
+    "cpu": ("novainfer/kernels/cpu_decode_attention.c (layers/attention/cpu_backend.py), "
+            + "prefills: layers/attention/torch_ref.py",
+            "novainfer/kernels/cpu_elementwise.c (store_kv_f32)"),
+    "flash_attn": ("flash_attn (layers/attention/flash_attn_backend.py)",
+                   "novainfer/kernels/kv_cache.py (store_kv)"),
     "triton": ("novainfer/kernels/decode_attention.py, kernels/prefill_attention.py "
                "(layers/attention/triton_backend.py)",
                "novainfer/kernels/kv_cache.py (store_kv)"),
@@ -110,9 +115,8 @@ class CategoryRanges:
             self._handles.append(module.register_forward_hook(post))
         if self.backend is not None:
             self._wrap(self.backend, "forward", "attention")
-        import novainfer.layers.attention.torch_ref as torch_ref
-
-        self._wrap(torch_ref, "write_kv", "KV-cache write")
+            if hasattr(self.backend, "write"):  # the torch and cpu backends' KV-cache write
+                self._wrap(self.backend, "write", "KV-cache write")
         try:
             import novainfer.layers.attention.triton_backend as triton_backend
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from typing import Protocol
 
 import torch
@@ -86,8 +87,17 @@ def available_backends(
     triton_ok = head_dim is None or (head_dim >= 16 and head_dim & (head_dim - 1) == 0)
     if device.type == "cuda" and triton_ok and importlib.util.find_spec("triton") is not None:
         names.append("triton")
+    if device.type == "cpu" and _cpu_kernel_fits(head_dim):
+        names.append("cpu")
     names.append("torch")
     return names
+
+
+def _cpu_kernel_fits(head_dim: int | None) -> bool:
+    """The C decode kernel needs a C compiler and head_dim a multiple of its 8-float vectors."""
+    from novainfer.kernels.cpu_native import find_compiler
+
+    return (head_dim is None or head_dim % 8 == 0) and find_compiler() is not None
 
 
 def get_backend(
@@ -98,7 +108,8 @@ def get_backend(
     dtype: torch.dtype | None = None,
 ) -> AttentionBackend:
     allowed = available_backends(device, head_dim, block_size, dtype)
-    if name == "auto":
+    auto = name == "auto"
+    if auto:
         name = allowed[0]
     if name == "flash_attn":
         # An explicit request is refused only for a known reason; settings the caller did
@@ -122,6 +133,19 @@ def get_backend(
         from novainfer.layers.attention.triton_backend import TritonBackend
 
         return TritonBackend()
+    if name == "cpu":
+        from novainfer.kernels.cpu_native import load_library
+
+        try:
+            load_library()  # builds the kernel on first use
+        except (RuntimeError, OSError) as e:
+            if not auto:
+                raise ValueError(f"attention_backend 'cpu' is not available: {e}") from e
+            warnings.warn(f"the CPU attention kernel is unavailable ({e}); using 'torch'")
+        else:
+            from novainfer.layers.attention.cpu_backend import CpuBackend
+
+            return CpuBackend()
     from novainfer.layers.attention.torch_ref import TorchReferenceBackend
 
     return TorchReferenceBackend()

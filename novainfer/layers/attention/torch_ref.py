@@ -97,9 +97,23 @@ class TorchReferenceBackend:
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        write_kv(k, v, kv_cache, meta.slot_mapping, self._valid_slots(meta))
+        self.write(k, v, kv_cache, meta)
         out = torch.empty_like(q)
-        nd = meta.num_decodes
+        if meta.num_decodes:
+            self.decode(q, kv_cache, meta, scale, out)
+        self.prefill(q, kv_cache, meta, scale, out)
+        return out
+
+    def write(
+        self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> None:
+        write_kv(k, v, kv_cache, meta.slot_mapping, self._valid_slots(meta))
+
+    def decode(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        """Attention of the leading `num_decodes` rows (one query each) into `out`."""
         for idx, max_len, tables, mask in self._decode_groups(meta, q.device):
             kd, vd = gather_kv(kv_cache, tables, max_len)
             qd = q.index_select(0, idx).unsqueeze(2)  # [group, heads, 1, head_dim]
@@ -107,8 +121,15 @@ class TorchReferenceBackend:
                 qd, kd, vd, attn_mask=mask, scale=scale, enable_gqa=True
             )
             out.index_copy_(0, idx, od.squeeze(2))
-        start = nd
-        for i in range(nd, meta.num_seqs):
+
+    @staticmethod
+    def prefill(
+        q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        """Attention of the prefill rows (after the decodes), one sequence at a time, into `out`."""
+        start = meta.num_decodes
+        for i in range(meta.num_decodes, meta.num_seqs):
             q_len, ctx = meta.query_lens_host[i], meta.seq_lens_host[i]
             ks, vs = gather_kv(kv_cache, meta.block_tables[i : i + 1], ctx)
             qs = q[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, heads, q_len, d]
@@ -120,4 +141,3 @@ class TorchReferenceBackend:
             )
             out[start : start + q_len] = os_[0].transpose(0, 1)
             start += q_len
-        return out

@@ -1,0 +1,217 @@
+"""The CPU C kernels (novainfer/kernels/cpu_*.c) against their PyTorch twins.
+
+Decode attention against gather + SDPA and against the reference backend (GQA ratios
+1/3/4/8, head_dims 8/40/64/128, block sizes 1/16/256, lengths on and off block boundaries,
+batches small enough for the per-head work split and large enough for the per-sequence
+one); the `cpu` backend on mixed decode + prefill-over-prefix batches with padded slots;
+the fused element-wise ops (norms, rope in place on strided views, SiLU-and-mul, KV write);
+and the fallbacks (other dtypes, no compiler).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from novainfer.kernels import cpu_native
+from novainfer.layers import activation, norm, rotary
+from novainfer.layers.attention import available_backends, get_backend
+from novainfer.layers.attention.cpu_backend import CpuBackend
+from novainfer.layers.attention.metadata import AttentionMetadata
+from novainfer.layers.attention.torch_ref import TorchReferenceBackend, gather_kv
+
+pytestmark = pytest.mark.skipif(
+    not cpu_native.native_available(), reason="no C compiler: the CPU kernels cannot be built"
+)
+CPU = torch.device("cpu")
+
+
+def _paged_case(num_seqs, lens, num_heads, num_kv_heads, head_dim, block_size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    blocks_per_seq = max(-(-n // block_size) for n in lens)
+    num_blocks = num_seqs * blocks_per_seq + 3
+    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=g)
+    # Each sequence gets a random, non-contiguous set of blocks; unused table entries are 0.
+    perm = torch.randperm(num_blocks, generator=g)
+    tables = torch.zeros(num_seqs, blocks_per_seq + 2, dtype=torch.int32)
+    for i, n in enumerate(lens):
+        used = -(-n // block_size)
+        tables[i, :used] = perm[i * blocks_per_seq : i * blocks_per_seq + used]
+    q = torch.randn(num_seqs, num_heads, head_dim, generator=g)
+    return q, cache, tables, torch.tensor(lens, dtype=torch.int32)
+
+
+def _sdpa_decode(q, cache, tables, lens, scale):
+    out = torch.empty_like(q)
+    for i, n in enumerate(lens.tolist()):
+        k, v = gather_kv(cache, tables[i : i + 1], n)
+        out[i] = F.scaled_dot_product_attention(
+            q[i : i + 1, :, None], k, v, scale=scale, enable_gqa=True
+        )[0, :, 0]
+    return out
+
+
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim,block_size",
+    [(4, 4, 64, 16), (9, 3, 64, 16), (8, 2, 128, 16), (16, 2, 64, 256), (8, 1, 40, 4),
+     (4, 1, 8, 1), (8, 8, 128, 32)],
+)
+@pytest.mark.parametrize("num_seqs", [1, 2, 9])
+def test_decode_attention_matches_sdpa(num_heads, num_kv_heads, head_dim, block_size, num_seqs):
+    # Lengths of one token, exactly one block, one past it, and longer ragged ones.
+    pool = [1, block_size, block_size + 1, 3 * block_size - 1, 77, 300, 2 * block_size]
+    lens = [pool[(i * 3) % len(pool)] for i in range(num_seqs)]
+    q, cache, tables, lens_t = _paged_case(num_seqs, lens, num_heads, num_kv_heads, head_dim,
+                                           block_size)
+    scale = head_dim**-0.5
+    got = cpu_native.paged_decode_attention(q, cache[0], cache[1], tables, lens_t, scale)
+    want = _sdpa_decode(q, cache, tables, lens_t, scale)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_single_thread_and_long_context():
+    q, cache, tables, lens = _paged_case(3, [4000, 1, 2049], 8, 2, 64, 16, seed=3)
+    torch.set_num_threads(1)
+    try:
+        got = cpu_native.paged_decode_attention(q, cache[0], cache[1], tables, lens, 0.125)
+    finally:
+        torch.set_num_threads(2)
+    torch.testing.assert_close(got, _sdpa_decode(q, cache, tables, lens, 0.125), rtol=1e-5,
+                               atol=1e-5)
+
+
+def _mixed_meta(query_lens, seq_lens, block_size, num_blocks, pad_slots=0, seed=0):
+    """Decodes first, then prefill chunks over a cached prefix, as the model runner builds."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    width = max(-(-s // block_size) for s in seq_lens)
+    tables = torch.zeros(len(seq_lens), width, dtype=torch.int32)
+    slots = []
+    for i, (q_len, s_len) in enumerate(zip(query_lens, seq_lens)):
+        used = -(-s_len // block_size)
+        row, perm = perm[:used], perm[used:]
+        tables[i, :used] = torch.tensor(row)
+        for p in range(s_len - q_len, s_len):
+            slots.append(row[p // block_size] * block_size + p % block_size)
+    slots += [-1] * pad_slots  # padded rows (never written)
+    cu = [0]
+    for q_len in query_lens:
+        cu.append(cu[-1] + q_len)
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots),
+        query_start_loc=torch.tensor(cu, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables=tables,
+        num_decodes=sum(1 for q in query_lens if q == 1),
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        query_lens_host=list(query_lens),
+        seq_lens_host=list(seq_lens),
+    )
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(8, 2, 64), (4, 4, 32), (8, 1, 128)])
+def test_cpu_backend_matches_reference(num_heads, num_kv_heads, head_dim):
+    block_size = 16
+    query_lens = [1, 1, 1, 1, 33, 7]  # four decodes, a prefill chunk over a prefix, a prefill
+    seq_lens = [1, 16, 17, 90, 70, 7]
+    meta = _mixed_meta(query_lens, seq_lens, block_size, 64, pad_slots=0)
+    g = torch.Generator().manual_seed(1)
+    tokens = sum(query_lens)
+    # A cache already holding the prefixes; this step's K/V are written by the backend.
+    base = torch.randn(2, 64, block_size, num_kv_heads, head_dim, generator=g)
+    q = torch.randn(tokens, num_heads, head_dim, generator=g)
+    k = torch.randn(tokens, num_kv_heads, head_dim, generator=g)
+    v = torch.randn(tokens, num_kv_heads, head_dim, generator=g)
+    ref_cache, cpu_cache = base.clone(), base.clone()
+    want = TorchReferenceBackend().forward(q, k, v, ref_cache, meta, head_dim**-0.5)
+    got = CpuBackend().forward(q, k, v, cpu_cache, meta, head_dim**-0.5)
+    torch.testing.assert_close(cpu_cache, ref_cache, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_store_kv_skips_padding_slots():
+    cache = torch.zeros(2, 4, 4, 2, 8)
+    k, v = torch.randn(5, 2, 8), torch.randn(5, 2, 8)
+    slots = torch.tensor([3, -1, 0, 15, -1])
+    cpu_native.store_kv(k, v, cache, slots)
+    flat_k, flat_v = cache[0].view(16, 2, 8), cache[1].view(16, 2, 8)
+    for row, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            assert torch.equal(flat_k[slot], k[row]) and torch.equal(flat_v[slot], v[row])
+    written = {s for s in slots.tolist() if s >= 0}
+    untouched = [s for s in range(16) if s not in written]
+    assert flat_k[untouched].abs().sum() == 0 and flat_v[untouched].abs().sum() == 0
+
+
+@pytest.mark.parametrize("rows", [1, 7, 200])  # 200 x 576 crosses the parallel threshold
+def test_norms_match_reference(rows):
+    g = torch.Generator().manual_seed(rows)
+    x, res = torch.randn(rows, 576, generator=g), torch.randn(rows, 576, generator=g)
+    w = torch.randn(576, generator=g)
+    torch.testing.assert_close(
+        norm.rms_norm(x, w, 1e-6), norm.rms_norm.reference(x, w, 1e-6), rtol=1e-5, atol=1e-5
+    )
+    out, total = norm.add_rms_norm(x, res, w, 1e-5)
+    want_out, want_total = norm.add_rms_norm.reference(x, res, w, 1e-5)
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    assert torch.equal(total, want_total)
+    assert not torch.equal(res, total)  # the inputs are left alone
+
+
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_dim", [(1, 9, 3, 64), (37, 4, 2, 128),
+                                                             (300, 16, 8, 64), (5, 2, 1, 8)])
+def test_rope_in_place_on_strided_views(tokens, heads, kv_heads, head_dim):
+    rope = rotary.RotaryEmbedding(head_dim, 1024, 10000.0, {})
+    g = torch.Generator().manual_seed(tokens)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g)
+    q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
+    k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    v_before = qkv[:, (heads + kv_heads) * head_dim :].clone()
+    pos = torch.randint(0, 1024, (tokens,), generator=g)
+    want_q, want_k = rotary.apply_rope.reference(pos, q.clone(), k.clone(), rope.cos, rope.sin)
+    got_q, got_k = rotary.apply_rope(pos, q, k, rope.cos, rope.sin)
+    assert got_q.data_ptr() == q.data_ptr()  # rotated in place
+    torch.testing.assert_close(got_q, want_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_k, want_k, rtol=1e-5, atol=1e-5)
+    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim :], v_before)  # v untouched
+
+
+@pytest.mark.parametrize("rows,size", [(1, 1536), (3, 8), (64, 1536)])
+def test_silu_and_mul_matches_reference(rows, size):
+    gate_up = torch.randn(rows, 2 * size, generator=torch.Generator().manual_seed(rows)) * 6
+    torch.testing.assert_close(
+        activation.silu_and_mul(gate_up), activation.silu_and_mul.reference(gate_up),
+        rtol=1e-5, atol=1e-5,
+    )
+
+
+def test_other_dtypes_and_opt_out_use_the_pytorch_code(monkeypatch):
+    x = torch.randn(4, 64, dtype=torch.float64)
+    w = torch.randn(64, dtype=torch.float64)
+    assert torch.equal(norm.rms_norm(x, w, 1e-6), norm.rms_norm.reference(x, w, 1e-6))
+    monkeypatch.setenv("NOVAINFER_NO_COMPILE", "1")
+    q, k = torch.randn(2, 4, 64), torch.randn(2, 2, 64)
+    rope = rotary.RotaryEmbedding(64, 16, 10000.0, {})
+    got_q, _ = rotary.apply_rope(torch.tensor([0, 5]), q, k, rope.cos, rope.sin)
+    assert got_q.data_ptr() != q.data_ptr()  # the PyTorch version returns new tensors
+
+
+def test_registry_lists_cpu_only_where_it_runs():
+    assert available_backends(CPU, 64)[0] == "cpu"
+    assert "cpu" not in available_backends(CPU, 36)  # not a multiple of 8: reference only
+    assert isinstance(get_backend("auto", CPU, 64), CpuBackend)
+    with pytest.raises(ValueError, match="allowed: auto, torch"):
+        get_backend("cpu", CPU, 36)
+
+
+def test_without_a_compiler_auto_falls_back_and_explicit_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_native, "_library", None)
+    monkeypatch.setenv("NOVAINFER_CACHE_DIR", str(tmp_path))  # no library built there yet
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.warns(UserWarning, match="CPU attention kernel is unavailable"):
+        backend = get_backend("auto", CPU, 64)
+    assert isinstance(backend, TorchReferenceBackend) and backend.name == "torch"
+    with pytest.raises(ValueError, match="attention_backend 'cpu' is not available"):
+        get_backend("cpu", CPU, 64)
