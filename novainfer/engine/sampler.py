@@ -13,22 +13,29 @@ from novainfer.engine.sequence import Sequence
 from novainfer.outputs import Logprob, PositionLogprobs
 
 
+def to_device(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host list as a device tensor without a host sync: a plain torch.tensor(...,
+    device=cuda) waits for every queued kernel, which would make the step sync twice (here
+    and when the sampled ids are read). Pinned memory comes from torch's caching allocator."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     for row, seq in enumerate(seqs):
         p = seq.params
         if not p.has_penalties:
             continue
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
+            seen = to_device(sorted(set(seq.token_ids)), logits.device)
             vals = logits[row, seen]
             logits[row, seen] = torch.where(
                 vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
             )
         if seq.output_counts and (p.frequency_penalty or p.presence_penalty):
-            ids = torch.tensor(list(seq.output_counts), device=logits.device)
-            counts = torch.tensor(
-                list(seq.output_counts.values()), device=logits.device, dtype=logits.dtype
-            )
+            ids = to_device(list(seq.output_counts), logits.device)
+            counts = to_device(list(seq.output_counts.values()), logits.device, logits.dtype)
             logits[row, ids] -= p.frequency_penalty * counts + p.presence_penalty
 
 
@@ -49,26 +56,26 @@ def filter_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     if all(t == temps[0] for t in temps):  # the common case needs no host-to-device copy
         logits = logits / temps[0]
     else:
-        logits = logits / torch.tensor(temps, dtype=logits.dtype).to(dev, non_blocking=True)[:, None]
+        logits = logits / to_device(temps, dev, logits.dtype)[:, None]
     top_ks = [s.params.top_k for s in seqs]
     top_ps = [s.params.top_p for s in seqs]
     min_ps = [s.params.min_p for s in seqs]
     vocab = logits.shape[-1]
     if any(k != -1 for k in top_ks) or any(p < 1.0 for p in top_ps):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        k = torch.tensor([vocab if k == -1 else min(k, vocab) for k in top_ks], device=dev)
+        k = to_device([vocab if k == -1 else min(k, vocab) for k in top_ks], dev)
         ranks = torch.arange(vocab, device=dev)[None, :]
         drop = ranks >= k[:, None]
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         probs = sorted_logits.softmax(dim=-1)
         before = probs.cumsum(dim=-1) - probs  # mass strictly ahead of each token
-        p = torch.tensor(top_ps, device=dev, dtype=probs.dtype)
+        p = to_device(top_ps, dev, probs.dtype)
         drop = before >= p[:, None]  # the first token always survives (before == 0)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     if any(m > 0 for m in min_ps):
         probs = logits.softmax(dim=-1)
-        m = torch.tensor(min_ps, device=dev, dtype=probs.dtype)
+        m = to_device(min_ps, dev, probs.dtype)
         keep = probs >= m[:, None] * probs.max(dim=-1, keepdim=True).values
         logits = logits.masked_fill(~keep, float("-inf"))
     return logits
@@ -121,10 +128,13 @@ def sample(
         logits = logits.clone()
         apply_penalties(logits, seqs)
         mask_stops_below_min_tokens(logits, seqs, eos_ids)
-    tokens = logits.argmax(dim=-1)
     sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
-    if sampled_rows:
-        rows = torch.tensor(sampled_rows, device=logits.device)
+    if len(sampled_rows) == len(seqs):  # no greedy rows: no argmax, no row index
+        tokens = draw(filter_logits(logits, seqs).softmax(dim=-1), seqs, generator)
+    else:
+        tokens = logits.argmax(dim=-1)
+    if 0 < len(sampled_rows) < len(seqs):
+        rows = to_device(sampled_rows, logits.device)
         sub = [seqs[i] for i in sampled_rows]
         probs = filter_logits(logits[rows], sub).softmax(dim=-1)
         tokens[rows] = draw(probs, sub, generator)
