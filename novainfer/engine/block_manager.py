@@ -4,6 +4,10 @@ A block's hash covers its tokens and, through the previous block's hash, every t
 them, so equal hashes mean equal prefixes. Blocks whose ref count drops to zero keep their
 hash and wait in the free queue; they are handed out again least-recently-used first, and a
 later request with the same prefix can take them back before that happens.
+
+Each sequence holding blocks also owns a row of `tables`, an int32 mirror of its block table
+(0-padded) that is written only when blocks change, so the model runner can gather a step's
+block tables with one numpy index instead of converting Python lists every step.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 from array import array
 from collections import OrderedDict
 
+import numpy as np
 import xxhash
 
 from novainfer.engine.sequence import Sequence
@@ -25,7 +30,14 @@ def block_hash(parent: int | None, tokens: list[int]) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool,
+        max_num_seqs: int,
+        max_blocks_per_seq: int,
+    ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -36,6 +48,9 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of which found
+        # Only running sequences hold blocks, and at most max_num_seqs of them run at once.
+        self.tables = np.zeros((max_num_seqs, max_blocks_per_seq), dtype=np.int32)
+        self.free_rows = list(range(max_num_seqs - 1, -1, -1))
 
     @property
     def num_free_blocks(self) -> int:
@@ -90,6 +105,8 @@ class BlockManager:
             self.ref_counts[b] += 1
         seq.block_table = list(hits)
         seq.block_table.extend(self._pop_free() for _ in range(total - len(hits)))
+        seq.block_row = self.free_rows.pop()
+        self.tables[seq.block_row, : len(seq.block_table)] = seq.block_table
         seq.num_computed_tokens = num_cached
         seq.num_registered_blocks = 0
         return num_cached
@@ -103,8 +120,10 @@ class BlockManager:
             return True
         if needed > len(self.free):
             return False
+        start = len(seq.block_table)
         for _ in range(needed):
             seq.block_table.append(self._pop_free())
+        self.tables[seq.block_row, start : len(seq.block_table)] = seq.block_table[start:]
         return True
 
     def _pop_free(self) -> int:
@@ -141,6 +160,10 @@ class BlockManager:
                 self.free[block] = None
                 if self.hashes[block] is None:
                     self.free.move_to_end(block, last=False)  # nothing to keep: reuse first
+        if seq.block_row >= 0:
+            self.tables[seq.block_row, : len(seq.block_table)] = 0
+            self.free_rows.append(seq.block_row)
+            seq.block_row = -1
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_registered_blocks = 0

@@ -68,7 +68,8 @@ class LLMEngine:
             config.max_num_batched_tokens = 16384 if cuda else 512
         self.runner = ModelRunner(config, self.model_config, folder, self.max_model_len)
         self.block_manager = BlockManager(
-            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
+            config.max_num_seqs, -(-self.max_model_len // config.block_size),
         )
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens

@@ -147,50 +147,40 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         # Decodes (one new token) first, so attention can batch them together.
-        order = sorted(range(len(batch)), key=lambda i: batch.num_new_tokens[i] != 1)
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_lens: list[int] = []
-        seq_lens: list[int] = []
-        logits_indices: list[int] = []
-        sampling: list[Sequence] = []
-        for i in order:
-            seq, n = batch.seqs[i], batch.num_new_tokens[i]
-            start = seq.num_computed_tokens
-            end = start + n
-            table = seq.block_table
-            if n == 1:  # the decode fast path: most sequences of most steps
-                input_ids.append(seq.token_ids[start])
-                positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
-            else:
-                input_ids.extend(seq.token_ids[start:end])
-                positions.extend(range(start, end))
-                slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            query_lens.append(n)
-            seq_lens.append(end)
-            if end == seq.num_tokens:  # the chunk reaches the last token: sample after it
-                logits_indices.append(len(input_ids) - 1)
-                sampling.append(seq)
-        tables = [batch.seqs[i].block_table for i in order]
-        n, max_blocks, num_tokens = len(order), max(len(t) for t in tables), len(input_ids)
-        cu = [0]
-        for q in query_lens:
-            cu.append(cu[-1] + q)
+        seqs, query_lens = batch.seqs, batch.num_new_tokens
+        num_decodes = query_lens.count(1)
+        if query_lens[:num_decodes].count(1) < num_decodes:  # a decode follows a prefill
+            order = sorted(range(len(batch)), key=lambda i: query_lens[i] != 1)
+            seqs = [seqs[i] for i in order]
+            query_lens = [query_lens[i] for i in order]
+        starts = [seq.num_computed_tokens for seq in seqs]
+        # The new tokens' ids are the only per-sequence Python work; the rest is numpy.
+        input_ids = [seq.token_ids[p] for seq, p in zip(seqs[:num_decodes], starts)]
+        for seq, p, q in zip(seqs[num_decodes:], starts[num_decodes:], query_lens[num_decodes:]):
+            input_ids.extend(seq.token_ids[p : p + q])
+        n, num_tokens, bs = len(seqs), len(input_ids), self.block_size
+        start = np.array(starts, dtype=np.int64)
+        seq_lens = start + query_lens
+        cu = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(query_lens, out=cu[1:])
+        # A chunk that reaches the sequence's last token samples after it.
+        sampled = np.flatnonzero(seq_lens == [len(seq.token_ids) for seq in seqs])
+        logits_indices = cu[sampled + 1] - 1
+        token_row = np.repeat(np.arange(n), query_lens)
+        positions = np.arange(num_tokens) - cu[token_row] + start[token_row]
+        max_blocks = max([len(seq.block_table) for seq in seqs])
+        tables = batch.block_tables[[seq.block_row for seq in seqs], :max_blocks]
+        slots = tables[token_row, positions // bs].astype(np.int64) * bs + positions % bs
         # Everything goes to the device in one copy: [ids | positions | slots | seq_lens |
         # query_start_loc | logits_indices | block_tables (n x max_blocks)].
         sizes = [num_tokens, num_tokens, num_tokens, n, n + 1, len(logits_indices)]
-        host = np.zeros(sum(sizes) + n * max_blocks, dtype=np.int64)
+        host = np.empty(sum(sizes) + n * max_blocks, dtype=np.int64)
         offsets = np.cumsum([0, *sizes])
         for values, lo in zip(
             (input_ids, positions, slots, seq_lens, cu, logits_indices), offsets
         ):
             host[lo : lo + len(values)] = values
-        grid = host[offsets[-1] :].reshape(n, max_blocks)
-        for row, table in enumerate(tables):
-            grid[row, : len(table)] = table
+        host[offsets[-1] :] = tables.reshape(-1)
         buf = self._upload(host)
         part = [buf[offsets[i] : offsets[i + 1]] for i in range(len(sizes))]
         meta = AttentionMetadata(
@@ -198,18 +188,18 @@ class ModelRunner:
             query_start_loc=part[4].to(torch.int32),
             seq_lens=part[3].to(torch.int32),
             block_tables=buf[offsets[-1] :].view(n, max_blocks).to(torch.int32),
-            num_decodes=_leading_ones(query_lens),
+            num_decodes=num_decodes,
             max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
+            max_seq_len=int(seq_lens.max()),
             query_lens_host=query_lens,
-            seq_lens_host=seq_lens,
+            seq_lens_host=seq_lens.tolist(),
         )
         return StepInputs(
             input_ids=part[0],
             positions=part[1],
             meta=meta,
             logits_indices=part[5],
-            sampling_seqs=sampling,
+            sampling_seqs=[seqs[i] for i in sampled.tolist()],
         )
 
     def _upload(self, host: np.ndarray) -> torch.Tensor:
@@ -250,14 +240,3 @@ def pack_cpu_weights(model: torch.nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, "packed"):
             module.packed = pack_for_cpu(module.weight.data)
-
-
-def _leading_ones(query_lens: list[int]) -> int:
-    count = 0
-    for q in query_lens:
-        if q != 1:
-            break
-        count += 1
-    return count
-
-

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
+
 from novainfer.engine.block_manager import BlockManager
 from novainfer.engine.sequence import Sequence, SequenceStatus
 
@@ -19,6 +21,7 @@ from novainfer.engine.sequence import Sequence, SequenceStatus
 class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]
+    block_tables: np.ndarray  # BlockManager.tables: row seq.block_row is seq's block table
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -43,7 +46,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
-        batch = ScheduledBatch([], [])
+        batch = ScheduledBatch([], [], self.block_manager.tables)
         preempted = False
         i = 0
         running, try_append = self.running, self.block_manager.try_append

@@ -39,6 +39,7 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     block_table: list[int] = field(default_factory=list)
+    block_row: int = -1  # this sequence's row of BlockManager.tables while it holds blocks
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of full token blocks
     num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
     logprobs: list[PositionLogprobs] | None = None
