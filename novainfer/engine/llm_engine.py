@@ -225,20 +225,23 @@ class LLMEngine:
             seq.num_computed_tokens += n
             self.block_manager.cache_computed_blocks(seq)
         touched: dict[str, Request] = {}
+        ended: set[str] = set()  # requests with a sequence that finished this step
         for seq, token, lp in zip(sampled, tokens, logprobs):
             request = self.requests[seq.request_id]
             self._append(request, seq, token, lp)
             touched[request.request_id] = request
+            if seq.finish_reason is not None:
+                ended.add(request.request_id)
         outputs = []
-        for request in touched.values():
-            done = all(s.is_finished for s in request.seqs)
+        for request_id, request in touched.items():
+            done = request_id in ended and all(s.is_finished for s in request.seqs)
             if done or request.stream:
                 outputs.append(self._output(request))
             if done:
-                del self.requests[request.request_id]
+                del self.requests[request_id]
         if timer is not None:
-            timer.stop(sum(batch.num_new_tokens), len(batch.seqs),
-                       all(n == 1 for n in batch.num_new_tokens))
+            num_new = batch.num_new_tokens
+            timer.stop(sum(num_new), len(num_new), num_new.count(1) == len(num_new))
         return outputs
 
     def _append(
@@ -255,9 +258,9 @@ class LLMEngine:
             self._finish(seq, "stop", None)
         elif past_min and token in params.stop_token_ids:
             self._finish(seq, "stop", token)
-        else:  # a stopping token's own text is never shown, so detokenize only the others
-            detok = request.detokenizers[seq.index]
-            delta = detok.step(seq.token_ids) if detok is not None else ""
+        elif (detok := request.detokenizers[seq.index]) is not None:
+            # A stopping token's own text is never shown, so detokenize only the others.
+            delta = detok.step(seq.token_ids)
             hit = find_stop(detok.text, len(delta), params.stop_list) if past_min and delta else None
             if hit is not None:
                 detok.text = detok.text[: hit[0]]
