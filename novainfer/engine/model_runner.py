@@ -159,14 +159,17 @@ class ModelRunner:
         for seq, p, q in zip(seqs[num_decodes:], starts[num_decodes:], query_lens[num_decodes:]):
             input_ids.extend(seq.token_ids[p : p + q])
         n, num_tokens, bs = len(seqs), len(input_ids), self.block_size
+        # Each list becomes an array once: numpy converts Python ints slowly.
         start = np.array(starts, dtype=np.int64)
-        seq_lens = start + query_lens
+        q = np.array(query_lens, dtype=np.int64)
+        seq_lens = start + q
         cu = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(query_lens, out=cu[1:])
+        np.cumsum(q, out=cu[1:])
         # A chunk that reaches the sequence's last token samples after it.
-        sampled = np.flatnonzero(seq_lens == [len(seq.token_ids) for seq in seqs])
+        num_tokens_now = np.array([len(seq.token_ids) for seq in seqs], dtype=np.int64)
+        sampled = np.flatnonzero(seq_lens == num_tokens_now)
         logits_indices = cu[sampled + 1] - 1
-        token_row = np.repeat(np.arange(n), query_lens)
+        token_row = np.repeat(np.arange(n), q)
         positions = np.arange(num_tokens) - cu[token_row] + start[token_row]
         max_blocks = max([len(seq.block_table) for seq in seqs])
         tables = batch.block_tables[[seq.block_row for seq in seqs], :max_blocks]
