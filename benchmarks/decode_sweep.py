@@ -1,6 +1,7 @@
 """Decode-attention tile sweep on the GPU: achieved KV bandwidth per (block_size, BLOCK_N,
 num_warps, num_stages) at a bench-like batch (256 sequences, contexts 100-2048, 8 KV heads,
-head_dim 128, bf16), so the defaults in kernels/decode_attention.py rest on a measurement.
+head_dim 128, bf16). One shape only: check a winner with the whole `novainfer bench` run
+before changing a default (128-token tiles won here and lost 24% end to end).
 
     python benchmarks/decode_sweep.py [--seqs 256] [--max-ctx 2048]
 """

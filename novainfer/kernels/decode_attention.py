@@ -206,9 +206,10 @@ def decode_attention(
             num_seqs, num_kv_heads, block_tables.shape[1] * block_size, q.device
         )
     if block_n is None:
-        # benchmarks/decode_sweep.py on an H200 (256 seqs, contexts 100-2048, D=128, bf16):
-        # 128-token tiles 3.94-3.97 TB/s vs 3.78 with 64, for block sizes 16/32/64.
-        block_n = kv_tile(block_size, 128 if head_dim <= 128 else 32)
+        # 64-token tiles. benchmarks/decode_sweep.py (one 256-sequence shape) favoured 128
+        # (3.97 vs 3.78 TB/s on an H200), but the whole bench run was 24% slower with 128
+        # (13,214 vs 17,375 tok/s, qwen3-0.6b): the end-to-end run decides.
+        block_n = kv_tile(block_size, 64 if head_dim <= 128 else 32)
     ieee = use_ieee(q.dtype)
     if num_splits > 1:
         need = decode_workspace_numel(num_seqs, num_heads, head_dim, num_splits)
