@@ -4,7 +4,8 @@ Each wrapped function is compiled by torch.compile (dynamic shapes, so one kerne
 every batch size) the first time it sees a CUDA tensor. On the CPU, float32 calls go to the
 function's C twin (novainfer/kernels/cpu_elementwise.c) when that library could be built.
 Everything else runs the plain PyTorch code, which is also the reference both are tested
-against. Set NOVAINFER_NO_COMPILE=1 to run the plain PyTorch code everywhere.
+against. Set NOVAINFER_NO_COMPILE=1 (before the process starts) to run the plain PyTorch
+code everywhere.
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ from novainfer.kernels import cpu_native
 F = TypeVar("F", bound=Callable)
 
 
-def _cpu_float32(args: tuple) -> bool:
-    floats = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
-    return all(a.dtype == torch.float32 and a.device.type == "cpu" for a in floats)
+# Read once: the wrappers run ~150 times per step, and os.environ lookups are not free.
+PLAIN_PYTORCH = os.environ.get("NOVAINFER_NO_COMPILE") == "1"
 
 
-def fused(cpu: Callable | None = None) -> Callable[[F], F]:
-    """Decorator: run `fn` compiled on CUDA, as `cpu` (a C twin) on float32 CPU tensors."""
+def fused(cpu: Callable | None = None, probe: int = 0) -> Callable[[F], F]:
+    """Decorator: run `fn` compiled on CUDA, as `cpu` (a C twin) on float32 CPU tensors.
+
+    `probe` is the position of the argument whose dtype and device decide (all floating
+    tensor arguments of these ops share them).
+    """
 
     def decorate(fn: F) -> F:
         compiled: Callable | None = None
@@ -35,7 +39,7 @@ def fused(cpu: Callable | None = None) -> Callable[[F], F]:
         @functools.wraps(fn)
         def wrapper(x: torch.Tensor, *args, **kwargs):
             nonlocal compiled
-            if os.environ.get("NOVAINFER_NO_COMPILE") == "1":
+            if PLAIN_PYTORCH:
                 return fn(x, *args, **kwargs)
             if x.is_cuda:
                 if compiled is None:
@@ -46,8 +50,10 @@ def fused(cpu: Callable | None = None) -> Callable[[F], F]:
                     )
                     compiled = torch.compile(fn, dynamic=True, fullgraph=True)
                 return compiled(x, *args, **kwargs)
-            if cpu is not None and _cpu_float32((x, *args)) and cpu_native.native_available():
-                return cpu(x, *args, **kwargs)
+            t = x if probe == 0 else args[probe - 1]
+            if cpu is not None and t.is_cpu and t.dtype == torch.float32:
+                if cpu_native.native_available():
+                    return cpu(x, *args, **kwargs)
             return fn(x, *args, **kwargs)
 
         wrapper.reference = fn  # the plain PyTorch version, for tests

@@ -52,7 +52,7 @@ class RotaryEmbedding(nn.Module):
         return apply_rope(positions, q, k, self.cos, self.sin)
 
 
-@fused(cpu=cpu_native.apply_rope)  # the C twin rotates in place
+@fused(cpu=cpu_native.apply_rope, probe=1)  # the C twin rotates q and k in place
 def apply_rope(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
