@@ -22,7 +22,8 @@ import triton.language as tl
 from novainfer.kernels._common import cdiv, check_head_dim, kv_tile, next_pow2, scale_log2, use_ieee
 
 
-@triton.jit
+# Step-varying arguments are not specialised (see kernels/prefill_attention.py).
+@triton.jit(do_not_specialize=["BT", "SEQ_LENS", "stride_bt"])
 def _decode_split_kernel(
     Q, KV, BT, SEQ_LENS, OUT, ACC, M, L,
     stride_qt, stride_qh, stride_ot, stride_oh,

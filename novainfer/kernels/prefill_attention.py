@@ -60,7 +60,10 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+# Arguments that change from step to step (the block-table width; tensors sliced at the
+# number of decodes) are not specialised: Triton would otherwise compile a new variant the
+# first time one is divisible by 16 / 16-byte aligned, in the middle of a timed run.
+@triton.jit(do_not_specialize=["BT", "QSL", "SEQ_LENS", "stride_bt"])
 def _prefill_kernel(
     Q, KV, BT, QSL, SEQ_LENS, OUT,
     stride_qt, stride_qh, stride_ot, stride_oh,
