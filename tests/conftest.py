@@ -440,3 +440,64 @@ def make_llm(model_dir, **kwargs):
 def completion_tokens(outputs) -> list[list[int]]:
     """token_ids of the first completion of every RequestOutput."""
     return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def make_paged_batch(
+    query_lens: list[int],
+    seq_lens: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    num_pad_tokens: int = 0,
+    seed: int = 0,
+):
+    """Random q/k/v, a random cache and the AttentionMetadata of one decodes-first step, as
+    the model runner builds it: sequence i computes its last query_lens[i] of seq_lens[i]
+    tokens, each sequence owns distinct random blocks (tables 0-padded), a row with seq_len 0
+    is padding (slot -1), and `num_pad_tokens` trailing rows have slot -1. Shared by the
+    attention-backend tests."""
+    from novainfer.layers.attention.metadata import AttentionMetadata
+
+    gen = torch.Generator().manual_seed(seed)
+    need = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(need) + 3
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = torch.zeros(len(seq_lens), max(1, *need), dtype=torch.int32)
+    slots: list[int] = []
+    for i, (ql, sl) in enumerate(zip(query_lens, seq_lens)):
+        row, perm = perm[: need[i]], perm[need[i] :]
+        tables[i, : need[i]] = torch.tensor(row, dtype=torch.int32)
+        if sl == 0:  # a padding row (as CUDA graphs pad a batch): slot -1, nothing attended
+            slots += [-1] * ql
+            continue
+        slots += [row[p // block_size] * block_size + p % block_size for p in range(sl - ql, sl)]
+    slots += [-1] * num_pad_tokens
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype).to(device)
+
+    cache = rnd(2, num_blocks, block_size, num_kv_heads, head_dim)
+    q = rnd(len(slots), num_heads, head_dim)
+    k = rnd(len(slots), num_kv_heads, head_dim)
+    v = rnd(len(slots), num_kv_heads, head_dim)
+    starts = [0]
+    for ql in query_lens:
+        starts.append(starts[-1] + ql)
+    num_decodes = 0
+    while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
+        num_decodes += 1
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=tables.to(device),
+        num_decodes=num_decodes,
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        query_lens_host=list(query_lens),
+        seq_lens_host=list(seq_lens),
+    )
+    return q, k, v, cache, meta

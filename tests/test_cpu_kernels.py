@@ -13,12 +13,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_paged_batch
 
 from novainfer.kernels import cpu_native
 from novainfer.layers import activation, fusion, norm, rotary
 from novainfer.layers.attention import available_backends, get_backend
 from novainfer.layers.attention.cpu_backend import CpuBackend
-from novainfer.layers.attention.metadata import AttentionMetadata
 from novainfer.layers.attention.torch_ref import TorchReferenceBackend, gather_kv
 
 pytestmark = pytest.mark.skipif(
@@ -81,49 +81,13 @@ def test_decode_attention_single_thread_and_long_context():
                                atol=1e-5)
 
 
-def _mixed_meta(query_lens, seq_lens, block_size, num_blocks, pad_slots=0, seed=0):
-    """Decodes first, then prefill chunks over a cached prefix, as the model runner builds."""
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(num_blocks, generator=g).tolist()
-    width = max(-(-s // block_size) for s in seq_lens)
-    tables = torch.zeros(len(seq_lens), width, dtype=torch.int32)
-    slots = []
-    for i, (q_len, s_len) in enumerate(zip(query_lens, seq_lens)):
-        used = -(-s_len // block_size)
-        row, perm = perm[:used], perm[used:]
-        tables[i, :used] = torch.tensor(row)
-        for p in range(s_len - q_len, s_len):
-            slots.append(row[p // block_size] * block_size + p % block_size)
-    slots += [-1] * pad_slots  # padded rows (never written)
-    cu = [0]
-    for q_len in query_lens:
-        cu.append(cu[-1] + q_len)
-    return AttentionMetadata(
-        slot_mapping=torch.tensor(slots),
-        query_start_loc=torch.tensor(cu, dtype=torch.int32),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        block_tables=tables,
-        num_decodes=sum(1 for q in query_lens if q == 1),
-        max_query_len=max(query_lens),
-        max_seq_len=max(seq_lens),
-        query_lens_host=list(query_lens),
-        seq_lens_host=list(seq_lens),
-    )
-
-
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(8, 2, 64), (4, 4, 32), (8, 1, 128)])
 def test_cpu_backend_matches_reference(num_heads, num_kv_heads, head_dim):
-    block_size = 16
-    query_lens = [1, 1, 1, 1, 33, 7]  # four decodes, a prefill chunk over a prefix, a prefill
-    seq_lens = [1, 16, 17, 90, 70, 7]
-    meta = _mixed_meta(query_lens, seq_lens, block_size, 64, pad_slots=0)
-    g = torch.Generator().manual_seed(1)
-    tokens = sum(query_lens)
-    # A cache already holding the prefixes; this step's K/V are written by the backend.
-    base = torch.randn(2, 64, block_size, num_kv_heads, head_dim, generator=g)
-    q = torch.randn(tokens, num_heads, head_dim, generator=g)
-    k = torch.randn(tokens, num_kv_heads, head_dim, generator=g)
-    v = torch.randn(tokens, num_kv_heads, head_dim, generator=g)
+    # Four decodes, a prefill chunk over a cached prefix, a whole prefill; the cache already
+    # holds the prefixes and this step's K/V are written by the backend.
+    q, k, v, base, meta = make_paged_batch(
+        [1, 1, 1, 1, 33, 7], [1, 16, 17, 90, 70, 7], num_heads, num_kv_heads, head_dim, 16, seed=1
+    )
     ref_cache, cpu_cache = base.clone(), base.clone()
     want = TorchReferenceBackend().forward(q, k, v, ref_cache, meta, head_dim**-0.5)
     got = CpuBackend().forward(q, k, v, cpu_cache, meta, head_dim**-0.5)

@@ -21,6 +21,7 @@ import sys
 
 import pytest
 import torch
+from conftest import make_paged_batch
 
 from novainfer.layers.attention import available_backends, get_backend
 from novainfer.layers.attention.flash_attn_backend import FlashAttnBackend
@@ -167,45 +168,11 @@ def test_stand_in_follows_documented_causal_mask(monkeypatch):
 # ----------------------------------------------------------------------------- batches
 
 
-def _make_batch(
-    query_lens: list[int], seq_lens: list[int], num_heads: int, num_kv_heads: int,
-    head_dim: int, block_size: int, num_pad_tokens: int = 0, seed: int = 0,
-):
-    """Random fp32 q/k/v, a random cache and metadata for a decodes-first batch. Each
-    sequence gets random distinct blocks; `num_pad_tokens` trailing rows have slot -1."""
-    gen = torch.Generator().manual_seed(seed)
-    need = [-(-n // block_size) for n in seq_lens]
-    num_blocks = sum(need) + 2
-    perm = torch.randperm(num_blocks, generator=gen).tolist()
-    tables = torch.zeros(len(seq_lens), max(need), dtype=torch.int32)
-    slots: list[int] = []
-    for i, (ql, sl) in enumerate(zip(query_lens, seq_lens)):
-        row, perm = perm[: need[i]], perm[need[i] :]
-        tables[i, : need[i]] = torch.tensor(row, dtype=torch.int32)
-        slots += [row[p // block_size] * block_size + p % block_size for p in range(sl - ql, sl)]
-    slots += [-1] * num_pad_tokens
-    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen)
-    q = torch.randn(len(slots), num_heads, head_dim, generator=gen)
-    k = torch.randn(len(slots), num_kv_heads, head_dim, generator=gen)
-    v = torch.randn(len(slots), num_kv_heads, head_dim, generator=gen)
-    starts = [0]
-    for ql in query_lens:
-        starts.append(starts[-1] + ql)
-    num_decodes = 0
-    while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
-        num_decodes += 1
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        block_tables=tables,
-        num_decodes=num_decodes,
-        max_query_len=max(query_lens),
-        max_seq_len=max(seq_lens),
-        query_lens_host=list(query_lens),
-        seq_lens_host=list(seq_lens),
-    )
-    return q, k, v, cache, meta
+def _make_batch(query_lens, seq_lens, num_heads, num_kv_heads, head_dim, block_size,
+                num_pad_tokens=0, seed=0):
+    """fp32 on the CPU (the stand-in takes fp32, so the comparison can be tight)."""
+    return make_paged_batch(query_lens, seq_lens, num_heads, num_kv_heads, head_dim, block_size,
+                            num_pad_tokens=num_pad_tokens, seed=seed)
 
 
 def _fresh_meta(meta: AttentionMetadata) -> AttentionMetadata:

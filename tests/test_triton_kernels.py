@@ -19,6 +19,8 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
+from conftest import make_paged_batch
+
 from novainfer.kernels.decode_attention import (
     alloc_decode_workspace,
     decode_attention,
@@ -77,68 +79,10 @@ gpu = pytest.mark.skipif(
 # ----------------------------------------------------------------------------- helpers
 
 
-def _blocks_for(lengths: list[int], block_size: int, num_blocks: int, gen: torch.Generator):
-    """Distinct random physical blocks for each sequence; block table padded with 0."""
-    need = [-(-n // block_size) for n in lengths]
-    width = max(1, max(need, default=1))
-    perm = torch.randperm(num_blocks, generator=gen)
-    assert sum(need) <= num_blocks
-    table = torch.zeros(len(lengths), width, dtype=torch.int32)
-    used = 0
-    for i, n in enumerate(need):
-        table[i, :n] = perm[used : used + n].to(torch.int32)
-        used += n
-    return table
-
-
-def _make_batch(
-    query_lens: list[int],
-    seq_lens: list[int],
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    block_size: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    num_pad_tokens: int = 0,
-    seed: int = 0,
-):
-    """Random q/k/v, a random prefilled cache and metadata for a decodes-first batch."""
-    gen = torch.Generator().manual_seed(seed)
-    num_decodes = 0
-    while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
-        num_decodes += 1
-    num_blocks = sum(-(-n // block_size) for n in seq_lens) + 3
-    tables = _blocks_for(seq_lens, block_size, num_blocks, gen)
-    slots = []
-    for ql, sl, row in zip(query_lens, seq_lens, tables):
-        for pos in range(sl - ql, sl):
-            slots.append(int(row[pos // block_size]) * block_size + pos % block_size)
-    slots += [-1] * num_pad_tokens
-    num_tokens = len(slots)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=gen).to(dtype).to(device)
-
-    cache = rnd(2, num_blocks, block_size, num_kv_heads, head_dim)
-    q = rnd(num_tokens, num_heads, head_dim)
-    k = rnd(num_tokens, num_kv_heads, head_dim)
-    v = rnd(num_tokens, num_kv_heads, head_dim)
-    qsl = [0]
-    for ql in query_lens:
-        qsl.append(qsl[-1] + ql)
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        block_tables=tables.to(device),
-        num_decodes=num_decodes,
-        max_query_len=max(query_lens),
-        max_seq_len=max(seq_lens),
-        query_lens_host=list(query_lens),
-        seq_lens_host=list(seq_lens),
-    )
-    return q, k, v, cache, meta
+def _make_batch(query_lens, seq_lens, num_heads, num_kv_heads, head_dim, block_size, dtype,
+                device, num_pad_tokens=0, seed=0):
+    return make_paged_batch(query_lens, seq_lens, num_heads, num_kv_heads, head_dim, block_size,
+                            dtype, device, num_pad_tokens, seed)
 
 
 def _ref_decode(q, cache, tables, seq_lens_host, scale):
