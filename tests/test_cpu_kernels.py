@@ -134,8 +134,8 @@ def test_rope_in_place_on_strided_views(tokens, heads, kv_heads, head_dim):
     k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
     v_before = qkv[:, (heads + kv_heads) * head_dim :].clone()
     pos = torch.randint(0, 1024, (tokens,), generator=g)
-    want_q, want_k = rotary.apply_rope.reference(pos, q.clone(), k.clone(), rope.cos, rope.sin)
-    got_q, got_k = rotary.apply_rope(pos, q, k, rope.cos, rope.sin)
+    want_q, want_k = rotary.apply_rope.reference(q.clone(), k.clone(), pos, rope.cos, rope.sin)
+    got_q, got_k = rotary.apply_rope(q, k, pos, rope.cos, rope.sin)
     assert got_q.data_ptr() == q.data_ptr()  # rotated in place
     torch.testing.assert_close(got_q, want_q, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_k, want_k, rtol=1e-5, atol=1e-5)
@@ -158,7 +158,7 @@ def test_other_dtypes_and_opt_out_use_the_pytorch_code(monkeypatch):
     monkeypatch.setattr(fusion, "PLAIN_PYTORCH", True)  # what NOVAINFER_NO_COMPILE=1 sets
     q, k = torch.randn(2, 4, 64), torch.randn(2, 2, 64)
     rope = rotary.RotaryEmbedding(64, 16, 10000.0, {})
-    got_q, _ = rotary.apply_rope(torch.tensor([0, 5]), q, k, rope.cos, rope.sin)
+    got_q, _ = rotary.apply_rope(q, k, torch.tensor([0, 5]), rope.cos, rope.sin)
     assert got_q.data_ptr() != q.data_ptr()  # the PyTorch version returns new tensors
 
 

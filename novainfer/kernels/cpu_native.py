@@ -167,7 +167,7 @@ def add_rms_norm(
 
 
 def apply_rope(
-    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotates q [tokens, heads, d] and k [tokens, kv_heads, d] in place; returns them.
 

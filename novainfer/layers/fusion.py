@@ -26,11 +26,11 @@ F = TypeVar("F", bound=Callable)
 PLAIN_PYTORCH = os.environ.get("NOVAINFER_NO_COMPILE") == "1"
 
 
-def fused(cpu: Callable | None = None, probe: int = 0) -> Callable[[F], F]:
+def fused(cpu: Callable | None = None) -> Callable[[F], F]:
     """Decorator: run `fn` compiled on CUDA, as `cpu` (a C twin) on float32 CPU tensors.
 
-    `probe` is the position of the argument whose dtype and device decide (all floating
-    tensor arguments of these ops share them).
+    The first argument's device and dtype decide (the other floating-point tensors of these
+    ops share them).
     """
 
     def decorate(fn: F) -> F:
@@ -50,10 +50,9 @@ def fused(cpu: Callable | None = None, probe: int = 0) -> Callable[[F], F]:
                     )
                     compiled = torch.compile(fn, dynamic=True, fullgraph=True)
                 return compiled(x, *args, **kwargs)
-            t = x if probe == 0 else args[probe - 1]
-            if cpu is not None and t.is_cpu and t.dtype == torch.float32:
-                if cpu_native.native_available():
-                    return cpu(x, *args, **kwargs)
+            use_c = cpu is not None and x.is_cpu and x.dtype == torch.float32
+            if use_c and cpu_native.native_available():
+                return cpu(x, *args, **kwargs)
             return fn(x, *args, **kwargs)
 
         wrapper.reference = fn  # the plain PyTorch version, for tests

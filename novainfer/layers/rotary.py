@@ -49,12 +49,12 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]."""
-        return apply_rope(positions, q, k, self.cos, self.sin)
+        return apply_rope(q, k, positions, self.cos, self.sin)
 
 
-@fused(cpu=cpu_native.apply_rope, probe=1)  # the C twin rotates q and k in place
+@fused(cpu=cpu_native.apply_rope)  # the C twin rotates q and k in place
 def apply_rope(
-    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     cos = cos[positions].to(q.dtype).unsqueeze(1)
     sin = sin[positions].to(q.dtype).unsqueeze(1)
