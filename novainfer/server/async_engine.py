@@ -136,7 +136,9 @@ class AsyncEngine:
                 self._take_snapshot()
         finally:
             self._stopped.set()
-            self._fail_all(RuntimeError("the engine stopped"), outcome="abort")
+            stopped = RuntimeError("the engine stopped")
+            self._fail_all(stopped, outcome="abort")
+            self._fail_queued(stopped)
             self._take_snapshot()
 
     def _drain(self, block: bool) -> bool:
@@ -244,6 +246,7 @@ class AsyncEngine:
         self._send(deliveries)
 
     def _fail_all(self, exc: BaseException, outcome: str = "error") -> None:
+        """Fail and abort every request in the engine (a step raised, or the thread ends)."""
         deliveries = []
         for rid, group in list(self._groups.items()):
             try:
@@ -258,7 +261,9 @@ class AsyncEngine:
         # one Failed per group is enough
         seen: set[int] = set()
         self._send([d for d in deliveries if not (id(d[0]) in seen or seen.add(id(d[0])))])
-        # commands still queued (adds) get a failure too
+
+    def _fail_queued(self, exc: BaseException) -> None:
+        """When the engine thread ends: requests still queued will never run."""
         while True:
             try:
                 cmd = self._cmds.get_nowait()
