@@ -239,7 +239,7 @@ class ModelRunner:
 
 
 def pack_cpu_weights(model: torch.nn.Module) -> None:
-    """Give every linear layer (and the LM head) a oneDNN-packed copy of its weight."""
+    """Give every linear layer (and the LM head) its CPU matmul on a repacked weight."""
     for module in model.modules():
-        if hasattr(module, "packed"):
-            module.packed = pack_for_cpu(module.weight.data)
+        if hasattr(module, "cpu_matmul"):
+            module.cpu_matmul = pack_for_cpu(module.weight.data)

@@ -1,5 +1,5 @@
-"""Builds, caches and calls the CPU C kernels (float32): paged decode attention and the
-decoder's fused element-wise ops.
+"""Builds, caches and calls the CPU C kernels (float32): paged decode attention, the
+decoder's fused element-wise ops and the small-batch matmul of the linear layers.
 
 The sources are compiled on first use with the system C compiler into one library in the
 novainfer cache, keyed by the sources, the compiler and the CPU, so later starts only load
@@ -20,7 +20,11 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(n) for n in ("cpu_decode_attention.c", "cpu_elementwise.c")]
+SOURCES = [
+    Path(__file__).with_name(n)
+    for n in ("cpu_decode_attention.c", "cpu_elementwise.c", "cpu_linear.c")
+]
+PANEL = 16  # output columns per panel of a packed weight (cpu_linear.c)
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
 
@@ -79,6 +83,8 @@ def load_library() -> ctypes.CDLL:
         "rope_f32": ([p, i64, i64, p, i64, i64] + [p] * 3 + [i64] * 2, None),
         "silu_and_mul_f32": ([p, p, i64, i64], None),
         "store_kv_f32": ([p] * 5 + [i64] * 2, None),
+        "pack_linear_weight_f32": ([p, p, i64, i64], None),
+        "packed_linear_f32": ([p] * 4 + [i64] * 3 + [ctypes.c_int], None),
     }
     for name, (argtypes, restype) in signatures.items():
         fn = getattr(lib, name)
@@ -204,3 +210,30 @@ def store_kv(
         k.data_ptr(), v.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
         slots.data_ptr(), k.shape[0], row,
     )
+
+
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A float32 weight [out, in] repacked into the panel layout that `packed_linear` reads:
+    [ceil(out / 16), in, 16], the padding columns zero."""
+    n, k = weight.shape
+    weight = weight.contiguous()
+    packed = weight.new_empty(((n + PANEL - 1) // PANEL, k, PANEL))
+    _run("pack_linear_weight_f32", weight.data_ptr(), packed.data_ptr(), n, k)
+    return packed
+
+
+def packed_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    """F.linear(x, weight, bias) with the weight given by `pack_linear_weight`; x [..., in]
+    float32."""
+    k = packed.shape[1]
+    rows = x.reshape(-1, k).contiguous()
+    out = rows.new_empty((rows.shape[0], out_features))
+    bias = bias.contiguous() if bias is not None else None  # kept alive through the call
+    _run("packed_linear_f32",
+        rows.data_ptr(), packed.data_ptr(), bias.data_ptr() if bias is not None else None,
+        out.data_ptr(),
+        rows.shape[0], out_features, k, torch.get_num_threads(),
+    )
+    return out.view(*x.shape[:-1], out_features)

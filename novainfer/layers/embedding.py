@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from novainfer.layers.linear import cpu_packed_linear
+from novainfer.layers.linear import CpuMatmul
 
 
 class Embedding(nn.Module):
@@ -22,10 +22,10 @@ class LMHead(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
-        self.packed: torch.Tensor | None = None  # oneDNN layout of `weight` (CPU fp32)
+        self.cpu_matmul: CpuMatmul | None = None  # set by pack_for_cpu after loading
         self.bias = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return cpu_packed_linear(hidden, self.packed, None)
+        if self.cpu_matmul is not None:
+            return self.cpu_matmul(hidden, None)
         return F.linear(hidden, self.weight)
