@@ -82,16 +82,23 @@ def filter_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 
 def draw(probs: torch.Tensor, seqs: list[Sequence], generator: torch.Generator) -> torch.Tensor:
-    """Gumbel-style draw: argmax(p / E) with E ~ Exp(1).
+    """Inverse-CDF draw: row i takes the first token whose cumulative probability exceeds
+    u_i * (the row's total), u_i ~ U[0, 1). Tokens of probability 0 are never taken.
 
-    Unseeded rows share one batched draw from the engine's generator; a seeded request
-    draws its row from its own generator, so its tokens do not depend on its batch-mates.
+    One random number per row (a Gumbel/exponential draw needs one per vocabulary entry:
+    ~2.4 ms per row on the CPU for a 49k vocabulary, more than the row's share of the
+    forward). Unseeded rows share one batched draw from the engine's generator; a seeded
+    request draws its number from its own generator, so its tokens do not depend on its
+    batch-mates.
     """
-    noise = torch.empty_like(probs).exponential_(generator=generator)
+    u = torch.rand(probs.shape[0], generator=generator, device=probs.device, dtype=probs.dtype)
     for row, seq in enumerate(seqs):
         if seq.generator is not None:
-            noise[row].exponential_(generator=seq.generator)
-    return (probs / noise).argmax(dim=-1)
+            u[row : row + 1].uniform_(generator=seq.generator)
+    cdf = probs.cumsum(dim=-1)
+    target = (u * cdf[:, -1]).unsqueeze(1)
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    return tokens.clamp_(max=probs.shape[-1] - 1)  # only reachable through NaN rows
 
 
 def gather_logprobs(
