@@ -34,6 +34,19 @@ def test_frequencies_match_probabilities_and_zeros_are_never_drawn():
     torch.testing.assert_close(counts, probs.double(), atol=0.01, rtol=0)
 
 
+def test_mass_across_chunk_boundaries_and_the_padded_tail():
+    """Vocabulary 2500: not a multiple of the 1024-entry chunks the search goes through."""
+    probs = torch.zeros(2500)
+    where = [0, 1023, 1024, 2047, 2499]
+    probs[where] = torch.tensor([0.1, 0.2, 0.3, 0.15, 0.25])
+    rows = 20_000
+    batch = probs.expand(rows, -1).contiguous()
+    tokens = draw(batch, _seqs(rows), torch.Generator().manual_seed(4))
+    counts = torch.bincount(tokens, minlength=2500).double() / rows
+    assert counts.sum() == 1 and set(tokens.unique().tolist()) == set(where)
+    torch.testing.assert_close(counts[where], probs[where].double(), atol=0.013, rtol=0)
+
+
 def test_unnormalised_rows_and_mass_at_the_edges():
     probs = torch.tensor([[0.0, 0.0, 0.0, 2.0], [5.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0]])
     got = draw(probs.repeat(500, 1), _seqs(1500), torch.Generator().manual_seed(1)).view(500, 3)
