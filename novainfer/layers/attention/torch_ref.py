@@ -133,11 +133,16 @@ class TorchReferenceBackend:
             q_len, ctx = meta.query_lens_host[i], meta.seq_lens_host[i]
             ks, vs = gather_kv(kv_cache, meta.block_tables[i : i + 1], ctx)
             qs = q[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, heads, q_len, d]
-            # Query j sits at context position ctx - q_len + j and sees keys up to there.
-            rows = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
-            mask = torch.arange(ctx, device=q.device)[None, :] <= rows
-            os_ = F.scaled_dot_product_attention(
-                qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True
-            )
+            if q_len == ctx:  # no cached prefix: plain causal, which skips the masked half
+                os_ = F.scaled_dot_product_attention(
+                    qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True
+                )
+            else:
+                # Query j sits at context position ctx - q_len + j and sees keys up to there.
+                rows = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
+                mask = torch.arange(ctx, device=q.device)[None, :] <= rows
+                os_ = F.scaled_dot_product_attention(
+                    qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True
+                )
             out[start : start + q_len] = os_[0].transpose(0, 1)
             start += q_len
