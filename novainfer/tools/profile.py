@@ -58,7 +58,7 @@ NAME_RULES: list[tuple[str, re.Pattern]] = [
     ("norm", re.compile(r"rms|norm|rsqrt", re.I)),
     ("rotary", re.compile(r"rope|rotary|fused_.*cat.*neg", re.I)),
     ("activation", re.compile(r"silu|gelu|act_and_mul", re.I)),
-    ("sampling", re.compile(r"sort|softmax|argmax|topk|multinomial|exponential|cumsum", re.I)),
+    ("sampling", re.compile(r"sort|softmax|argmax|topk|multinomial|exponential|cumsum|searchsorted", re.I)),
 ]
 CAT_PREFIX = "novainfer.cat::"
 PHASE_PREFIX = "novainfer::"
