@@ -1,4 +1,5 @@
-"""The sampler's random draw (engine/sampler.py:draw) on hand-made distributions.
+"""The sampler's random draw (engine/sampler.py:draw) on hand-made distributions, given as
+logits log(p) (so p = 0 is a logit of -inf).
 
 The engine-level tests check that sampled tokens respect top-k/top-p/min-p and that seeded
 requests are reproducible; these check the draw itself: empirical frequencies match the
@@ -12,7 +13,11 @@ from types import SimpleNamespace
 
 import torch
 
-from novainfer.engine.sampler import draw
+from novainfer.engine.sampler import draw as draw_logits
+
+
+def draw(probs, seqs, generator):
+    return draw_logits(torch.log(probs), seqs, generator)
 
 
 def _seqs(n, seeds=None):
@@ -68,3 +73,25 @@ def test_seeded_row_ignores_batch_mates_and_position():
     assert int(mixed[2]) == alone[0]
     draws = {int(draw(target[None], _seqs(1, {0: s}), g)) for s in range(20)}
     assert len(draws) > 1, "different seeds always gave the same token: the test has no power"
+
+
+def test_scale_is_the_inverse_temperature():
+    """draw(x, scale=s) samples softmax(x * s): the same tokens as draw(x * s) for the same
+    random numbers, and the right frequencies."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 1500, generator=g) * 3
+    logits[1, :700] = float("-inf")
+    scale = torch.tensor([0.5, 1.0, 2.0, 1 / 0.7])
+    rows = 4 * 500
+    batch, scales = logits.repeat(500, 1), scale.repeat(500)
+    direct = draw_logits(batch * scales[:, None], _seqs(rows), torch.Generator().manual_seed(6))
+    scaled = draw_logits(batch, _seqs(rows), torch.Generator().manual_seed(6), scale=scales)
+    assert torch.equal(direct, scaled)
+    assert (scaled.view(500, 4)[:, 1] >= 700).all()
+    probs = torch.softmax(torch.tensor([[0.0, 1.0, 2.0]]) * 0.5, dim=-1)[0]
+    many = draw_logits(
+        torch.tensor([[0.0, 1.0, 2.0]]).expand(30_000, -1).contiguous(), _seqs(30_000),
+        torch.Generator().manual_seed(7), scale=torch.full((30_000,), 0.5),
+    )
+    counts = torch.bincount(many, minlength=3).double() / 30_000
+    torch.testing.assert_close(counts, probs.double(), atol=0.012, rtol=0)

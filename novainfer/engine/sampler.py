@@ -85,33 +85,82 @@ def filter_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 DRAW_CHUNK = 1024  # vocabulary entries per chunk of the two-level inverse-CDF search
 
 
-def draw(probs: torch.Tensor, seqs: list[Sequence], generator: torch.Generator) -> torch.Tensor:
-    """Inverse-CDF draw: row i takes the first token whose cumulative probability exceeds
-    u_i * (the row's total), u_i ~ U[0, 1). Tokens of probability 0 are never taken.
+def chunk_stats(
+    logits: torch.Tensor, scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per DRAW_CHUNK-entry chunk of x = logits * scale (scale [rows] or None): the max and
+    sum(exp(x - max)), float32 [rows, chunks]; an all -inf chunk gives (-inf, 0). One Triton
+    pass on CUDA (kernels/sampling.py); this PyTorch code is its twin everywhere else."""
+    if logits.is_cuda:
+        from novainfer.kernels.sampling import chunk_stats_triton
+
+        return chunk_stats_triton(logits, scale, DRAW_CHUNK)
+    x = logits.float() if scale is None else logits.float() * scale[:, None]
+    rows, vocab = x.shape
+    x = F.pad(x, (0, -vocab % DRAW_CHUNK), value=float("-inf")).view(rows, -1, DRAW_CHUNK)
+    top = x.amax(dim=-1)
+    shift = top.masked_fill(top == float("-inf"), 0.0)
+    return top, (x - shift[..., None]).exp_().sum(dim=-1)
+
+
+def draw(
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    generator: torch.Generator,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Draw one token per row from softmax(logits * scale) (scale [rows], e.g. 1 / temperature,
+    or None) by inverse CDF: the first token whose cumulative weight exceeds u * (the row's
+    total), u ~ U[0, 1). Tokens of weight 0 (logit -inf) are never taken.
 
     One random number per row: an exponential race needs one per vocabulary entry (~2.4 ms
     per row on the CPU for a 49k vocabulary). The cumulative sum is taken in two levels, over
-    chunk totals and then inside the one chunk the target falls in: a cumsum over the whole
-    vocabulary is a slow scan (~0.3 ms per step for 256 x 152k on an H100). Unseeded rows
-    share one batched draw from the engine's generator; a seeded request draws its number
-    from its own generator, so its tokens do not depend on its batch-mates.
+    chunk totals and then inside the one chunk the target falls in, so the whole vocabulary
+    is read once (`chunk_stats`) and never scanned or copied. Unseeded rows share one batched
+    draw from the engine's generator; a seeded request draws its number from its own
+    generator, so its tokens do not depend on its batch-mates.
     """
-    rows, vocab = probs.shape
-    u = torch.rand(rows, generator=generator, device=probs.device, dtype=probs.dtype)
+    rows, vocab = logits.shape
+    device = logits.device
+    u = torch.rand(rows, 1, generator=generator, device=device)
     for row, seq in enumerate(seqs):
         if seq.generator is not None:
-            u[row : row + 1].uniform_(generator=seq.generator)
-    chunks = F.pad(probs, (0, -vocab % DRAW_CHUNK)).view(rows, -1, DRAW_CHUNK)
-    totals = chunks.sum(dim=-1)
+            u[row].uniform_(generator=seq.generator)
+    top, sums = chunk_stats(logits, scale)
+    row_max = top.amax(dim=-1, keepdim=True)
+    shift = row_max.masked_fill(row_max == float("-inf"), 0.0)
+    totals = sums * torch.exp(top - shift)  # chunk weights on the row's common scale
     cdf = totals.cumsum(dim=-1)
-    target = (u * cdf[:, -1]).unsqueeze(1)
+    target = u * cdf[:, -1:]
     chunk = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[1] - 1)
-    local = chunks.gather(1, chunk[:, :, None].expand(-1, 1, DRAW_CHUNK)).squeeze(1).cumsum(-1)
-    rest = target - (cdf - totals).gather(1, chunk)  # mass left to cover inside the chunk
+    cols = chunk * DRAW_CHUNK + torch.arange(DRAW_CHUNK, device=device)
+    values = logits.gather(1, cols.clamp(max=vocab - 1)).float()
+    if scale is not None:
+        values = values * scale[:, None]
+    local = torch.exp(values - shift).masked_fill_(cols >= vocab, 0.0).cumsum(dim=-1)
+    rest = (target - (cdf - totals).gather(1, chunk)).clamp_(min=0)  # left to cover inside
     # Rounding may put `rest` at or past the chunk's own total; stay inside its tokens.
-    rest = torch.minimum(rest.clamp_(min=0), local[:, -1:] * (1 - 2**-20))
+    rest = torch.minimum(rest, local[:, -1:] * (1 - 2**-20))
     tokens = chunk * DRAW_CHUNK + torch.searchsorted(local, rest, right=True)
     return tokens.squeeze(1).clamp_(max=vocab - 1)  # only reachable through NaN rows
+
+
+def widened(logits: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision logits; float32/float64 ones as they are."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
+def needs_filtering(seqs: list[Sequence]) -> bool:
+    return any(s.params.top_k != -1 or s.params.top_p < 1.0 or s.params.min_p > 0 for s in seqs)
+
+
+def draw_rows(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator):
+    """Sampled tokens for rows that are all non-greedy. Without top-k / top-p / min-p the
+    temperature goes into the draw's single pass over the logits (no tempered copy)."""
+    if needs_filtering(seqs):
+        return draw(filter_logits(widened(logits), seqs), seqs, generator)
+    inverse = to_device([1.0 / s.params.temperature for s in seqs], logits.device, torch.float32)
+    return draw(logits, seqs, generator, scale=inverse)
 
 
 def gather_logprobs(
@@ -141,22 +190,22 @@ def gather_logprobs(
 def sample(
     logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int], generator: torch.Generator
 ) -> tuple[list[int], list[PositionLogprobs | None]]:
-    logits = logits.float() if logits.dtype not in (torch.float32, torch.float64) else logits
+    """Next token (and logprobs when asked) per row. `logits` may be bf16 (the LM head's
+    output): argmax and the unfiltered draw read it as it is; penalties, filters and logprobs
+    work on a float32 copy."""
     want_logprobs = any(s.params.logprobs is not None for s in seqs)
-    raw_logprobs = logits.log_softmax(dim=-1) if want_logprobs else None
+    raw_logprobs = widened(logits).log_softmax(dim=-1) if want_logprobs else None
     if any(s.params.has_penalties for s in seqs) or any(s.params.min_tokens for s in seqs):
-        logits = logits.clone()
+        logits = widened(logits).clone()
         apply_penalties(logits, seqs)
         mask_stops_below_min_tokens(logits, seqs, eos_ids)
     sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if len(sampled_rows) == len(seqs):  # no greedy rows: no argmax, no row index
-        tokens = draw(filter_logits(logits, seqs).softmax(dim=-1), seqs, generator)
+        tokens = draw_rows(logits, seqs, generator)
     else:
         tokens = logits.argmax(dim=-1)
     if 0 < len(sampled_rows) < len(seqs):
         rows = to_device(sampled_rows, logits.device)
-        sub = [seqs[i] for i in sampled_rows]
-        probs = filter_logits(logits[rows], sub).softmax(dim=-1)
-        tokens[rows] = draw(probs, sub, generator)
+        tokens[rows] = draw_rows(logits[rows], [seqs[i] for i in sampled_rows], generator)
     logprobs = gather_logprobs(raw_logprobs, tokens, seqs) if want_logprobs else [None] * len(seqs)
     return tokens.tolist(), logprobs
