@@ -30,7 +30,7 @@ SOURCES = {
     "norm": "novainfer/layers/norm.py (rms_norm, add_rms_norm)",
     "rotary": "novainfer/layers/rotary.py (apply_rope)",
     "activation": "novainfer/layers/activation.py (silu_and_mul)",
-    "sampling": "novainfer/engine/sampler.py (sample)",
+    "sampling": "novainfer/engine/sampler.py (sample), kernels/sampling.py on CUDA",
     "memcpy/memset": "novainfer/engine/model_runner.py (prepare/_upload), layers/*",
     "other": "novainfer/layers/embedding.py, models/decoder.py (views, residual glue)",
 }
@@ -58,7 +58,8 @@ NAME_RULES: list[tuple[str, re.Pattern]] = [
     ("norm", re.compile(r"rms|norm|rsqrt", re.I)),
     ("rotary", re.compile(r"rope|rotary|fused_.*cat.*neg", re.I)),
     ("activation", re.compile(r"silu|gelu|act_and_mul", re.I)),
-    ("sampling", re.compile(r"sort|softmax|argmax|topk|multinomial|exponential|cumsum|searchsorted", re.I)),
+    ("sampling", re.compile(r"sort|softmax|argmax|topk|multinomial|exponential|cumsum|"
+                            r"searchsorted|chunk_stats", re.I)),
 ]
 CAT_PREFIX = "novainfer.cat::"
 PHASE_PREFIX = "novainfer::"
