@@ -8,14 +8,16 @@ Per cell: warm-up, then `--repeats` timed runs (CUDA events on the GPU, perf_cou
 CPU) of `--inner` calls each; the median of A and of B, their spread (interquartile range
 relative to the median) and the improvement of B over A (positive = B faster). Summary:
 average, best and worst improvement, standard deviation over cells, and every regression
-that is larger than the cell's measured noise (an A-vs-A null run of the same cell: what the
-timer sees when nothing changed). Markdown table (+ JSON) and a PNG heatmap into --out.
+that is larger than the cell's measured noise: the larger of an A-vs-A null run of the same
+cell (what the timer sees when nothing changed) and the 95% bootstrap interval of the
+improvement itself (so two equal ops are called a regression in ~1 cell in 40, not 1 in 3). Markdown table (+ JSON) and a PNG heatmap into --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import time
@@ -141,6 +143,19 @@ def _iqr(values: list[float]) -> float:
     return q[2] - q[0]
 
 
+def bootstrap_halfwidth(a: list[float], b: list[float], draws: int = 400, seed: int = 0) -> float:
+    """Half-width (percentage points) of the 95% bootstrap interval of the improvement of B's
+    median over A's: how far resampling alone moves the cell's result."""
+    rng = random.Random(seed)
+    imps = []
+    for _ in range(draws):
+        ra = statistics.median(rng.choices(a, k=len(a)))
+        rb = statistics.median(rng.choices(b, k=len(b)))
+        imps.append((ra - rb) / ra * 100)
+    imps.sort()
+    return (imps[int(0.975 * (draws - 1))] - imps[int(0.025 * (draws - 1))]) / 2
+
+
 def measure_cell(fn_a, fn_b, device: torch.device, warmup: int, repeats: int, inner: int) -> dict:
     for _ in range(warmup):
         fn_a()
@@ -160,10 +175,11 @@ def measure_cell(fn_a, fn_b, device: torch.device, warmup: int, repeats: int, in
     med_a, med_b, med_a2 = statistics.median(a), statistics.median(b), statistics.median(a2)
     improvement = (med_a - med_b) / med_a * 100  # % time saved by B (positive = B faster)
     null = abs(med_a - med_a2) / med_a * 100
-    # Noise floor: the null difference, or the spread of the medians' estimate, whichever is larger.
+    # Noise floor: the null difference, or the 95% interval of the cell's own estimate,
+    # whichever is larger.
     spread_a = _iqr(a) / med_a * 100
     spread_b = _iqr(b) / med_b * 100
-    noise = max(null, (spread_a + spread_b) / 2 / max(len(a), 1) ** 0.5 * 2)
+    noise = max(null, bootstrap_halfwidth(a, b))
     return {
         "a_ms": med_a * 1e3, "b_ms": med_b * 1e3, "a_spread_pct": spread_a, "b_spread_pct": spread_b,
         "improvement_pct": improvement, "speedup": med_a / med_b, "noise_pct": noise,
