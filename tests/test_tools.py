@@ -6,13 +6,12 @@ import importlib.util
 import json
 import random
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import completion_tokens, make_llm, random_prompts
+
 from novainfer import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
