@@ -167,11 +167,15 @@ static inline __attribute__((always_inline)) void weighted_block_heads(
     }
 }
 
-/* Pulls the rows of the next block that this work item will read into L2 while the current
-   block is computed (the hardware prefetcher does not follow the block table): ~15% faster
-   when the cache streams from DRAM. */
-static inline void prefetch_block(const float *rows, int64_t n, int64_t token_stride,
-                                  int64_t row_floats) {
+/* Pulls the rows of this work item in block `i` of the table (tokens from `start` on) into
+L2 while the previous block is computed: the hardware prefetcher does not follow the block
+table. ~15% faster when the cache streams from DRAM. Nothing past the context. */
+static inline void prefetch_block(const float *cache, const int32_t *table, int64_t i,
+                                  int64_t start, int64_t len, int64_t block_size,
+                                  int64_t token_stride, int64_t row_floats) {
+    if (start >= len) return;
+    const int64_t n = len - start < block_size ? len - start : block_size;
+    const float *rows = cache + table[i] * block_size * token_stride;
     for (int64_t t = 0; t < n; ++t, rows += token_stride)
         for (int64_t f = 0; f < row_floats; f += 16) __builtin_prefetch(rows + f, 0, 2);
 }
@@ -205,10 +209,8 @@ static void attend_one(const float *q, const float *k_cache, const float *v_cach
     for (int64_t start = 0, i = 0; start < len; start += block_size, ++i) {
         const float *block = k_cache + table[i] * block_stride + h0 * head_dim;
         const int64_t n = len - start < block_size ? len - start : block_size;
-        if (start + n < len)
-            prefetch_block(k_cache + table[i + 1] * block_stride + h0 * head_dim,
-                           len - start - n < block_size ? len - start - n : block_size,
-                           token_stride, (h1 - h0) * head_dim);
+        prefetch_block(k_cache + h0 * head_dim, table, i + 1, start + n, len, block_size,
+                       token_stride, (h1 - h0) * head_dim);
         for (int64_t h = 0; h < h1 - h0; ++h)
             for (int64_t g = 0; g < group; g += MAX_HEADS) {
                 const int64_t j = h * group + g;
@@ -234,10 +236,8 @@ static void attend_one(const float *q, const float *k_cache, const float *v_cach
     for (int64_t start = 0, i = 0; start < len; start += block_size, ++i) {
         const float *block = v_cache + table[i] * block_stride + h0 * head_dim;
         const int64_t n = len - start < block_size ? len - start : block_size;
-        if (start + n < len)
-            prefetch_block(v_cache + table[i + 1] * block_stride + h0 * head_dim,
-                           len - start - n < block_size ? len - start - n : block_size,
-                           token_stride, (h1 - h0) * head_dim);
+        prefetch_block(v_cache + h0 * head_dim, table, i + 1, start + n, len, block_size,
+                       token_stride, (h1 - h0) * head_dim);
         for (int64_t h = 0; h < h1 - h0; ++h)
             for (int64_t g = 0; g < group; g += MAX_HEADS) {
                 const int64_t j = h * group + g;
