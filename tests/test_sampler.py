@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import torch
 
 from novainfer.engine.sampler import draw as draw_logits
+from novainfer.engine.sampler import draw_rows, filter_logits
 
 
 def draw(probs, seqs, generator):
@@ -95,3 +96,28 @@ def test_scale_is_the_inverse_temperature():
     )
     counts = torch.bincount(many, minlength=3).double() / 30_000
     torch.testing.assert_close(counts, probs.double(), atol=0.012, rtol=0)
+
+
+def _params(**overrides):
+    base = {"top_k": -1, "top_p": 1.0, "min_p": 0.0, "temperature": 0.7}
+    return SimpleNamespace(**{**base, **overrides})
+
+
+def test_unfiltered_rows_are_untouched_by_filtered_batch_mates():
+    """A row without top-k/top-p/min-p gets exactly logits * (1 / temperature) and, seeded,
+    the same token whether its batch-mates filter (float32 top-p once cut such rows' tails:
+    their cumulative sum reaches 1 before the last tokens)."""
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(3, 5000, generator=g) * 4
+    scaled = logits * torch.full((3,), 1 / 0.7)[:, None]
+    for mate in (_params(top_p=0.9), _params(top_k=5), _params(min_p=0.1)):
+        seqs = [SimpleNamespace(generator=None, params=p) for p in (_params(), _params(), mate)]
+        assert torch.equal(filter_logits(logits, seqs)[:2], scaled[:2])
+    alone, batched = [], []
+    for seed in range(30):
+        seqs = [SimpleNamespace(generator=torch.Generator().manual_seed(seed), params=_params())]
+        alone.append(int(draw_rows(logits[:1], seqs, torch.Generator())[0]))
+        seqs.append(SimpleNamespace(generator=None, params=_params(top_p=0.5)))
+        seqs[0].generator.manual_seed(seed)
+        batched.append(int(draw_rows(logits[:2], seqs, torch.Generator())[0]))
+    assert alone == batched and len(set(alone)) > 1

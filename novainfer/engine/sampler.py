@@ -53,11 +53,10 @@ def mask_stops_below_min_tokens(
 def filter_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Temperature, top-k, top-p and min-p, vectorised over rows with per-row settings."""
     dev = logits.device
-    temps = [s.params.temperature for s in seqs]
-    if all(t == temps[0] for t in temps):  # the common case needs no host-to-device copy
-        logits = logits / temps[0]
-    else:
-        logits = logits / to_device(temps, dev, logits.dtype)[:, None]
+    # Times the float32 1 / temperature, exactly as `draw_rows` scales unfiltered rows: a row
+    # gets the same values (a seeded row the same token) whether or not a batch-mate filters.
+    inverse = to_device([1.0 / s.params.temperature for s in seqs], dev, torch.float32)
+    logits = logits * inverse[:, None]
     top_ks = [s.params.top_k for s in seqs]
     top_ps = [s.params.top_p for s in seqs]
     min_ps = [s.params.min_p for s in seqs]
@@ -71,7 +70,9 @@ def filter_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         probs = sorted_logits.softmax(dim=-1)
         before = probs.cumsum(dim=-1) - probs  # mass strictly ahead of each token
         p = to_device(top_ps, dev, probs.dtype)
-        drop = before >= p[:, None]  # the first token always survives (before == 0)
+        # The first token always survives (before == 0). Rows with top_p 1 drop nothing: in
+        # float32 their cumsum reaches 1 before the tail, which would cut it.
+        drop = (before >= p[:, None]) & (p[:, None] < 1.0)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     if any(m > 0 for m in min_ps):
