@@ -16,17 +16,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Eight floats in a vector register (GCC/Clang vector extension: AVX on x86, NEON on Arm).
-   head_dim must be a multiple of 8; the Python side checks it. */
-typedef float v8f __attribute__((vector_size(32)));
+#include "cpu_vec.h"
 
-static inline v8f load8(const float *p) {
-    v8f v;
-    memcpy(&v, p, sizeof v); /* an unaligned load */
-    return v;
-}
-
-static inline void store8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
+/* head_dim must be a multiple of 8 (the vector width); the Python side checks it. */
 
 typedef float v4f __attribute__((vector_size(16)));
 

@@ -20,14 +20,11 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "cpu_vec.h"
+
 #define PANEL 16
 #define MAX_ROWS 6
 
-typedef float vec8 __attribute__((vector_size(32)));
-typedef float vec8_unaligned __attribute__((vector_size(32), aligned(4)));
-
-static inline vec8 load8(const float *p) { return *(const vec8_unaligned *)p; }
-static inline void store8(float *p, vec8 v) { *(vec8_unaligned *)p = v; }
 
 /* W [n, k] -> panels [ceil(n / 16)][k][16], the columns past n zero. */
 void pack_linear_weight_f32(const float *w, float *packed, int64_t n, int64_t k) {
@@ -48,7 +45,7 @@ void pack_linear_weight_f32(const float *w, float *packed, int64_t n, int64_t k)
 static inline __attribute__((always_inline)) void tile(
     const int rows, const float *x, int64_t k, const float *panel, float *out, int64_t ldo,
     const float *bias, int cols, const float *prefetch, int every) {
-    vec8 lo0 = {0}, hi0 = {0}, lo1 = {0}, hi1 = {0}, lo2 = {0}, hi2 = {0},
+    v8f lo0 = {0}, hi0 = {0}, lo1 = {0}, hi1 = {0}, lo2 = {0}, hi2 = {0},
          lo3 = {0}, hi3 = {0}, lo4 = {0}, hi4 = {0}, lo5 = {0}, hi5 = {0};
     const float *x0 = x, *x1 = x + k, *x2 = x + 2 * k, *x3 = x + 3 * k, *x4 = x + 4 * k,
                 *x5 = x + 5 * k;
@@ -59,7 +56,7 @@ static inline __attribute__((always_inline)) void tile(
             __builtin_prefetch(prefetch, 0, 2);
             prefetch += PANEL;
         }
-        const vec8 w_lo = load8(panel + i * PANEL), w_hi = load8(panel + i * PANEL + 8);
+        const v8f w_lo = load8(panel + i * PANEL), w_hi = load8(panel + i * PANEL + 8);
 /* Named registers, not arrays: GCC spills an accumulator array to the stack every step. */
 #define ROW(r)                                                                              \
     if (rows > r) {                                                                         \
@@ -70,11 +67,11 @@ static inline __attribute__((always_inline)) void tile(
         ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
 #undef ROW
     }
-    vec8 lo[MAX_ROWS] = {lo0, lo1, lo2, lo3, lo4, lo5};
-    vec8 hi[MAX_ROWS] = {hi0, hi1, hi2, hi3, hi4, hi5};
+    v8f lo[MAX_ROWS] = {lo0, lo1, lo2, lo3, lo4, lo5};
+    v8f hi[MAX_ROWS] = {hi0, hi1, hi2, hi3, hi4, hi5};
     float b[PANEL] = {0}, row[PANEL];
     if (bias) memcpy(b, bias, (size_t)cols * sizeof(float));
-    const vec8 b_lo = load8(b), b_hi = load8(b + 8);
+    const v8f b_lo = load8(b), b_hi = load8(b + 8);
     for (int r = 0; r < rows; ++r) {
         store8(row, lo[r] + b_lo);
         store8(row + 8, hi[r] + b_hi);

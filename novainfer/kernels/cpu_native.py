@@ -24,6 +24,7 @@ SOURCES = [
     Path(__file__).with_name(n)
     for n in ("cpu_decode_attention.c", "cpu_elementwise.c", "cpu_linear.c")
 ]
+HEADERS = [Path(__file__).with_name("cpu_vec.h")]  # part of the cache key, not compiled
 PANEL = 16  # output columns per panel of a packed weight (cpu_linear.c)
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
@@ -66,7 +67,9 @@ def load_library() -> ctypes.CDLL:
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC or install gcc) for the CPU kernels")
     key = hashlib.sha256(
-        b"".join(p.read_bytes() for p in SOURCES) + compiler.encode() + _cpu_signature().encode()
+        b"".join(p.read_bytes() for p in SOURCES + HEADERS)
+        + compiler.encode()
+        + _cpu_signature().encode()
     ).hexdigest()[:16]
     target = cache_root() / "kernels" / f"cpu_kernels-{key}.so"
     if not target.exists():
