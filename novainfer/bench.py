@@ -114,18 +114,22 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     parser.add_argument("--model", default=None, help="HF model folder or .gguf (real weights)")
     parser.add_argument("--preset", choices=list(PRESETS), default=None,
-                        help="random weights of a known shape (no download)")
+                        help="random weights of a known shape (no download; default: tiny "
+                        "unless --model is given)")
     parser.add_argument("--num-seqs", type=int, default=None, help="requests (default 256; tiny: 16)")
     parser.add_argument("--max-input-len", type=int, default=None, help="default 1024; tiny: 128")
     parser.add_argument("--max-output-len", type=int, default=None, help="default 1024; tiny: 128")
-    parser.add_argument("--max-model-len", type=int, default=4096)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--max-model-len", type=int, default=4096, help="context length")
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="sequences per step")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="tokens per step (default: 16384 on CUDA, 512 on the CPU)")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--attention-backend", default="auto",
+                        help="auto, torch, cpu, triton, flash_attn")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="fraction of GPU memory for weights, activations and KV cache")
     parser.add_argument("--compare", choices=["hf"], default=None,
                         help="also run transformers' continuous batching on the same workload")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")

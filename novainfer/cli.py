@@ -3,43 +3,80 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows every option's default (also for options without a help text),
+    except where the help already says it or there is nothing to show (None, an off flag)."""
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        if not action.option_strings or "default" in (action.help or "").lower():
+            return False
+        # `is`, not `in`: a default of 0 is worth showing, an off flag (False) is not.
+        return not any(action.default is x for x in (None, False, argparse.SUPPRESS))
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._shows_default(action):
+            action = copy.copy(action)  # argparse prints nothing for an empty help
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if self._shows_default(action):
+            return super()._get_help_string(action)
+        return action.help or ""
 
 
 def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16, float64")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="context length (default: the model's own)")
     parser.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
 
 
 def _sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
-    parser.add_argument("--max-tokens", type=int, default=max_tokens)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=-1)
+    parser.add_argument("--max-tokens", type=int, default=max_tokens, help="most tokens per reply")
+    parser.add_argument("--min-tokens", type=int, default=0,
+                        help="tokens generated before EOS or a stop token may end the reply")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="keep generating past EOS, up to --max-tokens")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--top-k", type=int, default=-1, help="-1 = off")
     parser.add_argument("--sample-seed", dest="sample_seed", type=int, default=None,
-                        help="seed for this request's sampling")
+                        help="seed for this request's sampling (default: unseeded)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="novainfer", description="novainfer: LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="complete one prompt and print the text")
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, formatter_class=HelpFormatter)
+
+    gen = add("generate", help="complete one prompt and print the text")
     gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _engine_args(gen)
     _sampling_args(gen, max_tokens=64)
     gen.add_argument("--step-timing", action="store_true",
                      help="time each step's phases; summary on stderr (or NOVAINFER_STEP_TIMING=1)")
-    chat = sub.add_parser("chat", help="interactive multi-turn chat, streamed to the terminal")
+    chat = add("chat", help="interactive multi-turn chat, streamed to the terminal")
     chat.add_argument("--system", default=None, help="optional system prompt")
     _engine_args(chat)
     _sampling_args(chat, max_tokens=512)
-    bench = sub.add_parser("bench", help="offline throughput on the seeds' workload, with the floor")
+    bench = add("bench", help="offline throughput on the seeds' workload, with the floor "
+                "(`novainfer bench serve --help`: the online benchmark)")
     from novainfer.bench import build_parser as bench_args
 
     bench_args(bench)
@@ -48,11 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     from novainfer.tools import profile as profile_tool
     from novainfer.tools import trace as trace_tool
 
-    trace_tool.build_parser(sub.add_parser("trace", help="hook every module for a short generation"))
-    profile_tool.build_parser(sub.add_parser("profile", help="torch.profiler over prefill and decode steps"))
+    trace_tool.build_parser(add("trace", help="hook every module for a short generation"))
+    profile_tool.build_parser(add("profile", help="torch.profiler over prefill and decode steps"))
     from novainfer.server.serve import add_serve_args
 
-    add_serve_args(sub.add_parser("serve", help="OpenAI-compatible HTTP server (pip install novainfer[server])"))
+    add_serve_args(add("serve", help="OpenAI-compatible HTTP server (pip install novainfer[server])"))
     return parser
 
 
@@ -94,18 +131,55 @@ def _params(args: argparse.Namespace):
     from novainfer import SamplingParams
 
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                          max_tokens=args.max_tokens, seed=args.sample_seed)
+                          max_tokens=args.max_tokens, min_tokens=args.min_tokens,
+                          ignore_eos=args.ignore_eos, seed=args.sample_seed)
+
+
+@contextlib.contextmanager
+def _ctrl_c_after_step() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) back until the engine step inside finishes, then raise it.
+
+    A KeyboardInterrupt in the middle of a step could leave the KV-block bookkeeping half
+    updated; after the step, aborting the request frees its blocks cleanly. A second
+    Ctrl-C during the same step raises at once (for a step that takes too long).
+    """
+    pending = False
+
+    def on_sigint(signum: int, frame: object) -> None:
+        nonlocal pending
+        if pending:
+            raise KeyboardInterrupt
+        pending = True
+
+    # Python handles signals in the main thread only (and None: a handler not set from Python).
+    hold = threading.current_thread() is threading.main_thread() and (
+        signal.getsignal(signal.SIGINT) is not None
+    )
+    previous = signal.signal(signal.SIGINT, on_sigint) if hold else None
+    try:
+        yield
+    finally:
+        if hold:
+            signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
 
 
 def stream(llm, prompt: str | list[int], params) -> Iterator[str]:
-    """Yield the text of one request as the engine produces it."""
+    """Yield the text of one request as the engine produces it.
+
+    Ctrl-C raises KeyboardInterrupt between engine steps, never inside one; closing the
+    generator (or the interrupt) aborts the request, which frees its KV blocks.
+    """
     engine = llm.llm_engine
     request_id = f"stream-{id(prompt)}"
     engine.add_request(request_id, prompt, params, stream=True)
     shown = 0
     try:
         while engine.has_unfinished_requests():
-            for out in engine.step():
+            with _ctrl_c_after_step():
+                outputs = engine.step()
+            for out in outputs:
                 if out.request_id != request_id:
                     continue
                 text = out.outputs[0].text
@@ -143,33 +217,46 @@ def cmd_chat(args: argparse.Namespace) -> int:
     history: list[dict[str, str]] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
-    print("novainfer chat: type a message, /reset to clear, /exit or Ctrl-D to quit.")
+    print("novainfer chat: type a message; Ctrl-C stops a reply, /reset clears the "
+          "conversation, exit or Ctrl-D quits.")
     while True:
         try:
             line = input("> ")
         except (EOFError, KeyboardInterrupt):
             print()
             return 0
-        if line.strip() in ("/exit", "/quit"):
+        command = line.strip()
+        if command in ("/exit", "/quit", "exit", "quit"):
             return 0
-        if line.strip() == "/reset":
+        if command == "/reset":
             history = history[:1] if args.system else []
+            print("conversation cleared" + (" (system prompt kept)" if args.system else ""))
             continue
-        if not line.strip():
+        if not command:
             continue
         history.append({"role": "user", "content": line})
+        reply: list[str] = []
         try:
             ids = llm.apply_chat_template(history)
-            reply = []
-            for piece in stream(llm, ids, params):
-                reply.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+            with contextlib.closing(stream(llm, ids, params)) as pieces:  # closing aborts
+                for piece in pieces:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+                    reply.append(piece)  # after printing: the history keeps what was shown
         except ValueError as exc:  # e.g. the conversation outgrew max_model_len
             history.pop()
             print(f"error: {exc}")
             continue
-        sys.stdout.write("\n")
+        except KeyboardInterrupt:
+            # The request is aborted. The partial reply stays in the history, as shown on
+            # screen, so a follow-up ("shorter, please") has its context; with nothing shown
+            # yet the turn is dropped.
+            print("\n[reply stopped]")
+            if not reply:
+                history.pop()
+                continue
+        else:
+            sys.stdout.write("\n")
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
@@ -187,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside chat's own handling: no traceback
+        print(file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -17,22 +17,27 @@ from dataclasses import dataclass, field
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="novainfer bench serve",
+    from novainfer.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="novainfer bench serve", formatter_class=HelpFormatter,
                                 description="online serving benchmark (streaming requests)")
-    p.add_argument("--base-url", default="http://127.0.0.1:8000")
-    p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server's address")
+    p.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
+                   help="/v1/completions or /v1/chat/completions")
     p.add_argument("--model", default=None, help="default: the server's first model")
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--random-input-len", type=int, default=128)
-    p.add_argument("--random-output-len", type=int, default=128)
+    p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY' "
+                   "(default: none)")
+    p.add_argument("--num-prompts", type=int, default=64, help="requests sent")
+    p.add_argument("--random-input-len", type=int, default=128, help="prompt tokens")
+    p.add_argument("--random-output-len", type=int, default=128, help="output tokens per request")
     p.add_argument("--random-range-ratio", type=float, default=0.0,
                    help="lengths drawn from [len*(1-r), len*(1+r)]")
     p.add_argument("--prompt", default=None, help="send this text prompt instead of random ids")
     p.add_argument("--request-rate", type=float, default=float("inf"),
                    help="requests/s (Poisson arrivals); inf = all at once")
-    p.add_argument("--max-concurrency", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-concurrency", type=int, default=None,
+                   help="requests in flight at once (default: no limit)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts and arrival times")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     return p
 

@@ -14,9 +14,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="TCP port")
     parser.add_argument("--api-key", default=None,
-                        help="require 'Authorization: Bearer KEY' on /v1 (or env NOVAINFER_API_KEY)")
+                        help="require 'Authorization: Bearer KEY' on /v1 (or env NOVAINFER_API_KEY; "
+                        "default: no key needed)")
     parser.add_argument("--served-model-name", default=None,
                         help="model name clients must send (default: --model, or the default model's name)")
     parser.add_argument("--max-request-body-bytes", type=int, default=4 * 1024 * 1024,
@@ -25,20 +26,27 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="new requests get 503 + Retry-After while this many are waiting")
     parser.add_argument("--shutdown-grace", type=float, default=30.0,
                         help="seconds in-flight requests may finish after SIGTERM/SIGINT")
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-level", default="info", help="uvicorn's: debug, info, warning, error")
     # engine options
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16, float64")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--num-kv-blocks", type=int, default=None)
-    parser.add_argument("--kv-cache-memory", type=int, default=None, help="bytes (CPU)")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="context length (default: the model's own)")
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="sequences per step")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="tokens per step (default: 16384 on CUDA, 512 on the CPU)")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    parser.add_argument("--num-kv-blocks", type=int, default=None,
+                        help="KV-cache blocks (default: sized from memory)")
+    parser.add_argument("--kv-cache-memory", type=int, default=None,
+                        help="KV-cache bytes on the CPU (default: 2 GiB)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="fraction of GPU memory for weights, activations and KV cache")
+    parser.add_argument("--no-prefix-caching", action="store_true",
+                        help="do not reuse the KV blocks of shared prompt prefixes")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--attention-backend", default="auto",
+                        help="auto, torch, cpu, triton, flash_attn")
     parser.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
 
 

@@ -337,9 +337,10 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     model_args(parser)
     parser.add_argument("--steps", type=int, default=12, help="engine steps profiled (prefill first)")
     parser.add_argument("--num-seqs", type=int, default=4, help="requests in the batch")
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--output-dir", default="profile_out")
-    parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt")
+    parser.add_argument("--output-dir", default="profile_out",
+                        help="report, Chrome trace and chart go here")
+    parser.add_argument("--top", type=int, default=30, help="kernels listed")
     parser.add_argument("--nvtx", action="store_true",
                         help="NVTX ranges around engine steps and phases (for nsys; no-op on CPU)")
     parser.add_argument("--cuda-graphs", action="store_true",

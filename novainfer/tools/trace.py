@@ -262,12 +262,12 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from novainfer.tools.common import model_args
 
     model_args(parser)
-    parser.add_argument("--prompt", default="The capital of France is")
-    parser.add_argument("--max-tokens", type=int, default=4)
+    parser.add_argument("--prompt", default="The capital of France is", help="prompt text")
+    parser.add_argument("--max-tokens", type=int, default=4, help="tokens generated")
     parser.add_argument("--detail", action="store_true", help="qualified names grouped by type")
-    parser.add_argument("--filter", default=None, help="comma-separated module types, e.g. RMSNorm,Attention")
+    parser.add_argument("--filter", default=None, help="comma-separated module types, e.g. RMSNorm,Attention (default: all)")
     parser.add_argument("--layer", type=int, default=0, help="decoder layer whose call order is shown")
-    parser.add_argument("--top", type=int, default=10)
+    parser.add_argument("--top", type=int, default=10, help="most-called modules listed")
     parser.add_argument("--output", default=None, help="write the full trace as JSON")
     return parser
 
