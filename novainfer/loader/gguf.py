@@ -14,14 +14,40 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import gguf
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 
-def _read_arch(gguf_path: Path) -> str:
+def _open_reader(gguf_path: Path) -> gguf.GGUFReader:
+    """`gguf.GGUFReader` over the file; a file it cannot parse raises ValueError naming it.
+
+    gguf-py fails on damaged files with whatever it or numpy raised (`GGUF magic invalid`,
+    a reshape or index error on a truncated file, `cannot mmap an empty file`), without
+    the file's name.
+    """
     import gguf
 
-    reader = gguf.GGUFReader(str(gguf_path))
+    try:
+        return gguf.GGUFReader(str(gguf_path))
+    except OSError:
+        raise
+    except Exception as e:  # any parse failure of an untrusted file means "not GGUF"
+        with open(gguf_path, "rb") as f:
+            magic = f.read(4)
+        if not magic:
+            why = "the file is empty"
+        elif magic != b"GGUF":
+            why = f"it does not start with the GGUF magic bytes (found {magic!r})"
+        else:
+            why = f"it is truncated or damaged ({type(e).__name__}: {e})"
+        raise ValueError(f"model file '{gguf_path}' is not a valid GGUF file: {why}") from e
+
+
+def _read_arch(gguf_path: Path, reader: gguf.GGUFReader) -> str:
     field = reader.fields.get("general.architecture")
     if field is None:
         raise ValueError(f"model: GGUF file '{gguf_path}' has no general.architecture metadata")
@@ -29,7 +55,7 @@ def _read_arch(gguf_path: Path) -> str:
 
 
 @contextlib.contextmanager
-def _memoized_gguf(gguf_path: Path) -> Iterator[None]:
+def _memoized_gguf(gguf_path: Path, shared: gguf.GGUFReader) -> Iterator[None]:
     """Share expensive gguf-py work across transformers' calls during one conversion.
 
     transformers re-parses the file for the config, the tokenizer and the tensors
@@ -39,7 +65,6 @@ def _memoized_gguf(gguf_path: Path) -> Iterator[None]:
     import gguf
 
     original_reader, original_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    shared = original_reader(str(gguf_path))
 
     def reader(path, *args, **kwargs):  # same call shape as GGUFReader
         if not args and not kwargs and Path(path).resolve() == gguf_path:
@@ -76,25 +101,26 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> No
 
     from transformers.utils import logging as hf_logging
 
+    reader = _open_reader(gguf_path)
     print(f"novainfer: converting {gguf_path.name} once into {out_dir.parent}", file=sys.stderr)
     # One line above instead of transformers' per-tensor progress bars.
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        with _memoized_gguf(gguf_path):
-            _convert(gguf_path, out_dir)
+        with _memoized_gguf(gguf_path, reader):
+            _convert(gguf_path, reader, out_dir)
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()
 
 
-def _convert(gguf_path: Path, out_dir: Path) -> None:
+def _convert(gguf_path: Path, reader: gguf.GGUFReader, out_dir: Path) -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    arch = _read_arch(gguf_path)
+    arch = _read_arch(gguf_path, reader)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
             f"model: GGUF architecture '{arch}' is not supported; "
