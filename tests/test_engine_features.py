@@ -15,6 +15,7 @@ from conftest import (
     BOS_ID,
     EOS_ID,
     MIN_GREEDY_MARGIN,
+    VOCAB_SIZE,
     build_tokenizer,
     completion_tokens,
     copy_checkpoint,
@@ -303,25 +304,55 @@ def test_ignore_eos(eos_case):
     assert comp.finish_reason == "length"
 
 
-def test_min_tokens_defers_eos_and_stop_tokens(eos_case):
-    llm, prompt, exp, i = eos_case
-    min_tokens = i + 4
-    params = SamplingParams(
-        temperature=0.0, max_tokens=MAX_TOKENS, min_tokens=min_tokens, stop_token_ids=[exp[i + 1]]
-    )
-    comp = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
-    assert len(comp.token_ids) >= min_tokens
-    assert list(comp.token_ids[:i]) == exp[:i]
+@pytest.fixture(scope="module")
+def all_stop_but_one(model_dir, prompts, tmp_path_factory):
+    """Every token but one (`keep`, the least likely first token) ends generation, so greedy
+    decoding stops at its first token unless min_tokens holds the stops back, and while it
+    does, `keep` is the only choice: the reply's length is known exactly.
+
+    (llm whose generation_config lists all those tokens as EOS, prompt, keep, the stop ids)."""
+    prompt = prompts[5]
+    keep = int(hf_next_logits(model_dir, prompt).argmin())
+    stops = [t for t in range(VOCAB_SIZE) if t != keep]
+    folder = copy_checkpoint(model_dir, tmp_path_factory.mktemp("all_eos") / "ckpt")
+    gen_cfg_path = folder / "generation_config.json"
+    gen_cfg = json.loads(gen_cfg_path.read_text())
+    gen_cfg["eos_token_id"] = stops
+    gen_cfg_path.write_text(json.dumps(gen_cfg))
+    return make_llm(folder), prompt, keep, stops
+
+
+@pytest.mark.parametrize("min_tokens", [0, 1, 7])
+@pytest.mark.parametrize("stop_by", ["eos", "stop_token_ids"])
+def test_min_tokens_exact_boundary(all_stop_but_one, llm, model_dir, min_tokens, stop_by):
+    eos_llm, prompt, keep, stops = all_stop_but_one
+    if stop_by == "eos":
+        engine, params = eos_llm, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
+                                                 min_tokens=min_tokens)
+    else:
+        engine, params = llm, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
+                                             min_tokens=min_tokens, stop_token_ids=stops)
+    # Guard: once min_tokens is reached the greedy choice is clearly not `keep`, so a stop.
+    logits = hf_next_logits(model_dir, prompt + [keep] * min_tokens)
+    assert logits[keep] < logits.max() - MIN_GREEDY_MARGIN
+    comp = engine.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    # min_tokens non-stop tokens (only `keep` is left), then the stop the model wanted all along.
+    assert list(comp.token_ids[:min_tokens]) == [keep] * min_tokens
+    assert len(comp.token_ids) == min_tokens + 1
+    assert comp.token_ids[-1] in stops and comp.finish_reason == "stop"
 
 
 def test_min_tokens_defers_stop_string(llm, prompts, tokenizer):
-    prompt = prompts[5]
+    # " " is in every word token (" w17", " the"): the stop string would end the reply at its
+    # first token; with min_tokens=k it must end it at exactly the k-th.
+    prompt, k = prompts[5], 12
     full = llm.generate([prompt], greedy(), use_tqdm=False)[0].outputs[0]
-    stop = tokenizer.decode(full.token_ids[2:3])
-    params = greedy(stop=stop, min_tokens=12)
-    comp = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
-    assert len(comp.token_ids) >= 12
-    assert list(comp.token_ids) == list(full.token_ids[: len(comp.token_ids)])
+    words = [tokenizer.decode([t]) for t in full.token_ids]
+    assert all(" " in w for w in (words[0], words[k - 2], words[k - 1])), words  # guard
+    comp = llm.generate([prompt], greedy(stop=" ", min_tokens=k), use_tqdm=False)[0].outputs[0]
+    assert list(comp.token_ids) == list(full.token_ids[:k])
+    assert comp.finish_reason == "stop" and comp.stop_reason == " "
+    assert comp.text == tokenizer.decode(full.token_ids[: k - 1]) + words[k - 1].split(" ")[0]
 
 
 # --------------------------------------------------------------------------- sampling
