@@ -5,7 +5,8 @@ Decode attention against gather + SDPA and against the reference backend (GQA ra
 batches small enough for the per-head work split and large enough for the per-sequence
 one); the `cpu` backend on mixed decode + prefill-over-prefix batches with padded slots;
 the fused element-wise ops (norms, rope in place on strided views, SiLU-and-mul, KV write);
-and the fallbacks (other dtypes, no compiler).
+the fallbacks (other dtypes, no compiler); and the guards at the ctypes boundary (bad
+tensors never reach C; out-of-range indices are refused before anything is read or written).
 """
 
 from __future__ import annotations
@@ -110,10 +111,11 @@ def test_store_kv_skips_padding_slots():
 
 
 @pytest.mark.parametrize("rows", [1, 7, 200])  # 200 x 576 crosses the parallel threshold
-def test_norms_match_reference(rows):
+@pytest.mark.parametrize("n", [576, 77])  # 77: the 8-wide and the scalar tails of the sum too
+def test_norms_match_reference(rows, n):
     g = torch.Generator().manual_seed(rows)
-    x, res = torch.randn(rows, 576, generator=g), torch.randn(rows, 576, generator=g)
-    w = torch.randn(576, generator=g)
+    x, res = torch.randn(rows, n, generator=g), torch.randn(rows, n, generator=g)
+    w = torch.randn(n, generator=g)
     torch.testing.assert_close(
         norm.rms_norm(x, w, 1e-6), norm.rms_norm.reference(x, w, 1e-6), rtol=1e-5, atol=1e-5
     )
@@ -179,3 +181,115 @@ def test_without_a_compiler_auto_falls_back_and_explicit_is_refused(monkeypatch,
     assert isinstance(backend, TorchReferenceBackend) and backend.name == "torch"
     with pytest.raises(ValueError, match="attention_backend 'cpu' is not available"):
         get_backend("cpu", CPU, 64)
+
+
+def _bad_calls():
+    """(name, call) pairs the wrappers must refuse before calling C: a wrong dtype, a
+    non-contiguous tensor or a shape that does not fit the others."""
+    q, cache, tables, lens = _paged_case(2, [5, 20], 4, 2, 16, 4)
+    kv = torch.randn(3, 2, 16)
+    kv_cache = torch.zeros(2, 6, 4, 2, 16)
+    x, w = torch.randn(3, 32), torch.randn(32)
+    rope = rotary.RotaryEmbedding(16, 64, 10000.0, {})
+    qr, kr, pos = torch.randn(3, 4, 16), torch.randn(3, 2, 16), torch.tensor([0, 1, 2])
+    packed = cpu_native.pack_linear_weight(torch.randn(40, 32))
+
+    def attn(**change):
+        args = {"q": q, "k_cache": cache[0], "v_cache": cache[1], "block_tables": tables,
+                "seq_lens": lens, "scale": 0.25}
+        return lambda: cpu_native.paged_decode_attention(**{**args, **change})
+
+    return [
+        ("q float64", attn(q=q.double())),
+        ("head_dim not a multiple of 8", attn(q=q[..., :12], k_cache=cache[0][..., :12])),
+        ("k_cache not contiguous", attn(k_cache=cache[0].transpose(0, 1).contiguous()
+                                        .transpose(0, 1))),
+        ("v_cache of another shape", attn(v_cache=cache[1][:-1])),
+        ("kv heads not dividing heads", attn(q=torch.randn(2, 3, 16))),
+        ("seq_lens of another batch", attn(seq_lens=lens[:1])),
+        ("out float64", attn(out=torch.empty_like(q, dtype=torch.float64))),
+        ("store_kv k float64", lambda: cpu_native.store_kv(kv.double(), kv, kv_cache,
+                                                           torch.tensor([0, 1, 2]))),
+        ("store_kv cache not contiguous",
+         lambda: cpu_native.store_kv(kv, kv, kv_cache.transpose(1, 2), torch.tensor([0, 1, 2]))),
+        ("store_kv cache of other heads",
+         lambda: cpu_native.store_kv(kv, kv, kv_cache[..., :8], torch.tensor([0, 1, 2]))),
+        ("store_kv a slot per row", lambda: cpu_native.store_kv(kv, kv, kv_cache,
+                                                                torch.tensor([0, 1]))),
+        ("rms_norm weight of another size", lambda: cpu_native.rms_norm(x, w[:16], 1e-6)),
+        ("add_rms_norm residual float64",
+         lambda: cpu_native.add_rms_norm(x, x.double(), w, 1e-6)),
+        ("rope q float64", lambda: cpu_native.apply_rope(qr.double(), kr, pos, rope.cos,
+                                                         rope.sin)),
+        ("rope table of another head_dim",
+         lambda: cpu_native.apply_rope(qr, kr, pos, rope.cos[:, :8], rope.sin[:, :8])),
+        ("rope a position per token", lambda: cpu_native.apply_rope(qr, kr, pos[:2], rope.cos,
+                                                                    rope.sin)),
+        ("silu_and_mul odd width", lambda: cpu_native.silu_and_mul(torch.randn(2, 7))),
+        ("packed_linear panels of another size",
+         lambda: cpu_native.packed_linear(x, packed, None, 60)),
+        ("packed_linear x of another width",
+         lambda: cpu_native.packed_linear(torch.randn(3, 16), packed, None, 40)),
+        ("packed_linear bias of another size",
+         lambda: cpu_native.packed_linear(x, packed, torch.randn(39), 40)),
+        ("pack_linear_weight float64",
+         lambda: cpu_native.pack_linear_weight(torch.randn(40, 32, dtype=torch.float64))),
+    ]
+
+
+@pytest.mark.parametrize("name,call", _bad_calls(), ids=[n for n, _ in _bad_calls()])
+def test_bad_tensors_never_reach_the_kernels(monkeypatch, name, call):
+    def no_kernel(*args):
+        raise AssertionError(f"{args[0]} ran with a bad argument")
+
+    monkeypatch.setattr(cpu_native, "_run", no_kernel)
+    with pytest.raises(ValueError, match=r"must be .*\(internal bug guard"):
+        call()
+
+
+def test_out_of_range_indices_are_refused_before_memory_is_touched():
+    # The kernels check every index they will use before their first read or write.
+    q, cache, tables, lens = _paged_case(2, [5, 20], 4, 2, 16, 4)  # 13 blocks of 4, 7 a row
+    out = torch.full_like(q, 7.0)
+    for bad_tables, bad_lens, match in [
+        (tables, torch.tensor([5, 29], dtype=torch.int32), r"seq_lens must be in \[1, 28\]"),
+        (tables, torch.tensor([0, 20], dtype=torch.int32), r"seq_lens .* got \[0\]"),
+        (tables.index_fill(1, torch.tensor([1]), 13), lens, r"block ids in \[0, 13\).* \[13"),
+        (tables.index_fill(1, torch.tensor([4]), -1), lens, r"block_tables .* got \[-1\]"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            cpu_native.paged_decode_attention(q, cache[0], cache[1], bad_tables, bad_lens, 0.25,
+                                              out=out)
+        assert (out == 7.0).all()
+    # Entries past a sequence's length are never read: padding may hold anything.
+    padded = tables.clone()
+    padded[0, 2:] = -5
+    cpu_native.paged_decode_attention(q, cache[0], cache[1], padded, lens, 0.25, out=out)
+
+    kv_cache = torch.zeros(2, 6, 4, 2, 16)  # 24 slots
+    kv = torch.randn(3, 2, 16)
+    with pytest.raises(ValueError, match=r"slots must be below 24 .* got \[24\]"):
+        cpu_native.store_kv(kv, kv, kv_cache, torch.tensor([0, -1, 24]))
+    assert (kv_cache == 0).all()  # not even the valid rows were written
+
+    rope = rotary.RotaryEmbedding(16, 64, 10000.0, {})
+    qr, kr = torch.randn(3, 4, 16), torch.randn(3, 2, 16)
+    before = qr.clone(), kr.clone()
+    for pos in ([0, 64, 1], [0, -1, 1]):
+        with pytest.raises(ValueError, match=r"positions must be in \[0, 64\)"):
+            cpu_native.apply_rope(qr, kr, torch.tensor(pos), rope.cos, rope.sin)
+        assert torch.equal(qr, before[0]) and torch.equal(kr, before[1])
+
+
+def test_backend_refuses_metadata_that_points_outside_the_cache():
+    q, k, v, cache, meta = make_paged_batch([1, 1, 5], [3, 9, 5], 4, 2, 16, 4, seed=2)
+    num_slots = cache.shape[1] * cache.shape[2]
+    meta.slot_mapping = meta.slot_mapping.clone()
+    meta.slot_mapping[0] = num_slots
+    with pytest.raises(ValueError, match="slots must be below"):
+        CpuBackend().forward(q, k, v, cache.clone(), meta, 0.25)
+    _, _, _, _, meta = make_paged_batch([1, 1, 5], [3, 9, 5], 4, 2, 16, 4, seed=2)
+    meta.block_tables = meta.block_tables.clone()
+    meta.block_tables[1, 0] = cache.shape[1]
+    with pytest.raises(ValueError, match="block ids"):
+        CpuBackend().forward(q, k, v, cache.clone(), meta, 0.25)

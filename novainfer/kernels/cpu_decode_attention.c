@@ -9,9 +9,9 @@
    releases the GIL). Threads come from the same libgomp that torch uses.
 
    Layouts: q, out [num_seqs, num_heads, head_dim]; k_cache, v_cache [num_blocks, block_size,
-   num_kv_heads, head_dim]; block_tables [num_seqs, table_stride] int32; seq_lens int32. */
+   num_kv_heads, head_dim]; block_tables [num_seqs, table_width] int32, rows table_stride
+   apart; seq_lens int32. */
 
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,10 +37,6 @@ static inline v4f hsum4(v8f a, v8f b, v8f c, v8f d) {
                     __builtin_shufflevector(x2, x3, 2, 6, 3, 7);
     return __builtin_shufflevector(u01, u23, 0, 1, 4, 5) +
            __builtin_shufflevector(u01, u23, 2, 3, 6, 7);
-}
-
-static inline float hsum(v8f v) {
-    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
 /* Up to 3 query heads (a constant after inlining) share each K load; named accumulators,
@@ -216,10 +212,12 @@ static void attend_one(const float *q, const float *k_cache, const float *v_cach
     for (int64_t j = 0; j < heads; ++j) {
         float *s = scores + j * len;
         float m = s[0];
+#pragma omp simd reduction(max : m) /* reductions in vector lanes, reordered */
         for (int64_t t = 1; t < len; ++t) m = s[t] > m ? s[t] : m;
         float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
         for (int64_t t = 0; t < len; ++t) {
-            s[t] = expf(s[t] - m);
+            s[t] = exp_f32(s[t] - m);
             sum += s[t];
         }
         const float inv = 1.0f / sum;
@@ -241,12 +239,15 @@ static void attend_one(const float *q, const float *k_cache, const float *v_cach
     }
 }
 
-/* Returns 0, or -1 when scratch memory could not be allocated. */
+/* Returns 0; before reading the cache, 1 when a sequence length is outside
+   [1, table_width * block_size] and 2 when a block id it needs is outside [0, num_blocks);
+   -1 when scratch memory could not be allocated. */
 int paged_decode_attention_f32(const float *q, const float *k_cache, const float *v_cache,
-                               const int32_t *block_tables, int64_t table_stride,
-                               const int32_t *seq_lens, float *out, int64_t num_seqs,
-                               int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                               int64_t block_size, float scale, int num_threads) {
+                               const int32_t *block_tables, int64_t table_width,
+                               int64_t table_stride, const int32_t *seq_lens, float *out,
+                               int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
+                               int64_t head_dim, int64_t block_size, int64_t num_blocks,
+                               float scale, int num_threads) {
     const int64_t group = num_heads / num_kv_heads;
     const int64_t token_stride = num_kv_heads * head_dim;
     /* A work item is a whole sequence, unless there are too few to keep the threads busy:
@@ -254,7 +255,14 @@ int paged_decode_attention_f32(const float *q, const float *k_cache, const float
     const int64_t slices = num_seqs >= 2 * num_threads ? 1 : num_kv_heads;
     const int64_t per_slice = num_kv_heads / slices;
     int64_t longest = 1;
-    for (int64_t b = 0; b < num_seqs; ++b) longest = seq_lens[b] > longest ? seq_lens[b] : longest;
+    for (int64_t b = 0; b < num_seqs; ++b) {
+        const int64_t len = seq_lens[b];
+        if (len < 1 || len > table_width * block_size) return 1;
+        const int32_t *table = block_tables + b * table_stride;
+        for (int64_t i = 0; i * block_size < len; ++i)
+            if (table[i] < 0 || table[i] >= num_blocks) return 2;
+        longest = len > longest ? len : longest;
+    }
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
