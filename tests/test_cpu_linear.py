@@ -3,8 +3,8 @@
 Row counts on and around the 6-row tile (1, 5, 6, 7, 13, 32, 100: one block, balanced
 blocks of unequal size), output sizes that fill 16-column panels exactly and ragged ones
 (8, 40), reduction sizes 1/9/576, with and without bias, 3-D and non-contiguous inputs,
-and the choice `pack_for_cpu` makes (C kernel, oneDNN without a compiler, F.linear for
-other dtypes or with NOVAINFER_NO_COMPILE=1).
+the unpacking back to the weight, and the choice `pack_for_cpu` makes (C kernel, oneDNN
+without a compiler, F.linear for other dtypes or with NOVAINFER_NO_COMPILE=1).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def test_packed_linear_matches_f_linear(m, n, k, bias):
     x, w, b = _case(m, n, k, bias, seed=m * 1000 + n + k)
     packed = cpu_native.pack_linear_weight(w)
     assert packed.shape == (-(-n // 16), k, 16)
+    assert torch.equal(cpu_native.unpack_linear_weight(packed, n), w)
     got = cpu_native.packed_linear(x, packed, b, n)
     assert got.shape == (m, n)
     torch.testing.assert_close(got, _expected(x, w, b), rtol=1e-5, atol=1e-5)
@@ -72,24 +73,39 @@ def test_pack_for_cpu_picks_the_c_kernel_and_layers_use_it(monkeypatch):
     calls = []
     real = cpu_native.packed_linear
     monkeypatch.setattr(cpu_native, "packed_linear", lambda *a: calls.append(1) or real(*a))
-    layer.cpu_matmul = linear.pack_for_cpu(layer.weight.data)
+    weight = layer.weight.detach().clone()
+    linear.pack_for_cpu([layer])
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
     assert calls, "the layer did not go through the C kernel"
+    assert torch.equal(layer.weight, weight)  # unpacked from the panels on read
 
     head = LMHead(50, 32)
     torch.nn.init.normal_(head.weight)
-    head.cpu_matmul = linear.pack_for_cpu(head.weight.data)
-    torch.testing.assert_close(head(x), F.linear(x, head.weight), rtol=1e-5, atol=1e-5)
+    weight = head.weight.detach().clone()
+    linear.pack_for_cpu([head])
+    torch.testing.assert_close(head(x), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def _layer(weight: torch.Tensor) -> linear.Linear:
+    layer = linear.Linear(weight.shape[1], weight.shape[0])
+    layer.weight.data.copy_(weight)
+    return layer
 
 
 def test_pack_for_cpu_fallbacks(monkeypatch):
     w = torch.randn(24, 16)
     x = torch.randn(3, 16)
-    assert linear.pack_for_cpu(w.double()) is None  # other dtypes: F.linear
+    layer = linear.Linear(16, 24).double()
+    linear.pack_for_cpu([layer])
+    assert layer.cpu_matmul is None  # other dtypes: F.linear
     monkeypatch.setattr(linear, "PLAIN_PYTORCH", True)
-    assert linear.pack_for_cpu(w) is None  # NOVAINFER_NO_COMPILE=1: F.linear
+    layer = _layer(w)
+    linear.pack_for_cpu([layer])
+    assert layer.cpu_matmul is None  # NOVAINFER_NO_COMPILE=1: F.linear
     monkeypatch.setattr(linear, "PLAIN_PYTORCH", False)
     monkeypatch.setattr(cpu_native, "native_available", lambda: False)
-    onednn = linear.pack_for_cpu(w)  # no compiler: oneDNN's layout where torch has it
+    layer = _layer(w)
+    linear.pack_for_cpu([layer])  # no compiler: oneDNN's layout where torch has it
     if torch.backends.mkldnn.is_available():
-        torch.testing.assert_close(onednn(x, None), F.linear(x, w), rtol=1e-5, atol=1e-5)
+        assert layer.cpu_matmul is not None
+        torch.testing.assert_close(layer(x), F.linear(x, w), rtol=1e-5, atol=1e-5)

@@ -18,7 +18,7 @@ from novainfer.engine.sampler import sample
 from novainfer.engine.scheduler import ScheduledBatch
 from novainfer.engine.sequence import Sequence
 from novainfer.layers.attention import AttentionMetadata, get_backend
-from novainfer.layers.linear import pack_for_cpu
+from novainfer.layers.linear import CpuPackable, pack_for_cpu
 from novainfer.loader.weights import init_dummy_weights, load_weights
 from novainfer.models.config import ModelConfig
 from novainfer.models.registry import model_class
@@ -239,7 +239,11 @@ class ModelRunner:
 
 
 def pack_cpu_weights(model: torch.nn.Module) -> None:
-    """Give every linear layer (and the LM head) its CPU matmul on a repacked weight."""
+    """Give every linear layer (and the LM head) its CPU matmul on a repacked weight, which
+    replaces the weight in every module sharing it (a tied embedding too)."""
+    sharing: dict[int, list[CpuPackable]] = {}
     for module in model.modules():
-        if hasattr(module, "cpu_matmul"):
-            module.cpu_matmul = pack_for_cpu(module.weight.data)
+        if isinstance(module, CpuPackable):
+            sharing.setdefault(id(module.weight), []).append(module)
+    for modules in sharing.values():
+        pack_for_cpu(modules)

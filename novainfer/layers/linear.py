@@ -1,7 +1,8 @@
 """Linear layers: the one seam where tensor-parallel sharding and LoRA will hook in.
 
 Fused projections (q/k/v, gate/up) keep one weight; transformers' separate tensors are
-copied into their slices at load time. Split sizes are computed once, at construction.
+copied into their slices at load time. Split sizes are computed once, at construction. On
+the CPU, `pack_for_cpu` may replace a float32 weight by the C matmul's panels after loading.
 """
 
 from __future__ import annotations
@@ -19,12 +20,38 @@ from novainfer.layers.fusion import PLAIN_PYTORCH
 CpuMatmul = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
-class Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+class CpuPackable(nn.Module):
+    """A module with a weight [out_features, in_features] (a linear layer, the LM head, the
+    embedding) that `pack_for_cpu` may hold as cpu_linear.c's panels, parameter
+    `weight_panels`, instead of the tensor: one copy in memory, not two. `weight` then
+    unpacks a new tensor on every read (for tools and tests; writing to it changes nothing).
+    """
+
+    def __init__(self, out_features: int, in_features: int) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        weight = self._parameters.get("weight")
+        if weight is not None:
+            return weight
+        panels = self._parameters.get("weight_panels")
+        if panels is None:  # not set yet: nn.Module's lookup takes over
+            raise AttributeError("weight")
+        return cpu_native.unpack_linear_weight(panels, self.out_features)
+
+    def hold_as_panels(self, panels: nn.Parameter) -> None:
+        """Drop the weight tensor, keep `panels` (pack_linear_weight's layout of it) instead."""
+        del self.weight
+        self.weight_panels = panels
+
+
+class Linear(CpuPackable):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__(out_features, in_features)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         # Output slices by shard name; a plain linear has one shard covering everything.
         self.shards: dict[str | int, tuple[int, int]] = {None: (0, out_features)}
@@ -48,21 +75,35 @@ class Linear(nn.Module):
         target.copy_(tensor)
 
 
-def pack_for_cpu(weight: torch.Tensor) -> CpuMatmul | None:
-    """The fastest matmul for a float32 CPU weight, on a repacked copy of it; None (use
-    F.linear) for other weights or with NOVAINFER_NO_COMPILE=1.
+def pack_for_cpu(modules: list[CpuPackable]) -> None:
+    """Give the modules that share one float32 CPU weight (a linear layer; the LM head and,
+    when tied, the embedding) the fastest matmul as `cpu_matmul` (those that have one); other
+    weights, and NOVAINFER_NO_COMPILE=1, keep F.linear.
 
-    First choice: novainfer's C kernel (kernels/cpu_linear.c). Measured on the 2-core CI CPU
-    over all 30 layers and the LM head of the default model, it is 1.3-2.2x faster than
-    oneDNN at 1-32 rows (decode steps) and on par at 128-512 rows (prefill). Without a C
-    compiler: oneDNN's blocked layout, 25-35% faster than F.linear at decode sizes.
+    First choice: novainfer's C kernel (kernels/cpu_linear.c) on the weight repacked into
+    panels, which then replace the weight in all of `modules`: one copy in memory. Measured
+    on the 2-core CI CPU over all 30 layers and the LM head of the default model, it is
+    1.3-2.2x faster than oneDNN at 1-32 rows (decode steps) and on par at 128-512 rows
+    (prefill). Without a C compiler: oneDNN's blocked layout, 25-35% faster than F.linear at
+    decode sizes, beside the weight (oneDNN cannot give the weight back).
     """
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or PLAIN_PYTORCH:
-        return None
-    out_features = weight.shape[0]
+    weight = modules[0].weight
+    layers = [m for m in modules if hasattr(m, "cpu_matmul")]
+    if not layers or weight.device.type != "cpu" or weight.dtype != torch.float32 or PLAIN_PYTORCH:
+        return
     if cpu_native.native_available():
-        packed = cpu_native.pack_linear_weight(weight)
-        return lambda x, bias: cpu_native.packed_linear(x, packed, bias, out_features)
+        panels = nn.Parameter(cpu_native.pack_linear_weight(weight), requires_grad=False)
+        out_features = weight.shape[0]
+        for module in modules:
+            module.hold_as_panels(panels)
+        matmul = lambda x, bias: cpu_native.packed_linear(x, panels, bias, out_features)
+    else:
+        matmul = _onednn_matmul(weight)
+    for layer in layers:
+        layer.cpu_matmul = matmul
+
+
+def _onednn_matmul(weight: torch.Tensor) -> CpuMatmul | None:
     if not torch.backends.mkldnn.is_available():
         return None
     try:
