@@ -12,10 +12,11 @@ import torch
 
 from novainfer.config import EngineConfig
 from novainfer.engine.llm_engine import LLMEngine
+from novainfer.inputs import PROMPT_FORMS, PromptInputs
 from novainfer.outputs import RequestOutput
 from novainfer.sampling_params import SamplingParams
 
-Prompt = str | list[int]
+Prompt = str | list[int] | dict  # dict: {"prompt": str} or {"prompt_token_ids": [...]}
 Message = dict[str, str]
 
 
@@ -82,12 +83,12 @@ class LLM:
         params = _as_params_list(sampling_params, len(prompt_list))
         engine = self.llm_engine
         # Validate the whole batch before queuing any of it, so a bad prompt queues nothing.
-        for prompt, p in zip(prompt_list, params):
-            _, ids = engine.tokenize(prompt)
-            engine.check_length(len(ids), p)
+        inputs = [engine.process_prompt(p) for p in prompt_list]
+        for prompt, p in zip(inputs, params):
+            engine.check_length(len(prompt.token_ids), p)
         request_ids = []
         try:
-            for prompt, p in zip(prompt_list, params):
+            for prompt, p in zip(inputs, params):
                 request_id = str(next(self._ids))
                 engine.add_request(request_id, prompt, p)
                 request_ids.append(request_id)
@@ -109,7 +110,13 @@ class LLM:
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
         conversations = messages if isinstance(messages[0], list) else [messages]
-        prompts = [self.apply_chat_template(c, add_generation_prompt, chat_template) for c in conversations]
+        prompts = [
+            PromptInputs(
+                self.apply_chat_template(c, add_generation_prompt, chat_template),
+                self.apply_chat_template(c, add_generation_prompt, chat_template, tokenize=False),
+            )
+            for c in conversations
+        ]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def apply_chat_template(
@@ -117,7 +124,10 @@ class LLM:
         conversation: list[Message],
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
-    ) -> list[int]:
+        tokenize: bool = True,
+    ) -> list[int] | str:
+        """The conversation rendered by the model's chat template: token ids, or the prompt
+        string with tokenize=False."""
         if not conversation or not all(
             isinstance(m, dict) and "role" in m and "content" in m for m in conversation
         ):
@@ -129,8 +139,10 @@ class LLM:
             conversation,
             add_generation_prompt=add_generation_prompt,
             chat_template=chat_template,
-            tokenize=True,
+            tokenize=tokenize,
         )
+        if not tokenize:
+            return ids
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
@@ -159,14 +171,14 @@ class LLM:
 
 
 def _as_prompt_list(prompts: Any) -> list[Prompt]:
-    if isinstance(prompts, str):
+    if isinstance(prompts, (str, dict, PromptInputs)):
         return [prompts]
     if isinstance(prompts, Seq) and prompts and all(isinstance(t, int) for t in prompts):
         return [list(prompts)]  # a single prompt given as token ids
     if not isinstance(prompts, Seq) or isinstance(prompts, (bytes, bytearray)):
         raise TypeError(
-            "prompts must be a string, a list of strings or a list of token-id lists, "
-            f"got {type(prompts).__name__}"
+            "prompts must be a prompt or a list of prompts; a prompt is "
+            f"{PROMPT_FORMS}; got {type(prompts).__name__}"
         )
     if not prompts:
         raise ValueError("prompts must not be empty")

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from novainfer.inputs import check_cache_salt
+
+MAX_LOGPROBS = 20
+
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -36,6 +40,11 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     seed: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    cache_salt: str | None = None  # novainfer: also accepted here, not only in the prompt
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -66,8 +75,6 @@ class SamplingParams:
             raise ValueError(
                 f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}"
             )
-        if not isinstance(self.ignore_eos, bool):
-            raise TypeError(f"ignore_eos must be a bool, got {type(self.ignore_eos).__name__}")
         self.stop_list = self._normalise_stop(self.stop)
         if self.stop_token_ids is None:
             self.stop_token_ids = []
@@ -78,10 +85,17 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids)
         if self.seed is not None:
             self._check_int("seed", self.seed)
-        if self.logprobs is not None:
-            self._check_int("logprobs", self.logprobs, low=0)
-            if self.logprobs > 20:
-                raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                self._check_int(name, value, low=0)
+                if value > MAX_LOGPROBS:
+                    raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
+                     "spaces_between_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        self.cache_salt = check_cache_salt(self.cache_salt)
 
     @staticmethod
     def _check_int(name: str, value: object, low: int | None = None) -> None:

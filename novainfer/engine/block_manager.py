@@ -1,9 +1,14 @@
 """Paged KV-cache bookkeeping: ref-counted blocks and prefix caching by chained block hashes.
 
-A block's hash covers its tokens and, through the previous block's hash, every token before
-them, so equal hashes mean equal prefixes. Blocks whose ref count drops to zero keep their
-hash and wait in the free queue; they are handed out again least-recently-used first, and a
-later request with the same prefix can take them back before that happens.
+A block's hash covers its tokens, the sequence's cache key extras (`cache_salt`; later the
+LoRA adapter) and, through the previous block's hash, every token before them. The hash only
+finds a candidate: every cached block also keeps its key, `(parent key, tokens)` with the
+extras in place of the parent for a first block, and a hit counts only if that key equals
+the sequence's own (tokens compared, parents compared by identity first). A hash collision
+therefore costs a miss, never another request's KV. Blocks whose ref count drops to zero
+keep their hash and key and wait in the free queue; they are handed out again
+least-recently-used first, and a later request with the same prefix can take them back
+before that happens.
 
 Each sequence holding blocks also owns a row of `tables`, an int32 mirror of its block table
 (0-padded) that is written only when blocks change, so the model runner can gather a step's
@@ -20,13 +25,31 @@ import xxhash
 
 from novainfer.engine.sequence import Sequence
 
+# What a cached block's KV depends on: its parent's key (the extras for a first block) and
+# its tokens. Keys of verified hits are shared objects, so comparing parents is usually `is`.
+BlockKey = tuple
 
-def block_hash(parent: int | None, tokens: list[int]) -> int:
+
+def block_hash(parent: int | None, tokens: list[int], extras: tuple = ()) -> int:
+    """xxh3-128 over the parent's hash (or, for a first block, the extras) and the tokens."""
     h = xxhash.xxh3_128()
     if parent is not None:
         h.update(parent.to_bytes(16, "little"))
+    else:
+        encoded = repr(extras).encode()
+        h.update(len(encoded).to_bytes(8, "little"))
+        h.update(encoded)
     h.update(array("q", tokens).tobytes())
     return h.intdigest()
+
+
+def _relink(keys: list[BlockKey], start: int) -> None:
+    """Rebuild keys[start + 1:] on top of keys[start] when it was replaced by an equal (shared)
+    object, so no key's parent chain keeps replaced objects and compares stay shallow."""
+    for j in range(start + 1, len(keys)):
+        if keys[j][0] is keys[j - 1]:
+            break
+        keys[j] = (keys[j - 1], keys[j][1])
 
 
 class BlockManager:
@@ -43,6 +66,7 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
         self.hashes: list[int | None] = [None] * num_blocks
+        self.keys: list[BlockKey | None] = [None] * num_blocks  # of blocks in `cached`
         self.cached: dict[int, int] = {}  # block hash -> block id
         # Free blocks in eviction order: the first is reused first (least recently used).
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
@@ -61,11 +85,17 @@ class BlockManager:
         return 1.0 - len(self.free) / self.num_blocks
 
     def _update_hashes(self, seq: Sequence, num_tokens: int) -> None:
-        """Extend seq.block_hashes to cover the full blocks among its first num_tokens tokens."""
+        """Extend seq.block_hashes and seq.block_keys to cover the full blocks among its first
+        num_tokens tokens."""
         bs = self.block_size
         for i in range(len(seq.block_hashes), num_tokens // bs):
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
-            seq.block_hashes.append(block_hash(parent, seq.token_ids[i * bs : (i + 1) * bs]))
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            if i == 0:
+                seq.block_hashes.append(block_hash(None, tokens, seq.cache_extras))
+                seq.block_keys.append((seq.cache_extras, tokens))
+            else:
+                seq.block_hashes.append(block_hash(seq.block_hashes[-1], tokens))
+                seq.block_keys.append((seq.block_keys[-1], tokens))
 
     def _lookup_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks matching seq's leading full blocks; the last token is always computed."""
@@ -74,15 +104,20 @@ class BlockManager:
             # n > 1: share the sibling's computed prompt blocks, cache or no cache.
             done = min(seq.parent.num_computed_tokens, seq.num_prompt_tokens - 1)
             return seq.parent.block_table[: min(limit, done // self.block_size)]
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or seq.prompt_logprobs is not None:
+            return []  # prompt logprobs need every prompt position computed
         self._update_hashes(seq, limit * self.block_size)
         hits = []
-        for h in seq.block_hashes[:limit]:
+        keys = seq.block_keys
+        for i, h in enumerate(seq.block_hashes[:limit]):
             block = self.cached.get(h)
-            if block is None:
-                break
+            if block is None or self.keys[block] != keys[i]:
+                break  # not cached, or a hash collision: never trust the hash alone
+            keys[i] = self.keys[block]  # share the cached key: the next compare is `is`
+            if i + 1 < len(keys):
+                keys[i + 1] = (keys[i], keys[i + 1][1])
             hits.append(block)
+        _relink(keys, len(hits))
         self.prefix_queries += seq.num_tokens
         self.prefix_hits += len(hits) * self.block_size
         return hits
@@ -132,7 +167,7 @@ class BlockManager:
         if old is not None:
             if self.cached.get(old) == block:
                 del self.cached[old]
-            self.hashes[block] = None
+            self.hashes[block] = self.keys[block] = None
         self.ref_counts[block] = 1
         return block
 
@@ -143,14 +178,25 @@ class BlockManager:
             return
         self._update_hashes(seq, full * self.block_size)
         start, seq.num_registered_blocks = seq.num_registered_blocks, full
+        keys = seq.block_keys
         for i in range(start, full):
             block = seq.block_table[i]
-            if self.hashes[block] is not None:
-                continue
-            h = seq.block_hashes[i]
-            if h not in self.cached:  # an equal block may already be cached by another request
-                self.cached[h] = block
-                self.hashes[block] = h
+            if self.hashes[block] is None:
+                h = seq.block_hashes[i]
+                other = self.cached.get(h)
+                if other is None:
+                    self.cached[h] = block
+                    self.hashes[block], self.keys[block] = h, keys[i]
+                    continue
+            else:
+                other = block  # registered already (a hit, or a sibling's shared block)
+            # Adopt an equal cached key so that this sequence's later blocks name the cached
+            # parent (cheap `is` compares); a different key is a hash collision: stay uncached.
+            if self.keys[other] is not keys[i] and self.keys[other] == keys[i]:
+                keys[i] = self.keys[other]
+                if i + 1 < len(keys):
+                    keys[i + 1] = (keys[i], keys[i + 1][1])
+        _relink(keys, full)
 
     def free_seq(self, seq: Sequence) -> None:
         # Tail blocks first, so a prefix outlives its suffixes in the eviction order.

@@ -9,19 +9,56 @@ from __future__ import annotations
 from typing import Any
 
 
+def decode(
+    tokenizer: Any,
+    ids: list[int],
+    skip_special_tokens: bool = True,
+    spaces_between_special_tokens: bool = True,
+) -> str:
+    """Text of `ids`. Kept special tokens are set apart by spaces unless
+    `spaces_between_special_tokens` is False (transformers' slow-tokenizer meaning, for every
+    tokenizer: fast tokenizers would otherwise ignore the flag)."""
+    if skip_special_tokens or not spaces_between_special_tokens:
+        return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    special = set(tokenizer.all_special_ids)
+    parts: list[str] = []
+    run: list[int] = []
+    for t in ids:
+        if t in special:
+            if run:
+                parts.append(tokenizer.decode(run))
+                run = []
+            parts.append(tokenizer.decode([t]))
+        else:
+            run.append(t)
+    if run:
+        parts.append(tokenizer.decode(run))
+    return " ".join(parts)
+
+
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, prompt_ids: list[int]) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_ids: list[int],
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ) -> None:
         self.tokenizer = tokenizer
-        # A little prompt context so the first output token decodes with its leading space.
-        self.prefix_offset = max(len(prompt_ids) - 5, 0)
+        self.options = (skip_special_tokens, spaces_between_special_tokens)
+        # A little prompt context so the first output token decodes with its leading space;
+        # none when kept special tokens are spaced, or a special first token would get the
+        # space that joins it to the prompt.
+        spaced = not skip_special_tokens and spaces_between_special_tokens
+        self.prefix_offset = len(prompt_ids) if spaced else max(len(prompt_ids) - 5, 0)
         self.read_offset = len(prompt_ids)
         self.text = ""
 
     def step(self, token_ids: list[int]) -> str:
         """Consume the newest token of `token_ids` (prompt + output); return the new text."""
-        decode = self.tokenizer.decode
-        prefix = decode(token_ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        full = decode(token_ids[self.prefix_offset :], skip_special_tokens=True)
+        tok, options = self.tokenizer, self.options
+        prefix = decode(tok, token_ids[self.prefix_offset : self.read_offset], *options)
+        full = decode(tok, token_ids[self.prefix_offset :], *options)
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return ""
         delta = full[len(prefix) :]

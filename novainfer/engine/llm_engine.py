@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +18,21 @@ import torch
 
 from novainfer.config import EngineConfig
 from novainfer.engine.block_manager import BlockManager
-from novainfer.engine.detokenizer import IncrementalDetokenizer, find_stop
+from novainfer.engine.detokenizer import IncrementalDetokenizer, decode, find_stop
 from novainfer.engine.model_runner import ModelRunner
 from novainfer.engine.scheduler import Scheduler
 from novainfer.engine.sequence import Sequence
 from novainfer.engine.step_timer import StepTimer, enabled_by_env
+from novainfer.inputs import PromptInputs, parse_prompt
 from novainfer.loader.model_path import resolve_model
 from novainfer.models.config import ModelConfig
-from novainfer.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from novainfer.outputs import (
+    CompletionOutput,
+    Logprob,
+    PositionLogprobs,
+    RequestMetrics,
+    RequestOutput,
+)
 from novainfer.sampling_params import SamplingParams
 
 
@@ -37,6 +44,7 @@ class Request:
     params: SamplingParams
     seqs: list[Sequence]
     stream: bool
+    metrics: RequestMetrics
     detokenizers: list[IncrementalDetokenizer | None] = field(default_factory=list)
 
 
@@ -77,6 +85,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.num_steps = 0
+        self.clock = time.time  # for RequestMetrics; tests inject their own
         # Per-step phase timing (novainfer/engine/step_timer.py); None = off, zero cost.
         self.step_timer = None
         if enabled_by_env():
@@ -88,42 +97,61 @@ class LLMEngine:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        """Validate a prompt (text or token ids) and return (text, token ids)."""
-        if isinstance(prompt, str):
-            if not prompt:
+    def process_prompt(self, prompt: Any) -> PromptInputs:
+        """Validate one prompt in any accepted form (novainfer/inputs.py), tokenize text, and
+        return its token ids; raises ValueError/TypeError naming what is wrong."""
+        if isinstance(prompt, PromptInputs):
+            return prompt
+        text, ids, salt = parse_prompt(prompt)
+        if text is not None:
+            if not text:
                 raise ValueError("prompt must not be empty")
             if self.tokenizer is None:
                 raise ValueError("prompt must be token ids when skip_tokenizer_init=True")
-            return prompt, self.tokenizer.encode(prompt)
-        if not isinstance(prompt, (list, tuple)):
-            raise TypeError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        if not prompt:
+            ids = self.tokenizer.encode(text)
+            if not ids:
+                raise ValueError(
+                    f"prompt {text[:40]!r} tokenizes to no tokens; give text with some content "
+                    "or token ids"
+                )
+            return PromptInputs(ids, text, salt)
+        if not ids:
             raise ValueError("prompt must not be empty (got no token ids)")
-        for t in prompt:
+        for t in ids:
             if not isinstance(t, int) or isinstance(t, bool):
                 raise TypeError(f"prompt token ids must be ints, got {type(t).__name__}")
             if not 0 <= t < self.vocab_size:
                 raise ValueError(
                     f"prompt token id {t} is out of range; allowed: 0 <= id < {self.vocab_size}"
                 )
-        return None, list(prompt)
+        return PromptInputs(ids, None, salt)
 
     def add_request(
         self,
         request_id: str,
-        prompt: str | list[int],
+        prompt: Any,
         params: SamplingParams,
         stream: bool = False,
     ) -> None:
+        """Queue one request. `prompt`: a string, token ids, a vLLM-style prompt dict, or the
+        PromptInputs that `process_prompt` returned."""
         if request_id in self.requests:
             raise ValueError(f"request_id '{request_id}' is already in use")
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
-        text, ids = self.tokenize(prompt)
+        inputs = self.process_prompt(prompt)
+        ids = inputs.token_ids
         self.check_length(len(ids), params)
         self._check_token_ids(params)
-        now = time.monotonic()
+        salt = inputs.cache_salt or params.cache_salt
+        if inputs.cache_salt and params.cache_salt and inputs.cache_salt != params.cache_salt:
+            raise ValueError(
+                "cache_salt differs between the prompt and SamplingParams; give it in one place"
+            )
+        if params.stop_list and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True was set)")
+        metrics = RequestMetrics(arrival_time=self.clock())
+        extras = (("cache_salt", salt),) if salt else ()
         seqs: list[Sequence] = []
         for index in range(params.n):
             seed = params.seed + index if params.seed is not None else None
@@ -136,16 +164,19 @@ class LLMEngine:
                     num_prompt_tokens=len(ids),
                     params=params,
                     generator=self._generator(seed),
-                    arrival=now,
+                    metrics=metrics,
                     parent=seqs[0] if index else None,
+                    cache_extras=extras,
                 )
             )
-        if params.stop_list and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True was set)")
         needs_text = (stream or bool(params.stop_list)) and self.tokenizer is not None
-        request = Request(request_id, text, ids, params, seqs, stream)
+        request = Request(request_id, inputs.text, ids, params, seqs, stream, metrics)
         request.detokenizers = [
-            IncrementalDetokenizer(self.tokenizer, ids) if needs_text else None for _ in seqs
+            IncrementalDetokenizer(
+                self.tokenizer, ids, params.skip_special_tokens,
+                params.spaces_between_special_tokens,
+            ) if needs_text else None
+            for _ in seqs
         ]
         self.requests[request_id] = request
         for seq in seqs:
@@ -181,6 +212,7 @@ class LLMEngine:
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
+        request.metrics.finished_time = self.clock()
         for seq in request.seqs:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
@@ -218,15 +250,20 @@ class LLMEngine:
         self.num_steps += 1
         if timer is not None:
             timer.phase("prepare")  # the runner marks forward and sample
-        sampled, tokens, logprobs = self.runner.execute(batch, self.eos_ids)
+        result = self.runner.execute(batch, self.eos_ids)
         if timer is not None:
             timer.phase("postprocess")
+        now = self.clock()
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             self.block_manager.cache_computed_blocks(seq)
+            if seq.metrics.first_scheduled_time is None:
+                seq.metrics.first_scheduled_time = now
+        for seq, entries in result.prompt_logprobs:
+            seq.prompt_logprobs.extend(self._decorate(e) for e in entries)
         touched: dict[str, Request] = {}
         ended: set[str] = set()  # requests with a sequence that finished this step
-        for seq, token, lp in zip(sampled, tokens, logprobs):
+        for seq, token, lp in zip(result.seqs, result.tokens, result.logprobs):
             request = self.requests[seq.request_id]
             self._append(request, seq, token, lp)
             touched[request.request_id] = request
@@ -234,7 +271,13 @@ class LLMEngine:
                 ended.add(request.request_id)
         outputs = []
         for request_id, request in touched.items():
+            metrics = request.metrics
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+            metrics.last_token_time = now
             done = request_id in ended and all(s.is_finished for s in request.seqs)
+            if done:
+                metrics.finished_time = now
             if done or request.stream:
                 outputs.append(self._output(request))
             if done:
@@ -254,16 +297,21 @@ class LLMEngine:
             seq.cumulative_logprob += lp[token].logprob
         num_output = len(seq.token_ids) - seq.num_prompt_tokens
         past_min = num_output >= params.min_tokens
+        detok = request.detokenizers[seq.index]
         if past_min and not params.ignore_eos and token in self.eos_ids:
             self._finish(seq, "stop", None)
         elif past_min and token in params.stop_token_ids:
             self._finish(seq, "stop", token)
-        elif (detok := request.detokenizers[seq.index]) is not None:
-            # A stopping token's own text is never shown, so detokenize only the others.
+        if seq.finish_reason is not None:
+            # A stopping token's text is shown only with include_stop_str_in_output.
+            if detok is not None and params.include_stop_str_in_output:
+                detok.step(seq.token_ids)
+        elif detok is not None:
             delta = detok.step(seq.token_ids)
             hit = find_stop(detok.text, len(delta), params.stop_list) if past_min and delta else None
             if hit is not None:
-                detok.text = detok.text[: hit[0]]
+                end = hit[0] + len(hit[1]) if params.include_stop_str_in_output else hit[0]
+                detok.text = detok.text[:end]
                 self._finish(seq, "stop", hit[1])
         if seq.finish_reason is None and (
             num_output >= params.max_tokens or len(seq.token_ids) >= self.max_model_len
@@ -283,9 +331,13 @@ class LLMEngine:
         ids = seq.output_token_ids
         if self.tokenizer is None:
             return ""
-        if seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str):
+        params = seq.params
+        stopped_by_token = seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str)
+        if stopped_by_token and not params.include_stop_str_in_output:
             ids = ids[:-1]  # finished by EOS or a stop token id: that token is not text
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return decode(
+            self.tokenizer, ids, params.skip_special_tokens, params.spaces_between_special_tokens
+        )
 
     def _output(self, request: Request) -> RequestOutput:
         completions = []
@@ -302,13 +354,16 @@ class LLMEngine:
                     stop_reason=seq.stop_reason,
                 )
             )
+        first = request.seqs[0]
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,
             prompt_token_ids=request.prompt_token_ids,
             outputs=completions,
             finished=all(s.is_finished for s in request.seqs),
-            num_cached_tokens=request.seqs[0].num_cached_tokens,
+            num_cached_tokens=first.num_cached_tokens,
+            prompt_logprobs=list(first.prompt_logprobs) if first.prompt_logprobs else None,
+            metrics=replace(request.metrics),
         )
 
     def _decorate(self, position: PositionLogprobs) -> PositionLogprobs:

@@ -14,7 +14,7 @@ import torch
 
 from novainfer.config import EngineConfig
 from novainfer.engine.cuda_graphs import DecodeGraphs
-from novainfer.engine.sampler import sample
+from novainfer.engine.sampler import logprob_entries, sample
 from novainfer.engine.scheduler import ScheduledBatch
 from novainfer.engine.sequence import Sequence
 from novainfer.layers.attention import AttentionMetadata, get_backend
@@ -26,6 +26,18 @@ from novainfer.outputs import PositionLogprobs
 
 CPU_DEFAULT_KV_BYTES = 2 << 30
 MAX_DECODE_SPLITS = 32
+PROMPT_LOGPROBS_ROWS = 1024  # LM-head rows per pass for prompt logprobs (bounds the memory)
+
+
+@dataclass
+class PromptLogprobRows:
+    """Prompt positions [first, first + count) of `seq` computed this step, at rows
+    [row, row + count) of the step's hidden states; each predicts the next prompt token."""
+
+    seq: Sequence
+    row: int
+    first: int
+    count: int
 
 
 @dataclass
@@ -35,6 +47,18 @@ class StepInputs:
     meta: AttentionMetadata
     logits_indices: torch.Tensor
     sampling_seqs: list[Sequence]
+    prompt_rows: list[PromptLogprobRows]
+
+
+@dataclass
+class StepOutput:
+    """The sequences that sampled, their new tokens and logprobs, and the prompt logprobs
+    computed this step (sequence, the entries for its next prompt positions)."""
+
+    seqs: list[Sequence]
+    tokens: list[int]
+    logprobs: list[PositionLogprobs | None]
+    prompt_logprobs: list[tuple[Sequence, list[PositionLogprobs]]]
 
 
 class ModelRunner:
@@ -203,6 +227,7 @@ class ModelRunner:
             meta=meta,
             logits_indices=part[5],
             sampling_seqs=[seqs[i] for i in sampled.tolist()],
+            prompt_rows=_prompt_logprob_rows(seqs, starts, query_lens, cu),
         )
 
     def _upload(self, host: np.ndarray) -> torch.Tensor:
@@ -217,10 +242,8 @@ class ModelRunner:
         return staging.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
-    def execute(
-        self, batch: ScheduledBatch, eos_ids: list[int]
-    ) -> tuple[list[Sequence], list[int], list[PositionLogprobs | None]]:
-        """Run one step; returns the sequences that sampled, their new tokens and logprobs."""
+    def execute(self, batch: ScheduledBatch, eos_ids: list[int]) -> StepOutput:
+        """Run one step: the forward pass, prompt logprobs where asked, sampling."""
         inputs = self.prepare(batch)
         timer = self.step_timer
         if timer is not None:
@@ -229,13 +252,43 @@ class ModelRunner:
             hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
+        prompt_logprobs = [(r.seq, self._prompt_logprobs(hidden, r)) for r in inputs.prompt_rows]
         if not inputs.sampling_seqs:
-            return [], [], []
+            return StepOutput([], [], [], prompt_logprobs)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         if timer is not None:
             timer.phase("sample")
         tokens, logprobs = sample(logits, inputs.sampling_seqs, eos_ids, self.generator)
-        return inputs.sampling_seqs, tokens, logprobs
+        return StepOutput(inputs.sampling_seqs, tokens, logprobs, prompt_logprobs)
+
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, rows: PromptLogprobRows
+    ) -> list[PositionLogprobs]:
+        seq, k = rows.seq, rows.seq.params.prompt_logprobs
+        entries: list[PositionLogprobs] = []
+        for lo in range(0, rows.count, PROMPT_LOGPROBS_ROWS):
+            n = min(PROMPT_LOGPROBS_ROWS, rows.count - lo)
+            logits = self.model.compute_logits(hidden[rows.row + lo : rows.row + lo + n])
+            first = rows.first + lo + 1  # the prompt token each row predicts
+            targets = torch.tensor(seq.token_ids[first : first + n], device=logits.device)
+            entries += logprob_entries(logits.float().log_softmax(dim=-1), targets, [k] * n)
+        return entries
+
+
+def _prompt_logprob_rows(
+    seqs: list[Sequence], starts: list[int], query_lens: list[int], cu: np.ndarray
+) -> list[PromptLogprobRows]:
+    """Where this step computes prompt positions whose logprobs are still missing: position
+    t predicts prompt token t + 1, and entries 0 .. len(seq.prompt_logprobs) - 1 exist."""
+    rows = []
+    for i, seq in enumerate(seqs):
+        if seq.prompt_logprobs is None:
+            continue
+        lo = max(starts[i], len(seq.prompt_logprobs) - 1)
+        hi = min(starts[i] + query_lens[i], seq.num_prompt_tokens - 1)
+        if lo < hi:
+            rows.append(PromptLogprobRows(seq, int(cu[i]) + lo - starts[i], lo, hi - lo))
+    return rows
 
 
 def pack_cpu_weights(model: torch.nn.Module) -> None:

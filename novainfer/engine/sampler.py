@@ -164,27 +164,40 @@ def draw_rows(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Gener
     return draw(logits, seqs, generator, scale=inverse)
 
 
+def logprob_entries(
+    logprobs: torch.Tensor, tokens: torch.Tensor, ks: list[int]
+) -> list[PositionLogprobs]:
+    """Per row of log-probabilities [rows, vocab]: the top ks[row] tokens (ranks 1..k) and
+    the row's token in `tokens`, with its rank (1 + the number of tokens more likely)."""
+    chosen = logprobs.gather(1, tokens[:, None])
+    ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
+    kmax = max(ks, default=0)
+    top_vals, top_ids = logprobs.topk(kmax) if kmax else (None, None)
+    top_vals = top_vals.tolist() if kmax else None
+    top_ids = top_ids.tolist() if kmax else None
+    out: list[PositionLogprobs] = []
+    for row, (token, value, rank, k) in enumerate(
+        zip(tokens.tolist(), chosen[:, 0].tolist(), ranks, ks)
+    ):
+        entry: PositionLogprobs = {}
+        if k:
+            for r, (tid, val) in enumerate(zip(top_ids[row][:k], top_vals[row][:k]), start=1):
+                entry[tid] = Logprob(val, r)
+        if token not in entry:
+            entry[token] = Logprob(value, rank)
+        out.append(entry)
+    return out
+
+
 def gather_logprobs(
     logprobs: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]
 ) -> list[PositionLogprobs | None]:
-    out: list[PositionLogprobs | None] = []
-    for row, seq in enumerate(seqs):
-        k = seq.params.logprobs
-        if k is None:
-            out.append(None)
-            continue
-        row_lp = logprobs[row]
-        token = int(tokens[row])
-        chosen = float(row_lp[token])
-        entry: PositionLogprobs = {}
-        if k > 0:
-            values, ids = row_lp.topk(k)
-            for rank, (tid, val) in enumerate(zip(ids.tolist(), values.tolist()), start=1):
-                entry[tid] = Logprob(val, rank)
-        if token not in entry:
-            rank = int((row_lp > row_lp[token]).sum()) + 1
-            entry[token] = Logprob(chosen, rank)
-        out.append(entry)
+    rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
+    out: list[PositionLogprobs | None] = [None] * len(seqs)
+    index = to_device(rows, logprobs.device)
+    ks = [seqs[i].params.logprobs for i in rows]
+    for i, entry in zip(rows, logprob_entries(logprobs[index], tokens[index], ks)):
+        out[i] = entry
     return out
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from novainfer.outputs import PositionLogprobs
+from novainfer.outputs import PositionLogprobs, RequestMetrics
 from novainfer.sampling_params import SamplingParams
 
 
@@ -33,25 +33,33 @@ class Sequence:
     num_prompt_tokens: int
     params: SamplingParams
     generator: torch.Generator | None
-    arrival: float
+    metrics: RequestMetrics  # the request's, shared by its sequences
     parent: Sequence | None = None  # n > 1: the sibling whose prompt blocks this one shares
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     block_table: list[int] = field(default_factory=list)
     block_row: int = -1  # this sequence's row of BlockManager.tables while it holds blocks
-    block_hashes: list[int] = field(default_factory=list)  # chained hashes of full token blocks
+    # Prefix-cache identity: extras mixed into the first block (cache_salt; later the LoRA
+    # adapter), chained hashes of full token blocks and their keys (engine/block_manager.py).
+    cache_extras: tuple = ()
+    block_hashes: list[int] = field(default_factory=list)
+    block_keys: list[tuple] = field(default_factory=list)
     num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
     logprobs: list[PositionLogprobs] | None = None
+    # Prompt logprobs (entry 0 is None), collected by the sequence that computes the prompt
+    # (index 0 of its request) when params.prompt_logprobs is set.
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    text: str = ""  # filled by the detokenizer
     output_counts: dict[int, int] = field(default_factory=dict)  # for presence/frequency penalties
 
     def __post_init__(self) -> None:
         if self.params.logprobs is not None:
             self.logprobs = []
+        if self.params.prompt_logprobs is not None and self.index == 0:
+            self.prompt_logprobs = [None]
 
     @property
     def num_tokens(self) -> int:
