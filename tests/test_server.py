@@ -281,6 +281,93 @@ def test_sampling_fields_accepted(client):
     assert chat.usage.completion_tokens == 3
 
 
+def _post(server, path: str, body: dict) -> dict:
+    resp = httpx.post(server.url + path, json={"model": MODEL, **body}, headers=_headers(),
+                      timeout=600)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def test_prompt_logprobs_match_transformers(server, model_dir, tokenizer):
+    import torch
+    from conftest import hf_model
+
+    ids = tokenizer.encode(PROMPT)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(model_dir)(torch.tensor([ids])).logits[0, :-1].float(), -1)
+    r = _post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "temperature": 0,
+                                          "prompt_logprobs": 2})
+    entries = r["choices"][0]["prompt_logprobs"]
+    assert len(entries) == len(ids) and entries[0] is None
+    for p in range(1, len(ids)):
+        got = entries[p][str(ids[p])]
+        assert got["logprob"] == pytest.approx(float(ref[p - 1, ids[p]]), abs=1e-4)
+        assert got["rank"] == int((ref[p - 1] > ref[p - 1, ids[p]]).sum()) + 1
+        assert sum(1 for e in entries[p].values() if e["rank"] <= 2) == 2
+    # Streaming: the first chunk of the choice carries them.
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2, "temperature": 0,
+            "prompt_logprobs": 2, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=_headers(),
+                      timeout=600) as resp:
+        chunks = [json.loads(line[6:]) for line in resp.iter_lines()
+                  if line.startswith("data: {")]
+    assert chunks[0]["choices"][0]["prompt_logprobs"] == entries
+    chat = _post(server, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "prompt_logprobs": 0})
+    assert chat["prompt_logprobs"][0] is None and len(chat["prompt_logprobs"]) == \
+        chat["usage"]["prompt_tokens"]
+
+
+def test_include_stop_str_and_special_token_fields(server):
+    base = _post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 20,
+                                             "temperature": 0})["choices"][0]["text"]
+    stop = " ".join(base.split(" ")[4:6])
+    cut = base.index(stop)
+    for include, expected in ((True, base[: cut + len(stop)]), (False, base[:cut])):
+        body = {"prompt": PROMPT, "max_tokens": 20, "temperature": 0, "stop": stop,
+                "include_stop_str_in_output": include, "skip_special_tokens": False,
+                "spaces_between_special_tokens": False}
+        choice = _post(server, "/v1/completions", body)["choices"][0]
+        assert choice["text"] == expected and choice["finish_reason"] == "stop"
+        texts, reasons, _ = _stream_completion(
+            openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0,
+                          timeout=600), **{k: v for k, v in body.items() if k in
+                                          ("prompt", "max_tokens", "temperature", "stop")},
+            extra_body={k: v for k, v in body.items() if k not in
+                        ("prompt", "max_tokens", "temperature", "stop")})
+        assert texts[0] == expected and reasons[0] == "stop"
+    for field in ("include_stop_str_in_output", "skip_special_tokens",
+                  "spaces_between_special_tokens"):
+        resp = httpx.post(server.url + "/v1/completions", headers=_headers(), timeout=600,
+                          json={"model": MODEL, "prompt": PROMPT, field: "yes"})
+        _check_error(resp, 400, field)
+        assert resp.json()["error"]["param"] == field
+
+
+def test_cache_salt_isolates_tenants(server):
+    prompt = " ".join([PROMPT] * 6)  # several full 16-token blocks
+
+    def cached(salt: str | None, chat: bool = False) -> int:
+        extra = {} if salt is None else {"cache_salt": salt}
+        if chat:
+            r = _post(server, "/v1/chat/completions", {
+                "messages": [{"role": "user", "content": prompt}], "max_tokens": 1, **extra})
+        else:
+            r = _post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 1, **extra})
+        return r["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert cached("tenant-a") == 0
+    assert cached("tenant-a") >= 32
+    assert cached("tenant-b") == 0
+    assert cached("tenant-a", chat=True) == 0
+    assert cached("tenant-a", chat=True) >= 32
+    assert cached("tenant-b", chat=True) == 0
+    assert cached(None, chat=True) == 0
+    resp = httpx.post(server.url + "/v1/completions", headers=_headers(), timeout=600,
+                      json={"model": MODEL, "prompt": prompt, "cache_salt": ""})
+    _check_error(resp, 400, "empty cache_salt")
+
+
 # ------------------------------------------------------------------------------ errors
 
 

@@ -50,6 +50,12 @@ class _Sampling(_Base):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
+    # vLLM's extra fields
+    prompt_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+    include_stop_str_in_output: StrictBool = False
+    skip_special_tokens: StrictBool = True
+    spaces_between_special_tokens: StrictBool = True
+    cache_salt: Annotated[StrictStr, Field(min_length=1)] | None = None
 
 
 class CompletionRequest(_Sampling):
