@@ -39,20 +39,28 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, folder: Path, log: Path, *extra: str) -> None:
+    """A `novainfer serve` process. With `hold` (a file path), the engine stops stepping
+    after `hold_after` steps while that file exists (tests/gated_serve.py)."""
+
+    def __init__(self, folder: Path, log: Path, *extra: str, hold: Path | None = None,
+                 hold_after: int = 0) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "novainfer.cli", "serve", "--model", str(folder),
+        entry = ["-m", "novainfer.cli"] if hold is None else [str(ROOT / "tests" / "gated_serve.py")]
+        cmd = [sys.executable, *entry, "serve", "--model", str(folder),
                "--port", str(self.port), "--device", "cpu", "--dtype", "float32",
                "--served-model-name", MODEL, "--api-key", API_KEY,
                "--max-model-len", str(MAX_MODEL_LEN), "--num-kv-blocks", "1024",
                "--log-level", "warning", *extra]
         env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+        if hold is not None:
+            env.update(NOVAINFER_TEST_HOLD=str(hold), NOVAINFER_TEST_HOLD_AFTER=str(hold_after),
+                       PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
         self.log = log
         with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out,
                                          stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # a hang guard, not a speed limit
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{log.read_text()[-3000:]}")
@@ -67,10 +75,10 @@ class Server:
             time.sleep(0.2)
 
     def health(self) -> dict:
-        return httpx.get(self.url + "/health", timeout=5).json()
+        return httpx.get(self.url + "/health", timeout=300).json()
 
     def metrics(self) -> dict[str, float]:
-        text = httpx.get(self.url + "/metrics", timeout=5).text
+        text = httpx.get(self.url + "/metrics", timeout=300).text
         values = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):
@@ -104,7 +112,7 @@ def server(model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -382,7 +390,7 @@ async def _good_stream(url: str, max_tokens: int = 48) -> tuple[str | None, int]
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "stream": True,
             "temperature": 0, "ignore_eos": True, "stream_options": {"include_usage": True}}
     reason, tokens = None, 0
-    async with httpx.AsyncClient(timeout=60) as c, \
+    async with httpx.AsyncClient(timeout=600) as c, \
             c.stream("POST", url + "/v1/completions", json=body, headers=_headers()) as r:
         assert r.status_code == 200
         lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
@@ -449,7 +457,7 @@ def test_errors_with_concurrent_good_request(server):
 
     async def bad(name: str, path: str, headers: dict, body: bytes, status: int) -> None:
         await asyncio.sleep(0.05)
-        async with httpx.AsyncClient(timeout=30) as c:
+        async with httpx.AsyncClient(timeout=600) as c:
             resp = await c.post(server.url + path, content=body, headers=headers)
         _check_error(resp, status, name)
 
@@ -478,60 +486,66 @@ def test_unknown_route_has_error_shape(server):
     _check_error(resp, 404, "route")
 
 
+async def _until(srv: Server, key: str, value: int) -> None:
+    """Poll /health until `key` equals `value` (the deadline only guards against a hang)."""
+    deadline = time.monotonic() + 300
+    while True:
+        h = await asyncio.to_thread(srv.health)
+        if h[key] == value:
+            return
+        assert time.monotonic() < deadline, h
+        await asyncio.sleep(0.01)
+
+
 def test_overload_503_and_graceful_shutdown(model_dir, tmp_path):
-    """A full waiting queue gets 503 + Retry-After; SIGTERM lets the in-flight stream finish."""
+    """A full waiting queue gets 503 + Retry-After; SIGTERM lets the in-flight stream finish.
+    The gate holds the running request, so it is still running when the 503 is checked."""
+    hold = tmp_path / "hold"
+    hold.touch()
     srv = Server(model_dir, tmp_path / "small.log", "--max-num-seqs", "1",
-                 "--max-waiting-requests", "1", "--shutdown-grace", "30", "--max-model-len", "1024")
-
-    async def until(key: str, value: int) -> None:
-        deadline = time.monotonic() + 20
-        while True:
-            h = await asyncio.to_thread(srv.health)
-            if h[key] == value:
-                return
-            assert time.monotonic() < deadline, h
-            await asyncio.sleep(0.01)
-
+                 "--max-waiting-requests", "1", "--shutdown-grace", "600",
+                 "--max-model-len", "1024", hold=hold, hold_after=2)
     try:
         async def main():
-            long = asyncio.ensure_future(_good_stream(srv.url, max_tokens=1000))
-            await until("num_requests_running", 1)
+            long = asyncio.ensure_future(_good_stream(srv.url, max_tokens=200))
+            await _until(srv, "num_requests_running", 1)
             queued = asyncio.ensure_future(_good_stream(srv.url, max_tokens=8))
-            await until("num_requests_waiting", 1)
-            async with httpx.AsyncClient(timeout=30) as c:
+            await _until(srv, "num_requests_waiting", 1)
+            async with httpx.AsyncClient(timeout=600) as c:
                 resp = await c.post(srv.url + "/v1/completions", headers=_headers(),
                                     json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
             _check_error(resp, 503, "overloaded")
             assert int(resp.headers["retry-after"]) >= 1
-            assert not long.done()
+            assert not long.done() and not queued.done()
             srv.proc.send_signal(signal.SIGTERM)
+            hold.unlink()  # draining: both requests may now run to the end
             return await long, await queued
 
         (reason, tokens), (reason2, tokens2) = asyncio.run(main())
-        assert (reason, tokens) == ("length", 1000)
+        assert (reason, tokens) == ("length", 200)
         assert (reason2, tokens2) == ("length", 8)
-        assert srv.proc.wait(30) == 0
+        assert srv.proc.wait(300) == 0
     finally:
         srv.stop()
 
 
 def test_sigint_after_grace_aborts_and_exits_0(model_dir, tmp_path):
-    """Past the grace period the rest is aborted: the stream still ends cleanly."""
+    """Past the grace period the rest is aborted: the stream still ends cleanly. The gate
+    stops the request after its first tokens, so it cannot finish within the grace."""
+    hold = tmp_path / "hold"
+    hold.touch()
     srv = Server(model_dir, tmp_path / "grace.log", "--shutdown-grace", "1",
-                 "--max-model-len", "1024")
+                 "--max-model-len", "1024", hold=hold, hold_after=2)
     try:
         async def main():
             long = asyncio.ensure_future(_good_stream(srv.url, max_tokens=1000))
-            deadline = time.monotonic() + 20
-            while (await asyncio.to_thread(srv.health))["num_requests_running"] != 1:
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.01)
+            await _until(srv, "num_requests_running", 1)
             srv.proc.send_signal(signal.SIGINT)
             return await long
 
         reason, tokens = asyncio.run(main())
-        assert reason == "abort" and 0 < tokens < 1000
-        assert srv.proc.wait(30) == 0
+        assert reason == "abort" and 1 <= tokens <= 2
+        assert srv.proc.wait(300) == 0
         with pytest.raises(httpx.HTTPError):
             httpx.get(srv.url + "/health", timeout=2)
     finally:
@@ -570,15 +584,14 @@ def test_load_with_disconnects(server):
 
     async def main():
         limits = httpx.Limits(max_connections=num_clients + 8)
-        async with httpx.AsyncClient(timeout=120, limits=limits) as c:
-            return await asyncio.wait_for(
-                asyncio.gather(*(one(i, c) for i in range(num_clients))), 150)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as c:
+            return await asyncio.wait_for(  # a hang guard, not a speed limit
+                asyncio.gather(*(one(i, c) for i in range(num_clients))), 900)
 
-    t0 = time.monotonic()
     results = asyncio.run(main())
     assert results.count("dropped") == num_clients // 4
     assert results.count("done") == num_clients - num_clients // 4
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 300
     while True:
         h = server.health()
         if h["num_requests_running"] == 0 and h["kv_free_blocks"] == start["kv_free_blocks"]:
@@ -592,7 +605,6 @@ def test_load_with_disconnects(server):
     assert _gauge(m, 'novainfer_requests_total{model_name="tiny-llama",outcome="abort"') >= 1
     assert not any(k.startswith("novainfer_requests_total") and 'outcome="error"' in k
                    for k in m)
-    assert time.monotonic() - t0 < 150
 
 
 def test_metrics_format(server, client):
@@ -625,7 +637,7 @@ def test_bench_serve(server):
     cmd = [sys.executable, "-m", "novainfer.cli", "bench", "serve", "--base-url", server.url,
            "--api-key", API_KEY, "--num-prompts", "8", "--random-input-len", "16",
            "--random-output-len", "8", "--json"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                           check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Serving Benchmark Result" in proc.stdout and "P99 ITL (ms):" in proc.stdout
@@ -642,9 +654,9 @@ def test_schemathesis_no_server_errors(server, tmp_path):
     st = pytest.importorskip("schemathesis")  # noqa: F841
     cmd = [sys.executable, "-m", "schemathesis.cli", "run", server.url + "/openapi.json",
            "--checks", "not_a_server_error", "--include-method", "POST",
-           "--max-examples", "25", "--request-timeout", "60", "--seed", "1",
+           "--max-examples", "25", "--request-timeout", "600", "--seed", "1",
            "--phases", "examples,coverage,fuzzing", "-H", f"Authorization: Bearer {API_KEY}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170, cwd=tmp_path,
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=tmp_path,
                           check=False)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert server.health()["status"] == "ok"
