@@ -88,6 +88,9 @@ def main() -> None:
     result["novainfer_tok_s"] = round(credited / t_nova, 1)
     print(f"novainfer     {credited} tokens in {t_nova:7.2f} s = {credited / t_nova:8.1f} tok/s")
     if not args.skip_hf:
+        # The engine adapts torch's thread count to the free cores (novainfer/threads.py):
+        # give transformers the same count novainfer started with.
+        torch.set_num_threads(args.threads)
         t_hf = run_transformers(folder, prompts, outputs)
         result["transformers_s"] = round(t_hf, 2)
         result["transformers_tok_s"] = round(credited / t_hf, 1)

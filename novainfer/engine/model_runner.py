@@ -23,6 +23,7 @@ from novainfer.loader.weights import init_dummy_weights, load_weights
 from novainfer.models.config import ModelConfig
 from novainfer.models.registry import model_class
 from novainfer.outputs import PositionLogprobs
+from novainfer.threads import cpu_thread_control
 
 CPU_DEFAULT_KV_BYTES = 2 << 30
 MAX_DECODE_SPLITS = 32
@@ -91,6 +92,7 @@ class ModelRunner:
         self.model.eval()
         if self.device.type == "cpu":
             pack_cpu_weights(self.model)
+        self.adapt_cpu_threads = cpu_thread_control(self.device)  # novainfer/threads.py
         self.max_model_len = max_model_len
         self.num_blocks = self._num_kv_blocks(max_model_len)
         cfg = model_config
@@ -244,6 +246,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, eos_ids: list[int]) -> StepOutput:
         """Run one step: the forward pass, prompt logprobs where asked, sampling."""
+        self.adapt_cpu_threads()
         inputs = self.prepare(batch)
         timer = self.step_timer
         if timer is not None:
