@@ -21,11 +21,13 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1000)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     llm = LLM(str(preset_folder(args.preset)), load_format="dummy", skip_tokenizer_init=True,
               max_model_len=args.context + args.tokens + 8, max_num_seqs=8,
-              enable_prefix_caching=False, enforce_eager=args.enforce_eager)
+              enable_prefix_caching=False, enforce_eager=args.enforce_eager,
+              tensor_parallel_size=args.tensor_parallel_size)
     device = llm.llm_engine.runner.device
     prompt = [(i * 7919) % 10000 for i in range(args.context)]
 
@@ -44,11 +46,15 @@ def main() -> None:
     full = min(timed(args.tokens + 1) for _ in range(2))
     per_token_ms = (full - ttft) / args.tokens * 1e3
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    tp = args.tensor_parallel_size
+    name = f"{tp} x {name}" if tp > 1 else name
     print(f"{args.preset} on {name}: time to first token ({args.context}-token prompt) "
           f"{ttft * 1e3:.2f} ms; decode {per_token_ms:.3f} ms/token at batch 1")
     if args.json:
-        print(json.dumps({"preset": args.preset, "device": name, "context": args.context,
+        print(json.dumps({"preset": args.preset, "device": name, "tensor_parallel_size": tp,
+                          "context": args.context,
                           "ttft_ms": round(ttft * 1e3, 2), "decode_ms_per_token": round(per_token_ms, 3)}))
+    llm.shutdown()
 
 
 if __name__ == "__main__":

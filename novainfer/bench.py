@@ -1,6 +1,6 @@
-"""`novainfer bench`: the seeds' offline throughput workload, with the hardware floor.
+"""`novainfer bench`: nano-vLLM's bench.py offline throughput workload, with the hardware floor.
 
-Workload (seed 001's bench.py): random.seed(0); 256 prompts of randint(100, 1024) random ids
+Workload (nano-vLLM's bench.py): random.seed(0); 256 prompts of randint(100, 1024) random ids
 in [0, 10000]; then 256 output lengths randint(100, 1024); temperature 0.6, ignore_eos;
 one warm-up request; one timed generate() over all. 133,966 output tokens in total.
 """
@@ -84,13 +84,15 @@ def _sync(device: torch.device) -> None:
 
 
 def floor_seconds(llm, work: Workload, steps: int, bandwidth: float, flops: float) -> dict:
-    """The time the run cannot beat: bytes it must move over bandwidth + matmul FLOPs."""
+    """The time the run cannot beat: bytes it must move over bandwidth + matmul FLOPs. With
+    tensor parallelism the ranks work at once, so this is one rank's share (its weight
+    shard, its KV heads) over one device's bandwidth: the N devices' floor."""
     runner = llm.llm_engine.runner
     cfg = runner.model_config
     elem = torch.empty((), dtype=runner.dtype).element_size()
-    kv_per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * elem
+    kv_per_token = cfg.num_layers * 2 * runner.worker.num_kv_heads * cfg.head_dim * elem
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
-    embed = cfg.vocab_size * cfg.hidden_size
+    embed = cfg.vocab_size * cfg.hidden_size // runner.tp.size
     matmul_params = sum(p.numel() for p in runner.model.parameters()) - (
         embed if not cfg.tie_word_embeddings else 0
     )
@@ -133,6 +135,9 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--compare", choices=["hf"], default=None,
                         help="also run transformers' continuous batching on the same workload")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    from novainfer.cli import add_tensor_parallel_arg
+
+    add_tensor_parallel_arg(parser)
     return parser
 
 
@@ -160,6 +165,7 @@ def run(args: argparse.Namespace) -> dict:
         gpu_memory_utilization=args.gpu_memory_utilization,
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
+        tensor_parallel_size=args.tensor_parallel_size,
         **extra,
     )
     engine = llm.llm_engine
@@ -190,6 +196,7 @@ def run(args: argparse.Namespace) -> dict:
         "max_num_batched_tokens": engine.scheduler.max_num_batched_tokens,
         "max_model_len": engine.max_model_len,
         "kv_blocks": engine.runner.num_blocks,
+        "tensor_parallel_size": engine.runner.tp.size,
         "prompt_tokens": work.prompt_tokens,
         "output_tokens": produced,
         "steps": steps,
@@ -220,7 +227,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def print_report(result: dict, as_json: bool) -> None:
     keys = ["model", "device", "dtype", "attention_backend", "cuda_graphs", "num_seqs",
-            "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_blocks", "steps"]
+            "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_blocks",
+            "tensor_parallel_size", "steps"]
     print("configuration: " + ", ".join(f"{k}={result[k]}" for k in keys))
     print(f"total: {result['prompt_tokens']} prompt + {result['output_tokens']} output tokens "
           f"in {result['seconds']:.2f} s")

@@ -35,8 +35,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help or ""
 
 
+def add_tensor_parallel_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
+                        help="ranks the model is split over (GPUs, or CPU processes)")
+
+
 def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    add_tensor_parallel_arg(parser)
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16, float64")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--max-model-len", type=int, default=None,
@@ -75,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="optional system prompt")
     _engine_args(chat)
     _sampling_args(chat, max_tokens=512)
-    bench = add("bench", help="offline throughput on the seeds' workload, with the floor "
+    bench = add("bench", help="offline throughput on nano-vLLM's bench.py workload, with the floor "
                 "(`novainfer bench serve --help`: the online benchmark)")
     from novainfer.bench import build_parser as bench_args
 
@@ -124,7 +130,8 @@ def _make_llm(args: argparse.Namespace):
     from novainfer import LLM
 
     return LLM(args.model, dtype=args.dtype, device=args.device,
-               max_model_len=args.max_model_len, seed=args.seed)
+               max_model_len=args.max_model_len, seed=args.seed,
+               tensor_parallel_size=args.tensor_parallel_size)
 
 
 def _params(args: argparse.Namespace):

@@ -38,6 +38,7 @@ class EngineConfig:
     enforce_eager: bool = False  # True: no CUDA graphs
     load_format: str = "auto"  # "dummy": random weights of the checkpoint's shapes (benchmarks)
     skip_tokenizer_init: bool = False  # token-id prompts only; outputs carry no text
+    tensor_parallel_size: int = 1  # ranks (GPUs, or CPU processes) the model is split over
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "safetensors", "dummy"):
@@ -45,6 +46,7 @@ class EngineConfig:
                 f"load_format must be 'auto', 'safetensors' or 'dummy', got {self.load_format!r}"
             )
         _positive_int("max_num_seqs", self.max_num_seqs)
+        _positive_int("tensor_parallel_size", self.tensor_parallel_size)
         if self.max_model_len is not None:
             _positive_int("max_model_len", self.max_model_len)
         if self.max_num_batched_tokens is not None:
@@ -67,6 +69,15 @@ class EngineConfig:
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.device != "cpu" and self.device != "auto" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} was requested but CUDA is not available")
+        launched = "WORLD_SIZE" in os.environ  # torchrun: ranks may span several nodes
+        if self.tensor_parallel_size > 1 and self.torch_device().type == "cuda" and not launched:
+            first = self.torch_device().index or 0
+            if first + self.tensor_parallel_size > torch.cuda.device_count():
+                raise ValueError(
+                    f"tensor_parallel_size {self.tensor_parallel_size} from cuda:{first} needs "
+                    f"{first + self.tensor_parallel_size} GPUs; this machine has "
+                    f"{torch.cuda.device_count()}"
+                )
         if not isinstance(self.dtype, torch.dtype) and self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(
                 f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {self.dtype!r}"

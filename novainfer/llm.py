@@ -24,7 +24,11 @@ class LLM:
     """Load a model and generate from batches of prompts.
 
     `model` is a Hugging Face folder, a `.gguf` file, or None for the built-in default model
-    (SmolLM2-135M-Instruct). Other arguments mirror vLLM's `LLM`.
+    (SmolLM2-135M-Instruct). Other arguments mirror vLLM's `LLM`. With
+    `tensor_parallel_size` N > 1 the model is split over N GPUs (or N CPU processes), and
+    N - 1 worker processes live until `shutdown()` (or `with LLM(...) as llm:`, or exit).
+    Under torchrun every rank constructs the same `LLM`; ranks > 0 serve rank 0 inside the
+    constructor and then exit.
     """
 
     def __init__(
@@ -47,6 +51,7 @@ class LLM:
         enforce_eager: bool = False,
         load_format: str = "auto",
         skip_tokenizer_init: bool = False,
+        tensor_parallel_size: int = 1,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -66,12 +71,24 @@ class LLM:
             enforce_eager=enforce_eager,
             load_format=load_format,
             skip_tokenizer_init=skip_tokenizer_init,
+            tensor_parallel_size=tensor_parallel_size,
         )
         self.llm_engine = LLMEngine(config)
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes now (otherwise when this object is
+        collected, or at exit)."""
+        self.llm_engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     def generate(
         self,

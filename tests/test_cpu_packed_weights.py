@@ -19,7 +19,7 @@ from conftest import make_llm, random_prompts
 from safetensors.torch import load_file
 
 from novainfer import SamplingParams
-from novainfer.engine import model_runner
+from novainfer.engine import worker as model_worker
 from novainfer.kernels import cpu_native
 from novainfer.layers import linear
 from novainfer.layers.embedding import Embedding, LMHead
@@ -45,7 +45,7 @@ def test_outputs_equal_the_old_layout(checkpoint, monkeypatch, name):
     prompts = random_prompts([3, 17, 40], seed=5)
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
     new = make_llm(checkpoint(name), **SMALL).generate(prompts, params, use_tqdm=False)
-    monkeypatch.setattr(model_runner, "pack_cpu_weights", _old_layout)
+    monkeypatch.setattr(model_worker, "pack_cpu_weights", _old_layout)
     old_llm = make_llm(checkpoint(name), **SMALL)
     assert "weight" in old_llm.llm_engine.runner.model.lm_head._parameters  # really the old one
     old = old_llm.generate(prompts, params, use_tqdm=False)
@@ -92,7 +92,7 @@ def test_packing_frees_the_weights(checkpoint):
     _unpack(model)
     weights = [weakref.ref(m.weight) for m in model.modules()
                if isinstance(m, linear.CpuPackable) and hasattr(m, "cpu_matmul")]
-    model_runner.pack_cpu_weights(model)
+    model_worker.pack_cpu_weights(model)
     gc.collect()
     assert weights and all(ref() is None for ref in weights)
 

@@ -552,6 +552,71 @@ def test_sigint_after_grace_aborts_and_exits_0(model_dir, tmp_path):
         srv.stop()
 
 
+def _child_pids(pid: int) -> set[int]:
+    """Processes whose parent is `pid` (from /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_tensor_parallel_server(model_dir, tmp_path):
+    """`serve --tensor-parallel-size 2` (gloo on the CPU): the same greedy text as one rank,
+    a disconnected stream frees its blocks, SIGTERM drains and exits 0 with no worker left."""
+    one = Server(model_dir, tmp_path / "tp1.log")
+    try:
+        expected = _post(one, "/v1/completions", {"prompt": PROMPT, "max_tokens": 12,
+                                                  "temperature": 0})["choices"][0]["text"]
+    finally:
+        one.stop()
+    hold = tmp_path / "hold"
+    srv = Server(model_dir, tmp_path / "tp2.log", "--tensor-parallel-size", "2",
+                 "--shutdown-grace", "600", hold=hold, hold_after=3)
+    try:
+        workers = _child_pids(srv.proc.pid)
+        assert workers, "no worker process"
+        got = _post(srv, "/v1/completions", {"prompt": PROMPT, "max_tokens": 12,
+                                             "temperature": 0})["choices"][0]["text"]
+        assert got == expected
+        start = srv.health()
+        hold.touch()  # from here the engine holds: the stream below cannot finish
+
+        async def drop_after_first_chunk() -> None:
+            body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 500, "stream": True,
+                    "ignore_eos": True}
+            async with httpx.AsyncClient(timeout=600) as c, \
+                    c.stream("POST", srv.url + "/v1/completions", json=body,
+                             headers=_headers()) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        return  # hang up
+
+        asyncio.run(drop_after_first_chunk())
+        asyncio.run(_until(srv, "num_requests_running", 0))
+        assert srv.health()["kv_free_blocks"] == start["kv_free_blocks"]
+        hold.unlink()
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(300) == 0
+        deadline = time.monotonic() + 120  # a hang guard
+        while any(_alive(pid) for pid in workers):
+            assert time.monotonic() < deadline, f"workers {workers} outlived the server"
+            time.sleep(0.05)
+    finally:
+        srv.stop()
+
+
 # ------------------------------------------------------------------------------ load
 
 

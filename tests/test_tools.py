@@ -51,7 +51,7 @@ def test_trace_counts_shapes_and_cleanup(checkpoint, name):
     assert counts["MLP"] == L
     assert counts["DecoderLayer"] == L
     assert counts["QKVLinear"] == L and counts["MergedLinear"] == L
-    assert counts["Linear"] == 2 * L  # o_proj + down_proj
+    assert counts["RowParallelLinear"] == 2 * L  # o_proj + down_proj
     assert counts["RotaryEmbedding"] == L  # shared module, called once per layer
     assert counts["LMHead"] == 1 and counts["Embedding"] == 1
     backend = type(llm.llm_engine.runner.backend).__name__  # CpuBackend, or the reference

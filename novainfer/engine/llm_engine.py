@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,11 @@ from typing import Any
 import torch
 
 from novainfer.config import EngineConfig
+from novainfer.distributed.parallel import check_shapes
+from novainfer.distributed.workers import run_external_rank, torchrun_rank
 from novainfer.engine.block_manager import BlockManager
 from novainfer.engine.detokenizer import IncrementalDetokenizer, decode, find_stop
-from novainfer.engine.model_runner import ModelRunner
+from novainfer.engine.model_runner import ModelRunner, launch_for
 from novainfer.engine.scheduler import Scheduler
 from novainfer.engine.sequence import Sequence
 from novainfer.engine.step_timer import StepTimer, enabled_by_env
@@ -74,7 +77,16 @@ class LLMEngine:
             cuda = config.torch_device().type == "cuda"
             # CPU: 512-token chunks keep activations in cache (measured 25% faster prefill).
             config.max_num_batched_tokens = 16384 if cuda else 512
+        size = config.tensor_parallel_size
+        rank = torchrun_rank(size) if size > 1 else None
+        if rank:  # a rank > 0 started by torchrun: serve rank 0's steps, then leave
+            check_shapes(self.model_config, size)
+            run_external_rank(rank, launch_for(config), config, self.model_config, folder,
+                              self.max_model_len)
+            raise SystemExit(0)
         self.runner = ModelRunner(config, self.model_config, folder, self.max_model_len)
+        # Worker processes (tensor parallelism) end with this engine, or at exit at the latest.
+        self._finalizer = weakref.finalize(self, self.runner.shutdown)
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
             config.max_num_seqs, -(-self.max_model_len // config.block_size),
@@ -221,6 +233,11 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def shutdown(self) -> None:
+        """Stop tensor-parallel worker processes (also done at exit); the engine cannot step
+        afterwards. A no-op for a single-rank engine."""
+        self._finalizer()
 
     # -- the step ---------------------------------------------------------------------------
 

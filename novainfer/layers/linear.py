@@ -1,20 +1,30 @@
-"""Linear layers: the one seam where tensor-parallel sharding and LoRA will hook in.
+"""Linear layers: the one seam where tensor-parallel sharding (and later LoRA) hooks in.
 
 Fused projections (q/k/v, gate/up) keep one weight; transformers' separate tensors are
-copied into their slices at load time. Split sizes are computed once, at construction. On
-the CPU, `pack_for_cpu` may replace a float32 weight by the C matmul's panels after loading.
+copied into their slices at load time. Split sizes are computed once, at construction.
+
+With tensor parallelism each rank holds a slice: column-parallel layers (q/k/v, gate/up)
+hold the rank's rows of every part (its heads, its slice of the intermediate size), so
+their outputs need no communication; row-parallel layers (o_proj, down_proj) hold the
+rank's columns and all-reduce their output, bias added once after the sum. The decoder
+builds the same modules at every size; a size-1 group makes them plain linears. On the
+CPU, `pack_for_cpu` may replace a float32 weight by the C matmul's panels after loading.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from novainfer.distributed.parallel import TensorParallel, kv_head_start, kv_heads_per_rank, split
 from novainfer.kernels import cpu_native
 from novainfer.layers.fusion import PLAIN_PYTORCH
+
+SINGLE = TensorParallel()
 
 # x, bias -> x @ weight^T + bias, with the weight captured in a CPU-friendly layout.
 CpuMatmul = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -49,30 +59,86 @@ class CpuPackable(nn.Module):
         self.weight_panels = panels
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Rows [start, start + size) of this rank's weight take rows [src_start, src_start +
+    size) of one checkpoint tensor (a fused layer's part, or the whole weight)."""
+
+    start: int
+    size: int
+    src_start: int = 0
+
+
 class Linear(CpuPackable):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+    """x @ weight^T + bias, the whole weight on every rank (or a shard of it: subclasses).
+
+    `in_slice` (row-parallel): this rank holds checkpoint columns [start, start + size) and
+    the partial outputs are summed over `tp`'s ranks.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        tp: TensorParallel = SINGLE,
+        in_slice: tuple[int, int] | None = None,
+    ) -> None:
         super().__init__(out_features, in_features)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         # Output slices by shard name; a plain linear has one shard covering everything.
-        self.shards: dict[str | int, tuple[int, int]] = {None: (0, out_features)}
+        self.shards: dict[str | int | None, Shard] = {None: Shard(0, out_features)}
+        self.tp = tp
+        self.in_slice = in_slice
+        self.reduce = in_slice is not None and tp.enabled
         self.cpu_matmul: CpuMatmul | None = None  # set by pack_for_cpu after loading
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.reduce else self.bias
         if self.cpu_matmul is not None:
-            return self.cpu_matmul(x, self.bias)
-        return F.linear(x, self.weight, self.bias)
+            y = self.cpu_matmul(x, bias)
+        else:
+            y = F.linear(x, self.weight, bias)
+        if self.reduce:
+            self.tp.all_reduce(y)
+            if self.bias is not None:
+                y = y + self.bias
+        return y
+
+    def checkpoint_slice(self, param_name: str, shard: str | int | None) -> tuple[slice, ...]:
+        """The part of a checkpoint tensor this rank loads (read lazily from the file)."""
+        part = self.shards[shard]
+        rows = slice(part.src_start, part.src_start + part.size)
+        if param_name == "bias":
+            return (slice(None),) if self.in_slice is not None else (rows,)
+        if self.in_slice is None:
+            return (rows, slice(None))
+        start, size = self.in_slice
+        return (rows, slice(start, start + size))
 
     def load(self, param_name: str, tensor: torch.Tensor, shard: str | int | None = None) -> None:
-        """Copy a checkpoint tensor into `param_name` ("weight"/"bias"), into `shard`'s rows."""
+        """Copy this rank's part of a checkpoint tensor (already cut by `checkpoint_slice`)
+        into `param_name` ("weight"/"bias"), into `shard`'s rows."""
         param = getattr(self, param_name)
-        start, size = self.shards[shard]
-        target = param.data.narrow(0, start, size)
+        part = self.shards[shard]
+        target = param.data if param_name == "bias" and self.in_slice is not None else (
+            param.data.narrow(0, part.start, part.size))
         if tuple(target.shape) != tuple(tensor.shape):
             raise ValueError(
                 f"checkpoint tensor for {param_name} shard {shard} has shape {tuple(tensor.shape)}, "
                 f"expected {tuple(target.shape)}"
             )
         target.copy_(tensor)
+
+
+class RowParallelLinear(Linear):
+    """Input features split over the ranks (o_proj, down_proj): one all-reduce per call."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, tp: TensorParallel = SINGLE
+    ) -> None:
+        local = split(in_features, tp.size, f"{in_features}-wide projection input")
+        super().__init__(local, out_features, bias, tp, in_slice=(tp.rank * local, local))
 
 
 def pack_for_cpu(modules: list[CpuPackable]) -> None:
@@ -117,24 +183,57 @@ def _onednn_matmul(weight: torch.Tensor) -> CpuMatmul | None:
 
 
 class MergedLinear(Linear):
-    """Several projections of the same input stacked on the output dim (e.g. gate and up)."""
+    """Several projections of the same input stacked on the output dim (e.g. gate and up),
+    column-parallel: each rank holds its slice of every part."""
 
-    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False) -> None:
-        super().__init__(in_features, sum(out_sizes), bias)
+    def __init__(
+        self,
+        in_features: int,
+        out_sizes: list[int],
+        bias: bool = False,
+        tp: TensorParallel = SINGLE,
+        names: list[str | int] | None = None,
+        src_starts: list[int] | None = None,
+    ) -> None:
+        """`out_sizes` are this rank's sizes; `src_starts` where each part's rows start in
+        its checkpoint tensor (default: this rank's equal slice)."""
+        super().__init__(in_features, sum(out_sizes), bias, tp)
+        names = list(range(len(out_sizes))) if names is None else names
+        if src_starts is None:
+            src_starts = [tp.rank * n for n in out_sizes]
         starts = [sum(out_sizes[:i]) for i in range(len(out_sizes))]
-        self.shards = {i: (s, n) for i, (s, n) in enumerate(zip(starts, out_sizes))}
+        self.shards = {
+            name: Shard(start, n, src)
+            for name, start, n, src in zip(names, starts, out_sizes, src_starts)
+        }
         self.out_sizes = list(out_sizes)
 
 
+def gate_up_linear(hidden: int, intermediate: int, bias: bool, tp: TensorParallel) -> MergedLinear:
+    local = split(intermediate, tp.size, "intermediate_size")
+    return MergedLinear(hidden, [local, local], bias, tp)
+
+
 class QKVLinear(MergedLinear):
-    """q, k and v projections in one matmul; `split` returns the three views."""
+    """q, k and v projections in one matmul; `split` returns the three views. Each rank holds
+    num_heads / tp query heads and its KV heads (replicated when there are fewer KV heads
+    than ranks)."""
 
     def __init__(
-        self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool
+        self,
+        hidden: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        bias: bool,
+        tp: TensorParallel = SINGLE,
     ) -> None:
-        sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
-        super().__init__(hidden, sizes, bias)
-        self.shards = {name: self.shards[i] for i, name in enumerate(("q", "k", "v"))}
+        self.num_heads = split(num_heads, tp.size, "num_attention_heads")
+        self.num_kv_heads, _ = kv_heads_per_rank(num_kv_heads, tp.size)
+        q, kv = self.num_heads * head_dim, self.num_kv_heads * head_dim
+        kv_start = kv_head_start(tp.rank, num_kv_heads, tp.size) * head_dim
+        super().__init__(hidden, [q, kv, kv], bias, tp, names=["q", "k", "v"],
+                         src_starts=[tp.rank * q, kv_start, kv_start])
 
     def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return qkv.split(self.out_sizes, dim=-1)

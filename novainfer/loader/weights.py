@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -57,7 +58,7 @@ def load_weights(model: nn.Module, folder: Path, tied_embeddings: bool) -> None:
                         continue
                     if tied_embeddings and name == "lm_head.weight":
                         continue
-                    _load_one(name, f.get_tensor(name), params, modules, loaded)
+                    _load_one(name, f, params, modules, loaded)
         except ValueError:
             raise
         except Exception as exc:  # safetensors raises its own error types for damaged files
@@ -81,16 +82,24 @@ def _is_alias(name: str, tied: bool) -> bool:
 
 def _load_one(
     name: str,
-    tensor: torch.Tensor,
+    file: Any,
     params: dict[str, nn.Parameter],
     modules: dict[str, nn.Module],
     loaded: set[tuple[str, str | int | None]],
 ) -> None:
+    """Load one checkpoint tensor. A sharded module (tensor parallelism) names the part this
+    rank holds, and only that part is read from the file."""
     target, shard = _target(name)
     if target not in params:
         raise ValueError(f"checkpoint tensor '{name}' does not belong to this model")
     module_name, _, param_name = target.rpartition(".")
     module = modules[module_name]
+    if hasattr(module, "checkpoint_slice"):
+        part = file.get_slice(name)
+        index = module.checkpoint_slice(param_name, shard)
+        tensor = part[index[: len(part.get_shape())]]
+    else:
+        tensor = file.get_tensor(name)
     tensor = tensor.to(params[target].dtype)
     if hasattr(module, "load"):
         module.load(param_name, tensor, shard)

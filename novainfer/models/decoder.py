@@ -1,14 +1,19 @@
-"""One decoder for Llama, Qwen2 and Qwen3: the families differ only in the switches of ModelConfig."""
+"""One decoder for Llama, Qwen2 and Qwen3: the families differ only in the switches of ModelConfig.
+
+The same modules serve every tensor-parallel size: `tp` (a size-1 group by default) tells
+the linear layers and the embedding which shard this rank holds (layers/linear.py).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from novainfer.distributed.parallel import TensorParallel
 from novainfer.layers.activation import silu_and_mul
 from novainfer.layers.attention import AttentionBackend, AttentionMetadata
 from novainfer.layers.embedding import Embedding, LMHead
-from novainfer.layers.linear import Linear, MergedLinear, QKVLinear
+from novainfer.layers.linear import SINGLE, QKVLinear, RowParallelLinear, gate_up_linear
 from novainfer.layers.norm import RMSNorm
 from novainfer.layers.rotary import RotaryEmbedding
 from novainfer.models.config import ModelConfig
@@ -24,14 +29,20 @@ PACKED_MODULES = {
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+    def __init__(
+        self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
+        tp: TensorParallel,
+    ) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.scale = cfg.head_dim**-0.5
         self.qkv_proj = QKVLinear(
-            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.qkv_bias
+            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.qkv_bias, tp
         )
-        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg.o_bias)
+        # This rank's heads.
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size,
+                                        cfg.o_bias, tp)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rotary = rotary
@@ -56,23 +67,26 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel) -> None:
         super().__init__()
         size = cfg.intermediate_size
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, [size, size], cfg.mlp_bias)
-        self.down_proj = Linear(size, cfg.hidden_size, cfg.mlp_bias)
+        self.gate_up_proj = gate_up_linear(cfg.hidden_size, size, cfg.mlp_bias, tp)
+        self.down_proj = RowParallelLinear(size, cfg.hidden_size, cfg.mlp_bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+    def __init__(
+        self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
+        tp: TensorParallel,
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = SelfAttention(cfg, rotary, backend)
+        self.self_attn = SelfAttention(cfg, rotary, backend, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, tp)
 
     def forward(
         self,
@@ -92,12 +106,17 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int, backend: AttentionBackend) -> None:
+    def __init__(
+        self, cfg: ModelConfig, max_positions: int, backend: AttentionBackend,
+        tp: TensorParallel,
+    ) -> None:
         super().__init__()
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, tp)
         # One rotary table shared by all layers (it is a buffer, not a weight).
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, backend) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, rotary, backend, tp) for _ in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
@@ -117,11 +136,15 @@ class DecoderModel(nn.Module):
 class CausalLM(nn.Module):
     """Decoder plus LM head. `forward` returns hidden states; `compute_logits` the vocab scores."""
 
-    def __init__(self, cfg: ModelConfig, max_positions: int, backend: AttentionBackend) -> None:
+    def __init__(
+        self, cfg: ModelConfig, max_positions: int, backend: AttentionBackend,
+        tp: TensorParallel = SINGLE,
+    ) -> None:
         super().__init__()
         self.config = cfg
-        self.model = DecoderModel(cfg, max_positions, backend)
-        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size)
+        self.tp = tp
+        self.model = DecoderModel(cfg, max_positions, backend, tp)
+        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, tp)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -134,5 +157,7 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Vocabulary scores of `hidden`'s rows; with tensor parallelism a collective (every
+        rank calls it) whose result only rank 0 receives (the others get None)."""
+        return self.tp.gather_last_dim(self.lm_head(hidden))

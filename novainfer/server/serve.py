@@ -48,6 +48,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-backend", default="auto",
                         help="auto, torch, cpu, triton, flash_attn")
     parser.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
+    from novainfer.cli import add_tensor_parallel_arg
+
+    add_tensor_parallel_arg(parser)
 
 
 def _ignore_signal(signum, frame) -> None:
@@ -78,6 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
         attention_backend=args.attention_backend, seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     engine = LLMEngine(config)
     name = args.served_model_name or (str(args.model) if args.model else "SmolLM2-135M-Instruct")

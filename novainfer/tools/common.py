@@ -15,6 +15,9 @@ def model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="default: the model's own (presets: 2048)")
+    from novainfer.cli import add_tensor_parallel_arg
+
+    add_tensor_parallel_arg(parser)
 
 
 def load_llm(args: argparse.Namespace, enforce_eager: bool = True, **kwargs):
@@ -32,7 +35,8 @@ def load_llm(args: argparse.Namespace, enforce_eager: bool = True, **kwargs):
         model = str(preset_folder(args.preset))
         extra.update(load_format="dummy", skip_tokenizer_init=True)
     return LLM(model, dtype=args.dtype, device=args.device, max_model_len=max_model_len,
-               enforce_eager=enforce_eager, **extra)
+               enforce_eager=enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
+               **extra)
 
 
 def prompt_ids(llm, prompt: str | None, length: int = 16) -> list[int] | str:

@@ -22,11 +22,14 @@ from typing import Any
 import torch
 
 CATEGORIES = ("attention", "GEMM", "norm", "rotary", "activation", "sampling",
-              "KV-cache write", "memcpy/memset", "other")
+              "KV-cache write", "communication", "memcpy/memset", "other")
 
 # Which project source launches each category (backend-specific entries chosen at run time).
 SOURCES = {
-    "GEMM": "novainfer/layers/linear.py (Linear, QKVLinear, MergedLinear); layers/embedding.py (LMHead)",
+    "GEMM": "novainfer/layers/linear.py (Linear, QKVLinear, MergedLinear, RowParallelLinear); "
+            "layers/embedding.py (LMHead)",
+    "communication": "novainfer/distributed/parallel.py (all_reduce, gather_last_dim: "
+                     "tensor parallelism)",
     "norm": "novainfer/layers/norm.py (rms_norm, add_rms_norm)",
     "rotary": "novainfer/layers/rotary.py (apply_rope)",
     "activation": "novainfer/layers/activation.py (silu_and_mul)",
@@ -49,6 +52,7 @@ BACKEND_SOURCES = {
 
 # Name rules, first match wins; used where no category range covers an op / kernel.
 NAME_RULES: list[tuple[str, re.Pattern]] = [
+    ("communication", re.compile(r"nccl|all_?reduce|all_?gather|c10d::|gloo", re.I)),
     ("memcpy/memset", re.compile(r"memcpy|memset|^aten::(copy_|fill_|zero_|zeros|to|_to_copy)$", re.I)),
     ("KV-cache write", re.compile(r"store_kv|reshape_and_cache|index_copy", re.I)),
     ("attention", re.compile(r"attention|attn|sdpa|scaled_dot_product|flash|fmha|_decode_split|"
@@ -77,7 +81,8 @@ class CategoryRanges:
 
     MODULE_CATEGORIES = {
         "RMSNorm": "norm", "RotaryEmbedding": "rotary", "Linear": "GEMM", "QKVLinear": "GEMM",
-        "MergedLinear": "GEMM", "LMHead": "GEMM", "MLP": "activation", "Embedding": "other",
+        "MergedLinear": "GEMM", "RowParallelLinear": "GEMM", "LMHead": "GEMM",
+        "MLP": "activation", "Embedding": "other",
     }
 
     def __init__(self, model: torch.nn.Module, backend: Any) -> None:

@@ -1,0 +1,98 @@
+"""All-reduce latency over the GPUs of one host, as the tensor-parallel layers issue it:
+NCCL through torch.distributed, bf16, eager and replayed inside a CUDA graph (64 all-reduces
+per graph, as a decode step of a 32-layer model issues), per message size.
+
+    python benchmarks/allreduce.py [--gpus 2] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+SIZES_KIB = [8, 32, 128, 512, 2048, 8192, 32768]
+PER_GRAPH = 64
+
+
+def _time(fn, iters: int) -> float:
+    """Milliseconds per call of fn, after a warm-up, measured with CUDA events."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def _rank(rank: int, size: int, port: int, queue) -> None:
+    os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
+                      NVSHMEM_DISABLE_NVLS="1")
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=size, device_id=device)
+    rows = []
+    for kib in SIZES_KIB:
+        x = torch.ones(kib * 1024 // 2, dtype=torch.bfloat16, device=device)
+        eager = _time(lambda: dist.all_reduce(x), 50)
+        graph = torch.cuda.CUDAGraph()
+        dist.all_reduce(x)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            for _ in range(PER_GRAPH):
+                dist.all_reduce(x)
+        in_graph = _time(graph.replay, 10) / PER_GRAPH
+        x.fill_(1.0)
+        dist.all_reduce(x)
+        correct = bool((x == size).all())
+        bus = 2 * (size - 1) / size * x.numel() * 2 / (in_graph * 1e-3) / 1e9
+        rows.append({"KiB": kib, "eager_us": round(eager * 1e3, 1),
+                     "graph_us": round(in_graph * 1e3, 1), "graph_bus_GBps": round(bus, 1),
+                     "correct": correct})
+        del graph  # graphs holding NCCL work must go before the communicator
+    if rank == 0:
+        queue.put(rows)
+    torch.cuda.synchronize()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    from novainfer.distributed.workers import free_port
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank, args=(r, args.gpus, port, queue))
+             for r in range(args.gpus)]
+    for p in procs:
+        p.start()
+    rows = queue.get(timeout=600)
+    print(f"NCCL all-reduce, bf16, {args.gpus} x {torch.cuda.get_device_name(0)}")
+    print("| KiB | eager us | in a CUDA graph us | bus GB/s (graph) | correct |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['KiB']} | {r['eager_us']} | {r['graph_us']} | {r['graph_bus_GBps']} | "
+              f"{r['correct']} |")
+    if args.json:
+        print(json.dumps(rows))
+    for p in procs:
+        p.join(60)
+        if p.is_alive():
+            p.kill()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""One rank's share of the model: its device, weights, KV cache and CUDA graphs.
+
+Every rank runs the same `ModelWorker` (rank 0 inside the driver's process, the others in
+worker processes, novainfer/distributed/workers.py). Given a packed step it runs the
+forward pass and the LM head; with tensor parallelism the layers' collectives keep the
+ranks in step, and only rank 0 receives the gathered logits. Nothing here samples or knows
+about requests: that is the driver's job (engine/model_runner.py).
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from novainfer.config import EngineConfig
+from novainfer.distributed.parallel import TensorParallel, kv_heads_per_rank, split
+from novainfer.engine.cuda_graphs import DecodeGraphs
+from novainfer.engine.step_inputs import StepInputs, unpack_step
+from novainfer.layers.attention import AttentionMetadata, get_backend
+from novainfer.layers.linear import CpuPackable, pack_for_cpu
+from novainfer.loader.weights import init_dummy_weights, load_weights
+from novainfer.models.config import ModelConfig
+from novainfer.models.registry import model_class
+from novainfer.threads import cpu_thread_control
+
+CPU_DEFAULT_KV_BYTES = 2 << 30
+MAX_DECODE_SPLITS = 32
+PROMPT_LOGPROBS_ROWS = 1024  # LM-head rows per pass for prompt logprobs (bounds the memory)
+
+
+class ModelWorker:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_config: ModelConfig,
+        folder: Path,
+        max_model_len: int,
+        tp: TensorParallel,
+        device: torch.device,
+    ) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.tp = tp
+        self.device = device
+        self.dtype = config.torch_dtype(device, model_config.torch_dtype)
+        self.block_size = config.block_size
+        self.max_model_len = max_model_len
+        cfg = model_config
+        self.num_heads = split(cfg.num_heads, tp.size, "num_attention_heads")
+        self.num_kv_heads, _ = kv_heads_per_rank(cfg.num_kv_heads, tp.size)
+        self.backend = get_backend(
+            config.attention_backend, device, cfg.head_dim, block_size=self.block_size,
+            dtype=self.dtype,
+        )
+        self._staging: torch.Tensor | None = None
+        self.model = self._build_model(folder)
+        self.adapt_cpu_threads = cpu_thread_control(device)  # novainfer/threads.py
+        # Every rank must hold the same number of blocks: the driver's block ids index all.
+        self.num_blocks = tp.min_over_ranks(self._num_kv_blocks())
+        self.kv_cache = torch.zeros(
+            cfg.num_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads, cfg.head_dim,
+            dtype=self.dtype, device=device,
+        )
+        self.graphs: DecodeGraphs | None = None
+        if (
+            device.type == "cuda"
+            and not config.enforce_eager
+            and getattr(self.backend, "supports_cuda_graphs", False)
+        ):
+            # Scratch for the largest decode split count, so replays never see a reallocation.
+            self.backend.reserve_workspace(
+                config.max_num_seqs, self.num_heads, cfg.head_dim, MAX_DECODE_SPLITS, device
+            )
+            self.graphs = DecodeGraphs(
+                self.model, self.kv_cache, config.max_num_seqs,
+                -(-max_model_len // self.block_size), max_model_len,
+                cfg.hidden_size, self.dtype, device,
+            )
+
+    def _build_model(self, folder: Path) -> torch.nn.Module:
+        cfg = self.model_config
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                model = model_class(cfg)(cfg, self.max_model_len, self.backend, self.tp)
+        finally:
+            torch.set_default_dtype(previous)
+        if self.config.load_format == "dummy":
+            init_dummy_weights(model, self.config.seed + self.tp.rank)
+        else:
+            load_weights(model, folder, cfg.tie_word_embeddings)
+        model.eval()
+        if self.device.type == "cpu":
+            pack_cpu_weights(model)
+        return model
+
+    # -- KV cache size ------------------------------------------------------------------------
+
+    def kv_bytes_per_block(self) -> int:
+        cfg = self.model_config
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return cfg.num_layers * 2 * self.block_size * self.num_kv_heads * cfg.head_dim * elem
+
+    def _num_kv_blocks(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            blocks = self.config.num_kv_blocks
+        elif self.device.type == "cuda":
+            blocks = self._profile_gpu_blocks()
+        else:
+            budget = self.config.kv_cache_memory or CPU_DEFAULT_KV_BYTES
+            blocks = budget // self.kv_bytes_per_block()
+        needed = -(-self.max_model_len // self.block_size)
+        if blocks < needed:
+            raise ValueError(
+                f"the KV cache holds {blocks} blocks of {self.block_size} tokens, fewer than one "
+                f"sequence of max_model_len={self.max_model_len} needs ({needed}); raise "
+                "kv_cache_memory / gpu_memory_utilization / num_kv_blocks or lower max_model_len"
+            )
+        return blocks
+
+    def _profile_gpu_blocks(self) -> int:
+        """Blocks that fit in gpu_memory_utilization after a forward pass at the largest batch."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        tokens = self.config.max_num_batched_tokens or 1
+        cfg = self.model_config
+        probe_blocks = -(-tokens // self.block_size)
+        probe = torch.zeros(
+            cfg.num_layers, 2, probe_blocks, self.block_size, self.num_kv_heads, cfg.head_dim,
+            dtype=self.dtype, device=self.device,
+        )
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(tokens, device=self.device),
+            query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([tokens], dtype=torch.int32, device=self.device),
+            block_tables=torch.arange(probe_blocks, dtype=torch.int32, device=self.device)[None],
+            num_decodes=0, max_query_len=tokens, max_seq_len=tokens,
+            query_lens_host=[tokens], seq_lens_host=[tokens],
+        )
+        ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            # Positions wrap at max_model_len (the rotary table's size); memory use is the same.
+            positions = torch.arange(tokens, device=self.device) % self.max_model_len
+            hidden = self.model(ids, positions, probe, meta)
+            self.model.compute_logits(hidden[-min(tokens, self.config.max_num_seqs):])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del probe, hidden
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        budget = int(total * self.config.gpu_memory_utilization) - peak
+        return max(budget // self.kv_bytes_per_block(), 0)
+
+    # -- a step -------------------------------------------------------------------------------
+
+    def inputs(self, header: np.ndarray, data: np.ndarray) -> StepInputs:
+        return unpack_step(header, data, self._upload)
+
+    def _upload(self, host: np.ndarray) -> torch.Tensor:
+        """One host-to-device copy through a reused pinned buffer (no per-step allocation)."""
+        t = torch.from_numpy(host)
+        if self.device.type != "cuda":
+            return t
+        if self._staging is None or self._staging.numel() < t.numel():
+            self._staging = torch.empty(max(t.numel(), 1 << 20), dtype=torch.int64).pin_memory()
+        staging = self._staging[: t.numel()]
+        staging.copy_(t)
+        return staging.to(self.device, non_blocking=True)
+
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
+        self.adapt_cpu_threads()
+        if self.graphs is not None and self.graphs.can_run(inputs.meta):
+            return self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+        return self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
+
+    def prompt_logits(self, hidden: torch.Tensor, inputs: StepInputs) -> Iterator[torch.Tensor | None]:
+        """Logits of the prompt-logprob rows, PROMPT_LOGPROBS_ROWS at a time (rank 0; the
+        other ranks get None for each chunk, after taking part in its gather)."""
+        rows = inputs.prompt_indices
+        for lo in range(0, rows.numel(), PROMPT_LOGPROBS_ROWS):
+            yield self.model.compute_logits(hidden[rows[lo : lo + PROMPT_LOGPROBS_ROWS]])
+
+    def sample_logits(self, hidden: torch.Tensor, inputs: StepInputs) -> torch.Tensor | None:
+        """Logits of the rows that sample (rank 0), or None (no such rows / other ranks)."""
+        if inputs.logits_indices.numel() == 0:
+            return None
+        return self.model.compute_logits(hidden[inputs.logits_indices])
+
+    def release_graphs(self) -> None:
+        """Free the CUDA graphs, before the process group they captured collectives of goes
+        (NCCL's teardown waits forever on a communicator that live graphs still use)."""
+        if self.graphs is not None:
+            self.graphs = None
+            gc.collect()
+            torch.cuda.synchronize(self.device)
+
+    def run(self, header: np.ndarray, data: np.ndarray) -> None:
+        """A worker rank's whole step: it takes part in every collective rank 0 runs."""
+        inputs = self.inputs(header, data)
+        hidden = self.forward(inputs)
+        for _ in self.prompt_logits(hidden, inputs):
+            pass
+        self.sample_logits(hidden, inputs)
+
+
+def pack_cpu_weights(model: torch.nn.Module) -> None:
+    """Give every linear layer (and the LM head) its CPU matmul on a repacked weight, which
+    replaces the weight in every module sharing it (a tied embedding too)."""
+    sharing: dict[int, list[CpuPackable]] = {}
+    for module in model.modules():
+        if isinstance(module, CpuPackable):
+            sharing.setdefault(id(module.weight), []).append(module)
+    for modules in sharing.values():
+        pack_for_cpu(modules)

@@ -1,0 +1,108 @@
+"""Tensor parallelism on two GPUs (NCCL, CUDA graphs on): fp32 greedy tokens identical to
+transformers; bf16 logits within the single-GPU tests' tolerance of the exact answer and
+of one GPU; a killed worker is an error naming the rank, not a hang. Skipped without two
+CUDA devices."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import CHECKPOINTS, completion_tokens, hf_greedy, hf_next_logits, random_prompts
+
+from novainfer import SamplingParams
+from novainfer.distributed.workers import WorkerFailed
+from novainfer.engine import model_runner
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices"),
+]
+
+LENGTHS = [1, 7, 16, 17, 64, 200, 300]
+
+
+def _llm(model_dir, **kwargs):
+    from novainfer import LLM
+
+    return LLM(str(model_dir), device="cuda", max_model_len=512, max_num_seqs=16,
+               num_kv_blocks=512, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["llama", "llama_untied", "qwen2", "qwen3"])
+def test_fp32_greedy_two_gpus_with_graphs(checkpoint, name):
+    model_dir = checkpoint(name)
+    prompts = random_prompts(LENGTHS, seed=7)
+    expected = hf_greedy(model_dir, prompts, 24)
+    with _llm(model_dir, dtype="float32", tensor_parallel_size=2) as llm:
+        # qwen2's head_dim 8 is below the Triton kernels' 16: the reference backend, eager.
+        assert (llm.llm_engine.runner.graphs is not None) == (CHECKPOINTS[name]["head_dim"] >= 16)
+        params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+        assert completion_tokens(llm.generate(prompts, params, use_tqdm=False)) == expected
+
+
+def _first_logits(llm, prompts, monkeypatch) -> list[torch.Tensor]:
+    """The full-vocabulary logits rank 0 samples the first token from, per prompt."""
+    seen: list[torch.Tensor] = []
+    real = model_runner.sample
+
+    def spy(logits, seqs, eos_ids, generator):
+        seen.append(logits[0].float().cpu())
+        return real(logits, seqs, eos_ids, generator)
+
+    monkeypatch.setattr(model_runner, "sample", spy)
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+    for prompt in prompts:
+        llm.generate([prompt], params, use_tqdm=False)
+    monkeypatch.setattr(model_runner, "sample", real)
+    return seen
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_bf16_logits_two_gpus(checkpoint, name, monkeypatch):
+    """The single-GPU test's bound (test_gpu_e2e): within 1e-2 of the exact fp32 logits, or
+    twice one implementation's own bf16 error, whichever is larger; two bf16 runs that round
+    at different places sit ~1-1.2% apart (measured: one vs two H200s 1.18% for llama,
+    1.01% for qwen3), so they are held to the same bound, not to a flat 1e-2."""
+    model_dir = checkpoint(name)
+    prompts = random_prompts([5, 64, 300], seed=3)
+    one = _llm(model_dir, dtype="bfloat16")
+    single = _first_logits(one, prompts, monkeypatch)
+    del one
+    torch.cuda.empty_cache()
+    with _llm(model_dir, dtype="bfloat16", tensor_parallel_size=2) as two:
+        double = _first_logits(two, prompts, monkeypatch)
+    for prompt, a, b in zip(prompts, single, double):
+        exact = hf_next_logits(model_dir, prompt)
+        allowed = max(1e-2, 2.0 * _rel(a, exact))
+        assert _rel(b, a) <= allowed, f"{name}: two GPUs vs one {_rel(b, a):.3e}"
+        assert _rel(b, exact) <= allowed, f"{name}: two GPUs vs fp32 {_rel(b, exact):.3e}"
+
+
+def test_killed_gpu_worker_is_an_error_not_a_hang(checkpoint):
+    llm = _llm(checkpoint("llama"), dtype="bfloat16", tensor_parallel_size=2)
+    engine = llm.llm_engine
+    engine.add_request("r", random_prompts([10], seed=43)[0],
+                       SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True))
+    engine.step()
+    engine.runner.workers.procs[0].kill()
+    outcome: list[BaseException] = []
+
+    def step_until_error() -> None:
+        try:
+            while engine.has_unfinished_requests():
+                engine.step()
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertions
+            outcome.append(exc)
+
+    thread = threading.Thread(target=step_until_error, daemon=True)
+    thread.start()
+    thread.join(120)  # a hang guard
+    assert not thread.is_alive(), "the engine hung after a GPU worker died"
+    assert outcome and isinstance(outcome[0], WorkerFailed) and "rank 1" in str(outcome[0])
+    llm.shutdown()
