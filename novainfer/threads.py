@@ -28,6 +28,9 @@ from pathlib import Path
 
 ENV = "NOVAINFER_CPU_THREADS"
 WINDOW_S = 0.5  # how often the thread count is reconsidered
+# A core counts as free for a thread when at least this much of it is: a light neighbour (an
+# HTTP client streaming tokens) costs a 2-thread team less than dropping to 1 thread does.
+FREE_FOR_A_THREAD = 0.25
 
 
 def mode() -> str | int:
@@ -92,8 +95,8 @@ def busy_seconds(cpus: set[int]) -> float:
 class CpuThreads:
     """Per-step thread-count controller. Once per window it measures how many of the `cpus`
     CPUs other processes used (the CPUs' busy time minus this process's CPU time, over the
-    wall time) and sets the thread count to the CPUs left, rounded (a thread for each core
-    at least half free), between 1 and `max_threads`.
+    wall time) and sets the thread count to the CPUs left (a thread for each core at least
+    FREE_FOR_A_THREAD free), between 1 and `max_threads`.
 
     `read_busy`, `read_own` (CPU seconds), `clock` and `set_threads` are injectable for tests.
     """
@@ -123,7 +126,8 @@ class CpuThreads:
         busy, own = self._read_busy(), self._read_own()
         self._mark = (now, busy, own)
         others = max(0.0, (busy - busy0) - (own - own0)) / (now - then)
-        target = min(self.max_threads, max(1, math.floor(self.cpus - others + 0.5)))
+        free = self.cpus - others
+        target = min(self.max_threads, max(1, math.floor(free + 1 - FREE_FOR_A_THREAD)))
         if target != self.threads:
             self.threads = target
             if self._set is not None:
