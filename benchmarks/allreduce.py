@@ -1,6 +1,8 @@
 """All-reduce latency over the GPUs of one host, as the tensor-parallel layers issue it:
-NCCL through torch.distributed, bf16, eager and replayed inside a CUDA graph (64 all-reduces
-per graph, as a decode step of a 32-layer model issues), per message size.
+NCCL through torch.distributed (eager and replayed inside a CUDA graph, 64 all-reduces per
+graph, as a decode step of a 32-layer model issues) against the one-shot peer-to-peer path
+(novainfer/distributed/peer_allreduce.py, in a CUDA graph), bf16, per message size, with the
+peer path's result compared against NCCL's on random inputs.
 
     python benchmarks/allreduce.py [--gpus 2] [--json]
 """
@@ -40,6 +42,11 @@ def _rank(rank: int, size: int, port: int, queue) -> None:
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=size, device_id=device)
+    from novainfer.distributed import peer_allreduce
+
+    control = dist.new_group(backend="gloo")
+    os.environ[peer_allreduce.ENV] = "peer"
+    peer = peer_allreduce.create(dist.group.WORLD, control, device)
     rows = []
     for kib in SIZES_KIB:
         x = torch.ones(kib * 1024 // 2, dtype=torch.bfloat16, device=device)
@@ -55,10 +62,27 @@ def _rank(rank: int, size: int, port: int, queue) -> None:
         dist.all_reduce(x)
         correct = bool((x == size).all())
         bus = 2 * (size - 1) / size * x.numel() * 2 / (in_graph * 1e-3) / 1e9
-        rows.append({"KiB": kib, "eager_us": round(eager * 1e3, 1),
-                     "graph_us": round(in_graph * 1e3, 1), "graph_bus_GBps": round(bus, 1),
-                     "correct": correct})
+        row = {"KiB": kib, "eager_us": round(eager * 1e3, 1),
+               "graph_us": round(in_graph * 1e3, 1), "graph_bus_GBps": round(bus, 1),
+               "correct": correct, "peer_graph_us": None, "peer_equal": None}
         del graph  # graphs holding NCCL work must go before the communicator
+        if peer is not None and kib * 1024 <= peer_allreduce.BUFFER_BYTES:
+            gen = torch.Generator(device=device).manual_seed(1000 + rank)
+            r = torch.randn(x.numel(), generator=gen, device=device).to(torch.bfloat16)
+            a, b = r.clone(), r.clone()
+            dist.all_reduce(a)
+            assert peer(b)
+            row["peer_equal"] = bool(torch.equal(a, b))
+            y = r.clone()
+            peer(y)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(PER_GRAPH):
+                    peer(y)
+            row["peer_graph_us"] = round(_time(graph.replay, 10) / PER_GRAPH * 1e3, 1)
+            del graph
+        rows.append(row)
     if rank == 0:
         queue.put(rows)
     torch.cuda.synchronize()
@@ -81,11 +105,12 @@ def main() -> None:
         p.start()
     rows = queue.get(timeout=600)
     print(f"NCCL all-reduce, bf16, {args.gpus} x {torch.cuda.get_device_name(0)}")
-    print("| KiB | eager us | in a CUDA graph us | bus GB/s (graph) | correct |")
-    print("|---|---|---|---|---|")
+    print("| KiB | NCCL eager us | NCCL in a CUDA graph us | bus GB/s (graph) | correct | "
+          "peer one-shot in a graph us | peer == NCCL |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['KiB']} | {r['eager_us']} | {r['graph_us']} | {r['graph_bus_GBps']} | "
-              f"{r['correct']} |")
+              f"{r['correct']} | {r['peer_graph_us'] or '-'} | {r['peer_equal'] or '-'} |")
     if args.json:
         print(json.dumps(rows))
     for p in procs:

@@ -84,8 +84,11 @@ def test_bf16_logits_two_gpus(checkpoint, name, monkeypatch):
         assert _rel(b, exact) <= allowed, f"{name}: two GPUs vs fp32 {_rel(b, exact):.3e}"
 
 
-def test_killed_gpu_worker_is_an_error_not_a_hang(checkpoint):
+@pytest.mark.parametrize("allreduce", ["nccl", "peer"])  # peer: barrier kernels without abort
+def test_killed_gpu_worker_is_an_error_not_a_hang(checkpoint, allreduce, monkeypatch):
+    monkeypatch.setenv("NOVAINFER_ALLREDUCE", allreduce)
     llm = _llm(checkpoint("llama"), dtype="bfloat16", tensor_parallel_size=2)
+    assert (llm.llm_engine.runner.tp.peer is not None) == (allreduce == "peer")
     engine = llm.llm_engine
     engine.add_request("r", random_prompts([10], seed=43)[0],
                        SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True))
@@ -106,3 +109,69 @@ def test_killed_gpu_worker_is_an_error_not_a_hang(checkpoint):
     assert not thread.is_alive(), "the engine hung after a GPU worker died"
     assert outcome and isinstance(outcome[0], WorkerFailed) and "rank 1" in str(outcome[0])
     llm.shutdown()
+    drained = threading.Thread(target=torch.cuda.synchronize, daemon=True)
+    drained.start()
+    drained.join(60)  # rank 0's GPU work drained: the device is usable again
+    assert not drained.is_alive(), "rank 0's GPU stayed busy after the worker died"
+
+
+def _peer_vs_nccl_rank(rank: int, port: int, queue) -> None:
+    from novainfer.distributed import peer_allreduce
+    from novainfer.distributed.workers import Launch, join_group, leave_group
+
+    launch = Launch(2, f"tcp://127.0.0.1:{port}", "nccl", torch.device("cuda", 0))
+    tp = join_group(launch, rank)
+    device = torch.device("cuda", rank)
+    results = []
+    limit = peer_allreduce.BUFFER_BYTES
+    for dtype in (torch.bfloat16, torch.float32):
+        size = torch.empty((), dtype=dtype).element_size()
+        for numel in (1, 3, 1000, 4097, limit // size, limit // size + 1):
+            gen = torch.Generator(device=device).manual_seed(numel * 10 + rank)
+            x = (torch.randn(numel, generator=gen, device=device) * 100).to(dtype)
+            want = x.clone()
+            torch.distributed.all_reduce(want, group=tp.group)
+            got = x.clone()
+            took = tp.peer(got)
+            replayed = x.clone()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                tp.all_reduce(replayed)
+            replayed.copy_(x)
+            graph.replay()
+            torch.cuda.synchronize()
+            del graph
+            results.append((str(dtype), numel, took, bool(torch.equal(got, want)) or not took,
+                            bool(torch.equal(replayed, want))))
+    if rank == 0:
+        queue.put(results)
+    torch.cuda.synchronize()
+    leave_group()
+
+
+def test_peer_allreduce_matches_nccl(monkeypatch):
+    """The one-shot peer path against NCCL's sum on random inputs: odd sizes, the buffer's
+    limit, one element over it (NCCL then), bf16 and fp32, eager and in a CUDA graph."""
+    import torch.multiprocessing as mp
+
+    from novainfer.distributed import peer_allreduce
+    from novainfer.distributed.workers import free_port
+
+    monkeypatch.setenv(peer_allreduce.ENV, "peer")  # the ranks inherit it
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_peer_vs_nccl_rank, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        results = queue.get(timeout=180)
+    finally:
+        for p in procs:
+            p.join(60)
+            if p.is_alive():
+                p.kill()
+    for dtype, numel, took, eager_equal, graph_equal in results:
+        limit = peer_allreduce.BUFFER_BYTES
+        assert took == (numel * (2 if "bfloat16" in dtype else 4) <= limit), (dtype, numel)
+        assert eager_equal and graph_equal, (dtype, numel)

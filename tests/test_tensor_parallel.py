@@ -120,6 +120,21 @@ def test_each_shape_check_names_both_numbers(field, value, size, match):
         check_shapes(cfg, size)
 
 
+def test_allreduce_setting_is_checked_before_any_rank_starts(checkpoint, monkeypatch):
+    monkeypatch.setenv("NOVAINFER_ALLREDUCE", "fast")
+    with pytest.raises(ValueError, match="NOVAINFER_ALLREDUCE must be 'nccl' or 'peer'"):
+        make_llm(checkpoint("llama"), dtype="float32", tensor_parallel_size=2)
+
+
+def test_peer_allreduce_is_gpu_only(checkpoint, monkeypatch):
+    """NOVAINFER_ALLREDUCE=peer on the CPU: gloo carries the all-reduces as before."""
+    monkeypatch.setenv("NOVAINFER_ALLREDUCE", "peer")
+    with make_llm(checkpoint("llama"), dtype="float32", tensor_parallel_size=2) as llm:
+        assert llm.llm_engine.runner.tp.enabled and llm.llm_engine.runner.tp.peer is None
+        params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+        assert len(completion_tokens(llm.generate([[1, 2, 3]], params, use_tqdm=False))[0]) == 4
+
+
 def test_kv_heads_replicated_when_fewer_than_ranks():
     from novainfer.distributed.parallel import kv_head_start, kv_heads_per_rank
 

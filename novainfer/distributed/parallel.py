@@ -22,6 +22,7 @@ class TensorParallel:
     size: int = 1
     group: Any = None
     control: Any = None
+    peer: Any = None  # PeerAllReduce (distributed/peer_allreduce.py) for small GPU messages
 
     @property
     def enabled(self) -> bool:
@@ -31,7 +32,8 @@ class TensorParallel:
         """Sum x over the ranks, in place (captured inside CUDA graphs on NCCL)."""
         if self.size > 1:
             with _profiled():
-                torch.distributed.all_reduce(x, group=self.group)
+                if self.peer is None or not self.peer(x):
+                    torch.distributed.all_reduce(x, group=self.group)
         return x
 
     def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor | None:

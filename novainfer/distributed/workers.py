@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from novainfer.distributed import peer_allreduce
 from novainfer.distributed.parallel import TensorParallel
 from novainfer.engine.step_inputs import HEADER
 
@@ -101,7 +102,8 @@ def join_group(launch: Launch, rank: int) -> TensorParallel:
     control = torch.distributed.new_group(backend="gloo") if launch.backend == "nccl" else group
     if device.type == "cpu":  # the ranks share the cores
         torch.set_num_threads(max(1, torch.get_num_threads() // launch.size))
-    return TensorParallel(rank, launch.size, group, control)
+    peer = peer_allreduce.create(group, control, device)
+    return TensorParallel(rank, launch.size, group, control, peer)
 
 
 def free_port() -> int:

@@ -10,17 +10,21 @@ once, and handed to the model explicitly.
 
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from novainfer.config import EngineConfig
+from novainfer.distributed import peer_allreduce
 from novainfer.distributed.parallel import TensorParallel, check_shapes
 from novainfer.distributed.workers import (
     Launch,
     WorkerFailed,
     Workers,
+    abort_groups,
     free_port,
     join_group,
     rank_device,
@@ -54,6 +58,7 @@ def launch_for(config: EngineConfig) -> Launch:
     """How this engine's ranks meet: torchrun's variables when present, else a local port."""
     size = config.tensor_parallel_size
     device = config.torch_device()
+    peer_allreduce.setting()  # a bad NOVAINFER_ALLREDUCE fails here, before any rank starts
     external = torchrun_rank(size) is not None
     return Launch(
         size=size,
@@ -125,8 +130,11 @@ class ModelRunner:
             if timer is not None:
                 timer.phase("forward")
             hidden = worker.forward(inputs)
+            if host.prompt_rows:
+                self._wait_for_gpu()
             prompt_logprobs = self._prompt_logprobs(hidden, inputs, host.prompt_rows)
             logits = worker.sample_logits(hidden, inputs)
+            self._wait_for_gpu()
             if not host.sampling_seqs:
                 return StepOutput([], [], [], prompt_logprobs)
             if timer is not None:
@@ -137,6 +145,25 @@ class ModelRunner:
                 raise
             self._fail(exc)
         return StepOutput(host.sampling_seqs, tokens, logprobs, prompt_logprobs)
+
+    def _wait_for_gpu(self) -> None:
+        """With the peer-to-peer all-reduce, wait for this step's GPU work by polling while
+        watching the workers: its barrier kernels cannot be aborted like NCCL, so a blocking
+        wait would never return after a worker died. On a failure, abort NCCL, release the
+        barriers (distributed/peer_allreduce.py) and raise WorkerFailed."""
+        peer = self.tp.peer
+        if self.workers is None or peer is None:
+            return
+        done = torch.cuda.Event()
+        done.record()
+        while not done.query():
+            if self.workers.failure is not None:
+                abort_groups()
+                if not peer.release(done.query, timeout=FAILURE_GRACE_S):
+                    sys.stderr.write("novainfer: rank 0's GPU work did not drain after the "
+                                     "worker failure; its GPU stays busy until exit\n")
+                self.workers.check()
+            time.sleep(0)  # lets other Python threads (the server) run
 
     def _prompt_logprobs(
         self, hidden: torch.Tensor, inputs: StepInputs, rows: list[PromptLogprobRows]
