@@ -57,6 +57,7 @@ class ModelWorker:
             dtype=self.dtype,
         )
         self._staging: torch.Tensor | None = None
+        self._staged: torch.cuda.Event | None = None  # the last copy out of _staging
         self.model = self._build_model(folder)
         self.adapt_cpu_threads = cpu_thread_control(device)  # novainfer/threads.py
         # Every rank must hold the same number of blocks: the driver's block ids index all.
@@ -162,15 +163,24 @@ class ModelWorker:
         return unpack_step(header, data, self._upload)
 
     def _upload(self, host: np.ndarray) -> torch.Tensor:
-        """One host-to-device copy through a reused pinned buffer (no per-step allocation)."""
+        """One host-to-device copy through a reused pinned buffer (no per-step allocation).
+        The copy is asynchronous and a step that samples nothing (a prompt chunk) never
+        waits for the GPU, so the buffer is refilled only once the previous copy has read
+        it: otherwise a step queued behind a long prefill would read the next step's data."""
         t = torch.from_numpy(host)
         if self.device.type != "cuda":
             return t
+        if self._staged is None:
+            self._staged = torch.cuda.Event()
+        else:
+            self._staged.synchronize()  # normally done long ago: the GPU is past that copy
         if self._staging is None or self._staging.numel() < t.numel():
             self._staging = torch.empty(max(t.numel(), 1 << 20), dtype=torch.int64).pin_memory()
         staging = self._staging[: t.numel()]
         staging.copy_(t)
-        return staging.to(self.device, non_blocking=True)
+        uploaded = staging.to(self.device, non_blocking=True)
+        self._staged.record(torch.cuda.current_stream(self.device))
+        return uploaded
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         self.adapt_cpu_threads()
