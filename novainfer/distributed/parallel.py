@@ -48,14 +48,17 @@ class TensorParallel:
 
     def min_over_ranks(self, value: int) -> int:
         """The smallest of every rank's value (e.g. the KV blocks each rank's memory holds)."""
-        if self.size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.int64)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self.control)
-        return int(t.item())
+        return value if self.size == 1 else min_over(value, self.control)
 
     def _global(self, group_rank: int) -> int:
         return torch.distributed.get_global_rank(self.group, group_rank)
+
+
+def min_over(value: int, control: Any) -> int:
+    """The smallest of every rank's `value`, over the gloo group `control` (CPU tensors)."""
+    t = torch.tensor([value], dtype=torch.int64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=control)
+    return int(t.item())
 
 
 def _profiled() -> contextlib.AbstractContextManager:

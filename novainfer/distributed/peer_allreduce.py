@@ -36,6 +36,8 @@ from collections.abc import Callable
 
 import torch
 
+from novainfer.distributed.parallel import min_over
+
 ENV = "NOVAINFER_ALLREDUCE"
 BUFFER_BYTES = 8 << 20  # messages up to this size take the peer path (tuned on 2 x H200)
 DTYPES = (torch.bfloat16, torch.float32)
@@ -101,9 +103,7 @@ def create(group, control, device: torch.device) -> PeerAllReduce | None:
     if setting() != "peer" or device.type != "cuda":
         return None
     buffer = _allocate(device, group)
-    ok = torch.tensor([buffer is not None], dtype=torch.int64)
-    torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN, group=control)
-    if not ok.item():
+    if not min_over(int(buffer is not None), control):
         return None
     import torch.distributed._symmetric_memory as symm
 

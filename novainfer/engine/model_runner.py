@@ -100,6 +100,7 @@ class ModelRunner:
             self._fail(exc)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.step_timer = None  # set by LLMEngine.enable_step_timing: phase marks below
+        self._step_done: torch.cuda.Event | None = None  # _wait_for_gpu's, reused each step
 
     # Rank 0's shard, for the engine, the tools and the tests.
     device = property(lambda self: self.worker.device)
@@ -154,8 +155,10 @@ class ModelRunner:
         peer = self.tp.peer
         if self.workers is None or peer is None:
             return
-        done = torch.cuda.Event()
-        done.record()
+        if self._step_done is None:
+            self._step_done = torch.cuda.Event()
+        done = self._step_done
+        done.record(torch.cuda.current_stream(self.device))
         while not done.query():
             if self.workers.failure is not None:
                 abort_groups()
