@@ -261,9 +261,10 @@ def test_request_metrics_follow_an_injected_clock(llm):
     try:
         out = llm.generate([random_prompts([10], seed=4)[0]], greedy(3), use_tqdm=False)[0]
         m = out.metrics
-        # arrival 100; step 1 (prefill + first token) 101; steps 2 and 3 at 102 and 103.
-        assert (m.arrival_time, m.first_scheduled_time, m.first_token_time) == (100, 101, 101)
-        assert (m.last_token_time, m.finished_time, m.time_in_queue) == (103, 103, 1)
+        # arrival 100; each step reads the clock when scheduled and after the forward pass:
+        # step 1 (prefill + first token) 101 / 102, steps 2 and 3 103 / 104 and 105 / 106.
+        assert (m.arrival_time, m.first_scheduled_time, m.first_token_time) == (100, 101, 102)
+        assert (m.last_token_time, m.finished_time, m.time_in_queue) == (106, 106, 1)
         engine.add_request("aborted", [5, 6, 7], greedy(50))
         engine.step()
         aborted = engine.abort_request("aborted").metrics

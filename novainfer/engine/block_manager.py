@@ -43,6 +43,14 @@ def block_hash(parent: int | None, tokens: list[int], extras: tuple = ()) -> int
     return h.intdigest()
 
 
+def _adopt(keys: list[BlockKey], i: int, shared: BlockKey) -> None:
+    """Take the cached key object `shared` (equal to keys[i]) for block i, and make the next
+    block's key name it as parent, so later compares are cheap `is` checks."""
+    keys[i] = shared
+    if i + 1 < len(keys):
+        keys[i + 1] = (shared, keys[i + 1][1])
+
+
 def _relink(keys: list[BlockKey], start: int) -> None:
     """Rebuild keys[start + 1:] on top of keys[start] when it was replaced by an equal (shared)
     object, so no key's parent chain keeps replaced objects and compares stay shallow."""
@@ -104,8 +112,10 @@ class BlockManager:
             # n > 1: share the sibling's computed prompt blocks, cache or no cache.
             done = min(seq.parent.num_computed_tokens, seq.num_prompt_tokens - 1)
             return seq.parent.block_table[: min(limit, done // self.block_size)]
-        if not self.enable_prefix_caching or seq.prompt_logprobs is not None:
-            return []  # prompt logprobs need every prompt position computed
+        if not self.enable_prefix_caching or (
+            seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.num_prompt_tokens
+        ):
+            return []  # missing prompt logprobs need their prompt positions computed
         self._update_hashes(seq, limit * self.block_size)
         hits = []
         keys = seq.block_keys
@@ -113,9 +123,7 @@ class BlockManager:
             block = self.cached.get(h)
             if block is None or self.keys[block] != keys[i]:
                 break  # not cached, or a hash collision: never trust the hash alone
-            keys[i] = self.keys[block]  # share the cached key: the next compare is `is`
-            if i + 1 < len(keys):
-                keys[i + 1] = (keys[i], keys[i + 1][1])
+            _adopt(keys, i, self.keys[block])
             hits.append(block)
         _relink(keys, len(hits))
         self.prefix_queries += seq.num_tokens
@@ -193,9 +201,7 @@ class BlockManager:
             # Adopt an equal cached key so that this sequence's later blocks name the cached
             # parent (cheap `is` compares); a different key is a hash collision: stay uncached.
             if self.keys[other] is not keys[i] and self.keys[other] == keys[i]:
-                keys[i] = self.keys[other]
-                if i + 1 < len(keys):
-                    keys[i + 1] = (keys[i], keys[i + 1][1])
+                _adopt(keys, i, self.keys[other])
         _relink(keys, full)
 
     def free_seq(self, seq: Sequence) -> None:

@@ -265,6 +265,7 @@ class LLMEngine:
                 timer.cancel()
             return []
         self.num_steps += 1
+        scheduled = self.clock()
         if timer is not None:
             timer.phase("prepare")  # the runner marks forward and sample
         result = self.runner.execute(batch, self.eos_ids)
@@ -275,7 +276,7 @@ class LLMEngine:
             seq.num_computed_tokens += n
             self.block_manager.cache_computed_blocks(seq)
             if seq.metrics.first_scheduled_time is None:
-                seq.metrics.first_scheduled_time = now
+                seq.metrics.first_scheduled_time = scheduled
         for seq, entries in result.prompt_logprobs:
             seq.prompt_logprobs.extend(self._decorate(e) for e in entries)
         touched: dict[str, Request] = {}
@@ -319,11 +320,7 @@ class LLMEngine:
             self._finish(seq, "stop", None)
         elif past_min and token in params.stop_token_ids:
             self._finish(seq, "stop", token)
-        if seq.finish_reason is not None:
-            # A stopping token's text is shown only with include_stop_str_in_output.
-            if detok is not None and params.include_stop_str_in_output:
-                detok.step(seq.token_ids)
-        elif detok is not None:
+        if seq.finish_reason is None and detok is not None:
             delta = detok.step(seq.token_ids)
             hit = find_stop(detok.text, len(delta), params.stop_list) if past_min and delta else None
             if hit is not None:

@@ -32,7 +32,7 @@ from novainfer.distributed.workers import (
     stop_ranks,
     torchrun_rank,
 )
-from novainfer.engine.sampler import logprob_entries, sample
+from novainfer.engine.sampler import logprob_entries, sample, to_device, widened
 from novainfer.engine.scheduler import ScheduledBatch
 from novainfer.engine.sequence import Sequence
 from novainfer.engine.step_inputs import PromptLogprobRows, StepInputs, pack_step
@@ -181,8 +181,8 @@ class ModelRunner:
         entries: list[PositionLogprobs] = []
         for logits in self.worker.prompt_logits(hidden, inputs):
             lo, n = len(entries), logits.shape[0]
-            chosen = torch.tensor(targets[lo : lo + n], device=logits.device)
-            entries += logprob_entries(logits.float().log_softmax(dim=-1), chosen, ks[lo : lo + n])
+            chosen = to_device(targets[lo : lo + n], logits.device)
+            entries += logprob_entries(widened(logits).log_softmax(dim=-1), chosen, ks[lo : lo + n])
         out, lo = [], 0
         for r in rows:
             out.append((r.seq, entries[lo : lo + r.count]))
