@@ -155,9 +155,12 @@ def test_engine_steps_drive_the_controller_and_tokens_do_not_change(checkpoint, 
         expected = completion_tokens(make_llm(checkpoint("llama")).generate(prompts, params))
         monkeypatch.setenv(threads.ENV, "auto")
         monkeypatch.setattr(threads, "CpuThreads", Scripted)
-        got = completion_tokens(make_llm(checkpoint("llama")).generate(prompts, params))
+        llm = make_llm(checkpoint("llama"))
+        got = completion_tokens(llm.generate(prompts, params))
         assert got == expected
         assert steps[:3] == [2, 2, 2] and set(steps[4:]) == {1} and len(steps) >= 8
         assert torch.get_num_threads() == 1
+        llm.shutdown()  # the engine gives the process its thread count back
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

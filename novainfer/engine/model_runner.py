@@ -78,6 +78,9 @@ class ModelRunner:
         self.workers: Workers | None = None
         self.tp = tp = TensorParallel()
         device = config.torch_device()
+        # torch's thread count is process-wide and the CPU path changes it (a rank's share of
+        # the cores, the free-core control of novainfer/threads.py): shutdown gives it back.
+        self._cpu_threads = torch.get_num_threads() if device.type == "cpu" else None
         if config.tensor_parallel_size > 1:
             check_shapes(model_config, config.tensor_parallel_size)
             launch = launch_for(config)
@@ -202,7 +205,10 @@ class ModelRunner:
         raise exc
 
     def shutdown(self) -> None:
-        """Stop the other ranks (tensor parallelism); a no-op otherwise. Idempotent."""
+        """Stop the other ranks (tensor parallelism) and restore torch's CPU thread count.
+        Idempotent."""
+        if self._cpu_threads is not None:
+            torch.set_num_threads(self._cpu_threads)
         failed = self.workers is not None and self.workers.failure is not None
         if self.tp.enabled and hasattr(self, "worker") and not failed:
             self.worker.release_graphs()
