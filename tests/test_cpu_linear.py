@@ -84,6 +84,10 @@ def test_pack_for_cpu_picks_the_c_kernel_and_layers_use_it(monkeypatch):
     weight = head.weight.detach().clone()
     linear.pack_for_cpu([head])
     torch.testing.assert_close(head(x), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="packed for the CPU kernels"):
+        layer.load("weight", weight[:24], "q")  # would land in a throwaway unpacked copy
+    with pytest.raises(RuntimeError, match="packed for the CPU kernels"):
+        head.load("weight", weight)
 
 
 def _layer(weight: torch.Tensor) -> linear.Linear:

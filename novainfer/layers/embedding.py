@@ -35,7 +35,7 @@ class VocabParallel(CpuPackable):
                 f"checkpoint tensor for {param_name} has shape {tuple(tensor.shape)}, expected "
                 f"{(self.out_features, self.in_features)} (this rank's vocabulary rows)"
             )
-        self.weight.data.copy_(tensor)
+        self.loadable_weight().copy_(tensor)
 
 
 class Embedding(VocabParallel):

@@ -53,6 +53,16 @@ class CpuPackable(nn.Module):
             raise AttributeError("weight")
         return cpu_native.unpack_linear_weight(panels, self.out_features)
 
+    def loadable_weight(self) -> torch.Tensor:
+        """The weight tensor to load a checkpoint into; an error once it is held as panels
+        (a copy unpacked from them would take the values and drop them)."""
+        if "weight_panels" in self._parameters:
+            raise RuntimeError(
+                f"{type(self).__name__}'s weight is packed for the CPU kernels: load weights "
+                "before pack_for_cpu"
+            )
+        return self.weight.data
+
     def hold_as_panels(self, panels: nn.Parameter) -> None:
         """Drop the weight tensor, keep `panels` (pack_linear_weight's layout of it) instead."""
         del self.weight
@@ -119,10 +129,10 @@ class Linear(CpuPackable):
     def load(self, param_name: str, tensor: torch.Tensor, shard: str | int | None = None) -> None:
         """Copy this rank's part of a checkpoint tensor (already cut by `checkpoint_slice`)
         into `param_name` ("weight"/"bias"), into `shard`'s rows."""
-        param = getattr(self, param_name)
+        data = self.loadable_weight() if param_name == "weight" else self.bias.data
         part = self.shards[shard]
-        target = param.data if param_name == "bias" and self.in_slice is not None else (
-            param.data.narrow(0, part.start, part.size))
+        target = data if param_name == "bias" and self.in_slice is not None else (
+            data.narrow(0, part.start, part.size))
         if tuple(target.shape) != tuple(tensor.shape):
             raise ValueError(
                 f"checkpoint tensor for {param_name} shard {shard} has shape {tuple(tensor.shape)}, "
