@@ -67,3 +67,19 @@ def parse_prompt(prompt: Any) -> tuple[str | None, list[int] | None, str | None]
     if not isinstance(prompt, (list, tuple)):
         raise TypeError(f"prompt must be {PROMPT_FORMS}; got {type(prompt).__name__}")
     return None, list(prompt), salt
+
+
+def render_chat(
+    tokenizer: Any,
+    messages: list[dict],
+    add_generation_prompt: bool = True,
+    chat_template: str | None = None,
+) -> PromptInputs:
+    """A conversation through the chat template, rendered once: the text and its token ids
+    (the template's own special tokens and none added, as `tokenize=True` gives them)."""
+    text = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, chat_template=chat_template,
+        tokenize=False,
+    )
+    return PromptInputs(list(tokenizer.encode(text, add_special_tokens=False)), text)
+

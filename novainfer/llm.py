@@ -12,7 +12,7 @@ import torch
 
 from novainfer.config import EngineConfig
 from novainfer.engine.llm_engine import LLMEngine
-from novainfer.inputs import PROMPT_FORMS, PromptInputs
+from novainfer.inputs import PROMPT_FORMS, PromptInputs, render_chat
 from novainfer.outputs import RequestOutput
 from novainfer.sampling_params import SamplingParams
 
@@ -127,13 +127,7 @@ class LLM:
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
         conversations = messages if isinstance(messages[0], list) else [messages]
-        prompts = [
-            PromptInputs(
-                self.apply_chat_template(c, add_generation_prompt, chat_template),
-                self.apply_chat_template(c, add_generation_prompt, chat_template, tokenize=False),
-            )
-            for c in conversations
-        ]
+        prompts = [self._render(c, add_generation_prompt, chat_template) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def apply_chat_template(
@@ -145,6 +139,12 @@ class LLM:
     ) -> list[int] | str:
         """The conversation rendered by the model's chat template: token ids, or the prompt
         string with tokenize=False."""
+        rendered = self._render(conversation, add_generation_prompt, chat_template)
+        return rendered.token_ids if tokenize else rendered.text
+
+    def _render(
+        self, conversation: list[Message], add_generation_prompt: bool, chat_template: str | None
+    ) -> PromptInputs:
         if not conversation or not all(
             isinstance(m, dict) and "role" in m and "content" in m for m in conversation
         ):
@@ -152,17 +152,7 @@ class LLM:
         tokenizer = self.get_tokenizer()
         if chat_template is None and not getattr(tokenizer, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template; pass chat_template")
-        ids = tokenizer.apply_chat_template(
-            conversation,
-            add_generation_prompt=add_generation_prompt,
-            chat_template=chat_template,
-            tokenize=tokenize,
-        )
-        if not tokenize:
-            return ids
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
+        return render_chat(tokenizer, conversation, add_generation_prompt, chat_template)
 
     def _run(self, total: int, use_tqdm: bool) -> dict[str, RequestOutput]:
         engine = self.llm_engine

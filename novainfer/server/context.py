@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import Request
 
-from novainfer.inputs import PromptInputs
+from novainfer.inputs import PromptInputs, render_chat
 from novainfer.outputs import RequestOutput
 from novainfer.sampling_params import SamplingParams
 from novainfer.server.async_engine import Accepted, AsyncEngine, Failed, Group
@@ -121,13 +121,7 @@ def chat_prompt(engine: Any, messages: list[dict], add_generation_prompt: bool) 
     tokenizer = engine.tokenizer
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model's tokenizer has no chat template; use /v1/completions")
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                         tokenize=False)
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                        tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    ids = list(ids)
-    if not ids:
+    prompt = render_chat(tokenizer, messages, add_generation_prompt)
+    if not prompt.token_ids:
         raise ValueError("messages rendered to an empty prompt")
-    return PromptInputs(ids, text)
+    return prompt
