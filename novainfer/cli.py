@@ -40,7 +40,7 @@ def add_tensor_parallel_arg(parser: argparse.ArgumentParser) -> None:
                         help="ranks the model is split over (GPUs, or CPU processes)")
 
 
-def _engine_args(parser: argparse.ArgumentParser) -> None:
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
     add_tensor_parallel_arg(parser)
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16, float64")
@@ -73,13 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen = add("generate", help="complete one prompt and print the text")
     gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    _engine_args(gen)
+    add_engine_args(gen)
     _sampling_args(gen, max_tokens=64)
     gen.add_argument("--step-timing", action="store_true",
                      help="time each step's phases; summary on stderr (or NOVAINFER_STEP_TIMING=1)")
     chat = add("chat", help="interactive multi-turn chat, streamed to the terminal")
     chat.add_argument("--system", default=None, help="optional system prompt")
-    _engine_args(chat)
+    add_engine_args(chat)
     _sampling_args(chat, max_tokens=512)
     bench = add("bench", help="offline throughput on nano-vLLM's bench.py workload, with the floor "
                 "(`novainfer bench serve --help`: the online benchmark)")

@@ -11,8 +11,9 @@ import threading
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    from novainfer.cli import add_engine_args
+
+    add_engine_args(parser)  # --model, -tp, --dtype, --device, --max-model-len, --seed
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port")
     parser.add_argument("--api-key", default=None,
@@ -27,11 +28,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shutdown-grace", type=float, default=30.0,
                         help="seconds in-flight requests may finish after SIGTERM/SIGINT")
     parser.add_argument("--log-level", default="info", help="uvicorn's: debug, info, warning, error")
-    # engine options
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16, float64")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    parser.add_argument("--max-model-len", type=int, default=None,
-                        help="context length (default: the model's own)")
+    # the rest of the engine's options
     parser.add_argument("--max-num-seqs", type=int, default=256, help="sequences per step")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="tokens per step (default: 16384 on CUDA, 512 on the CPU)")
@@ -47,10 +44,6 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--attention-backend", default="auto",
                         help="auto, torch, cpu, triton, flash_attn")
-    parser.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
-    from novainfer.cli import add_tensor_parallel_arg
-
-    add_tensor_parallel_arg(parser)
 
 
 def _ignore_signal(signum, frame) -> None:
