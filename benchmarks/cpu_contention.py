@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from novainfer.threads import busy_seconds
+
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 READY_TIMEOUT_S = 600.0
 
@@ -144,13 +146,6 @@ def _read_line(proc: subprocess.Popen, timeout: float = READY_TIMEOUT_S) -> str:
     return line.strip()
 
 
-def _busy_jiffies() -> int:
-    """All CPUs' non-idle time (user, nice, system, irq, softirq; not steal), in jiffies."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq = map(int, fields[:7])
-    return user + nice + system + irq + softirq
-
-
 def _tree_jiffies(pids: list[int]) -> int:
     total = 0
     for pid in pids:
@@ -165,12 +160,14 @@ def _tree_jiffies(pids: list[int]) -> int:
 def _measure(proc: subprocess.Popen, others: list[subprocess.Popen]) -> dict:
     """One decode run; also the CPU that processes outside the benchmark used meanwhile."""
     pids = [os.getpid(), proc.pid, *(p.pid for p in others)]
-    busy0, ours0, t0 = _busy_jiffies(), _tree_jiffies(pids), time.perf_counter()
+    cpus = set(range(os.cpu_count() or 1))
+    busy0, ours0, t0 = busy_seconds(cpus), _tree_jiffies(pids), time.perf_counter()
     proc.stdin.write("run\n")
     result = json.loads(_read_line(proc))
-    busy1, ours1, t1 = _busy_jiffies(), _tree_jiffies(pids), time.perf_counter()
-    hz = os.sysconf("SC_CLK_TCK")
-    result["other_cpu"] = max(0, (busy1 - busy0) - (ours1 - ours0)) / hz / (t1 - t0)
+    busy1, ours1, t1 = busy_seconds(cpus), _tree_jiffies(pids), time.perf_counter()
+    ours = (ours1 - ours0) / os.sysconf("SC_CLK_TCK")
+    # What the thread control sees too (novainfer/threads.py): steal time counts as others'.
+    result["other_cpu"] = max(0.0, (busy1 - busy0) - ours) / (t1 - t0)
     return result
 
 
@@ -179,6 +176,9 @@ def _stop(procs: list[subprocess.Popen]) -> None:
         p.kill()
     for p in procs:
         p.wait()
+        for pipe in (p.stdin, p.stdout, p.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def run_round(spec: str, rival_spec: str, num_rivals: int, tokens: int) -> dict:
