@@ -60,17 +60,23 @@ class Server:
         with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out,
                                          stderr=subprocess.STDOUT)
+        try:
+            self._wait_healthy(log)
+        except BaseException:  # Ctrl-C or any error while waiting: leave no server behind
+            self.stop()
+            raise
+
+    def _wait_healthy(self, log: Path) -> None:
         deadline = time.monotonic() + 600  # a hang guard, not a speed limit
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{log.read_text()[-3000:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
+                    return
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                self.stop()
                 raise RuntimeError(f"server did not start:\n{log.read_text()[-3000:]}")
             time.sleep(0.2)
 
