@@ -167,24 +167,26 @@ def draw_rows(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Gener
 def logprob_entries(
     logprobs: torch.Tensor, tokens: torch.Tensor, ks: list[int]
 ) -> list[PositionLogprobs]:
-    """Per row of log-probabilities [rows, vocab]: the top ks[row] tokens (ranks 1..k) and
-    the row's token in `tokens`, with its rank (1 + the number of tokens more likely)."""
+    """Per row of log-probabilities [rows, vocab] (float32/float64): the top ks[row] tokens
+    (ranks 1..k) and the row's token in `tokens`, with its rank (1 + the number of tokens more
+    likely). Everything comes to the host in one copy: ids and ranks ride along as floats of
+    the logprobs' dtype (exact: a vocabulary is far below 2**24)."""
+    dtype = logprobs.dtype
     chosen = logprobs.gather(1, tokens[:, None])
-    ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
+    ranks = (logprobs > chosen).sum(dim=-1, keepdim=True) + 1
     kmax = max(ks, default=0)
-    top_vals, top_ids = logprobs.topk(kmax) if kmax else (None, None)
-    top_vals = top_vals.tolist() if kmax else None
-    top_ids = top_ids.tolist() if kmax else None
+    columns = [tokens[:, None].to(dtype), chosen, ranks.to(dtype)]
+    if kmax:
+        top_vals, top_ids = logprobs.topk(kmax)
+        columns += [top_ids.to(dtype), top_vals]
     out: list[PositionLogprobs] = []
-    for row, (token, value, rank, k) in enumerate(
-        zip(tokens.tolist(), chosen[:, 0].tolist(), ranks, ks)
-    ):
+    for row, k in zip(torch.cat(columns, dim=1).tolist(), ks):
         entry: PositionLogprobs = {}
-        if k:
-            for r, (tid, val) in enumerate(zip(top_ids[row][:k], top_vals[row][:k]), start=1):
-                entry[tid] = Logprob(val, r)
+        for r in range(k):
+            entry[int(row[3 + r])] = Logprob(row[3 + kmax + r], r + 1)
+        token = int(row[0])
         if token not in entry:
-            entry[token] = Logprob(value, rank)
+            entry[token] = Logprob(row[1], int(row[2]))
         out.append(entry)
     return out
 
@@ -194,9 +196,11 @@ def gather_logprobs(
 ) -> list[PositionLogprobs | None]:
     rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
     out: list[PositionLogprobs | None] = [None] * len(seqs)
-    index = to_device(rows, logprobs.device)
     ks = [seqs[i].params.logprobs for i in rows]
-    for i, entry in zip(rows, logprob_entries(logprobs[index], tokens[index], ks)):
+    if len(rows) < len(seqs):  # only some rows asked: index them (a copy of those rows)
+        index = to_device(rows, logprobs.device)
+        logprobs, tokens = logprobs[index], tokens[index]
+    for i, entry in zip(rows, logprob_entries(logprobs, tokens, ks)):
         out[i] = entry
     return out
 
