@@ -63,6 +63,7 @@ class LLMEngine:
             if config.skip_tokenizer_init
             else AutoTokenizer.from_pretrained(str(config.tokenizer or folder))
         )
+        self._token_texts: dict[int, str] = {}  # token id -> text, for logprob entries
         self.max_model_len = min(
             config.max_model_len or self.model_config.max_position_embeddings,
             self.model_config.max_position_embeddings,
@@ -381,14 +382,14 @@ class LLMEngine:
         )
 
     def _decorate(self, position: PositionLogprobs) -> PositionLogprobs:
-        return {
-            tid: Logprob(
-                lp.logprob,
-                lp.rank,
-                self.tokenizer.decode([tid]) if self.tokenizer is not None else None,
-            )
-            for tid, lp in position.items()
-        }
+        """The entries with each token's text (decoded once per token id and kept: prompt
+        logprobs name up to k + 1 tokens for every prompt position)."""
+        if self.tokenizer is None:
+            return position
+        texts = self._token_texts
+        for tid in position.keys() - texts.keys():
+            texts[tid] = self.tokenizer.decode([tid])
+        return {tid: Logprob(lp.logprob, lp.rank, texts[tid]) for tid, lp in position.items()}
 
 
 def _eos_ids(folder: Path, tokenizer: Any) -> list[int]:
