@@ -111,7 +111,7 @@ def stream_response(engine: AsyncEngine, group: Group, spec: StreamSpec) -> Stre
         sent_lp: dict[int, int] = {}
         tokens: dict[int, int] = {}
         done: set[int] = set()
-        prompt_lp_sent: set[str] = set()
+        prompt_lp_sent: set[int | str] = set()  # choice indices, or request ids (chat)
         cached: dict[str, int] = {}
         try:
             if spec.chat:

@@ -97,6 +97,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     completion_tokens = 0
     for p_index, rid in enumerate(rids):
         final = finals[rid]
+        prompt_lp = (prompt_logprobs_json(final.prompt_logprobs)
+                     if params.prompt_logprobs is not None else None)  # once per prompt
         for c in final.outputs:
             completion_tokens += len(c.token_ids)
             choice = {
@@ -104,7 +106,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
                 "logprobs": completion_logprobs(c, 0, k, 0) if k is not None else None,
                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
             if params.prompt_logprobs is not None:
-                choice["prompt_logprobs"] = prompt_logprobs_json(final.prompt_logprobs)
+                choice["prompt_logprobs"] = prompt_lp
             choices.append(choice)
     return JSONResponse({
         "id": base, "object": "text_completion", "created": created, "model": name,
