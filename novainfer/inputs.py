@@ -2,8 +2,9 @@
 
 A prompt is a string, a list of token ids, or a dict: `{"prompt": str}` (vLLM's
 `TextPrompt`) or `{"prompt_token_ids": [...]}` (`TokensPrompt`), either with an optional
-`"cache_salt"`. `parse_prompt` checks the shape and names what is wrong; tokenization and
-the vocabulary check happen in the engine (`LLMEngine.process_prompt`).
+`"cache_salt"`. `parse_prompt` checks the shape and names what is wrong; `prompt_inputs`
+tokenizes text and checks token ids against the vocabulary (the engine calls it, and the
+server's frontend process, which tokenizes before the engine core sees a request).
 """
 
 from __future__ import annotations
@@ -67,6 +68,36 @@ def parse_prompt(prompt: Any) -> tuple[str | None, list[int] | None, str | None]
     if not isinstance(prompt, (list, tuple)):
         raise TypeError(f"prompt must be {PROMPT_FORMS}; got {type(prompt).__name__}")
     return None, list(prompt), salt
+
+
+def prompt_inputs(prompt: Any, tokenizer: Any, vocab_size: int) -> PromptInputs:
+    """Validate one prompt in any accepted form, tokenize text (`tokenizer` None: token ids
+    only), and return its token ids; raises ValueError/TypeError naming what is wrong."""
+    if isinstance(prompt, PromptInputs):
+        return prompt
+    text, ids, salt = parse_prompt(prompt)
+    if text is not None:
+        if not text:
+            raise ValueError("prompt must not be empty")
+        if tokenizer is None:
+            raise ValueError("prompt must be token ids when skip_tokenizer_init=True")
+        ids = tokenizer.encode(text)
+        if not ids:
+            raise ValueError(
+                f"prompt {text[:40]!r} tokenizes to no tokens; give text with some content "
+                "or token ids"
+            )
+        return PromptInputs(ids, text, salt)
+    if not ids:
+        raise ValueError("prompt must not be empty (got no token ids)")
+    for t in ids:
+        if not isinstance(t, int) or isinstance(t, bool):
+            raise TypeError(f"prompt token ids must be ints, got {type(t).__name__}")
+        if not 0 <= t < vocab_size:
+            raise ValueError(
+                f"prompt token id {t} is out of range; allowed: 0 <= id < {vocab_size}"
+            )
+    return PromptInputs(ids, None, salt)
 
 
 def render_chat(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from novainfer.outputs import Logprob, PositionLogprobs
+
 
 def decode(
     tokenizer: Any,
@@ -76,3 +78,49 @@ def find_stop(text: str, delta_len: int, stops: list[str]) -> tuple[int, str] | 
         if idx != -1 and (best is None or idx < best[0]):
             best = (idx, stop)
     return best
+
+
+def stop_string_hit(
+    detok: IncrementalDetokenizer, token_ids: list[int], params: Any, past_min: bool
+) -> str | None:
+    """Consume the newest token; when it completes one of `params.stop_list` (and the sequence
+    is past `min_tokens`), cut the text at the stop string (after it with
+    `include_stop_str_in_output`) and return that string."""
+    delta = detok.step(token_ids)
+    hit = find_stop(detok.text, len(delta), params.stop_list) if past_min and delta else None
+    if hit is None:
+        return None
+    end = hit[0] + len(hit[1]) if params.include_stop_str_in_output else hit[0]
+    detok.text = detok.text[:end]
+    return hit[1]
+
+
+def output_text(
+    tokenizer: Any,
+    detok: IncrementalDetokenizer | None,
+    output_ids: list[int],
+    params: Any,
+    finish_reason: str | None,
+    stop_reason: int | str | None,
+) -> str:
+    """The text of a sequence's output so far: the incremental text while it runs or when a
+    stop string ended it, else a full decode (without the EOS or stop token that ended it,
+    unless `include_stop_str_in_output`)."""
+    if detok is not None and (finish_reason is None or isinstance(stop_reason, str)):
+        return detok.text
+    if tokenizer is None:
+        return ""
+    stopped_by_token = finish_reason == "stop" and not isinstance(stop_reason, str)
+    if stopped_by_token and not params.include_stop_str_in_output:
+        output_ids = output_ids[:-1]
+    return decode(
+        tokenizer, output_ids, params.skip_special_tokens, params.spaces_between_special_tokens
+    )
+
+
+def decorate(tokenizer: Any, texts: dict[int, str], position: PositionLogprobs) -> PositionLogprobs:
+    """A position's logprob entries with each token's text; `texts` memoizes the text of each
+    token id (prompt logprobs name up to k + 1 tokens at every prompt position)."""
+    for tid in position.keys() - texts.keys():
+        texts[tid] = tokenizer.decode([tid])
+    return {tid: Logprob(lp.logprob, lp.rank, texts[tid]) for tid, lp in position.items()}

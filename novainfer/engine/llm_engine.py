@@ -1,8 +1,10 @@
 """The engine: requests in, one scheduled model step at a time, RequestOutputs out.
 
 `add_request` validates and enqueues; `step` schedules, runs the model, samples, applies
-stop rules and returns the requests that progressed. A server drives the same three calls
-(plus `abort_request`) from its own loop.
+stop rules and returns the requests that progressed. The server's engine core process
+(server/core.py) drives the same engine with `detokenize=False`: it calls `advance` and ships
+each step's new tokens to the frontend, which owns the text (detokenization, stop strings,
+logprob token texts) and reports stop strings back with `finish_sequence`.
 """
 
 from __future__ import annotations
@@ -21,17 +23,21 @@ from novainfer.config import EngineConfig
 from novainfer.distributed.parallel import check_shapes
 from novainfer.distributed.workers import run_external_rank, torchrun_rank
 from novainfer.engine.block_manager import BlockManager
-from novainfer.engine.detokenizer import IncrementalDetokenizer, decode, find_stop
+from novainfer.engine.detokenizer import (
+    IncrementalDetokenizer,
+    decorate,
+    output_text,
+    stop_string_hit,
+)
 from novainfer.engine.model_runner import ModelRunner, launch_for
 from novainfer.engine.scheduler import Scheduler
 from novainfer.engine.sequence import Sequence
 from novainfer.engine.step_timer import StepTimer, enabled_by_env
-from novainfer.inputs import PromptInputs, parse_prompt
+from novainfer.inputs import PromptInputs, prompt_inputs
 from novainfer.loader.model_path import resolve_model
 from novainfer.models.config import ModelConfig
 from novainfer.outputs import (
     CompletionOutput,
-    Logprob,
     PositionLogprobs,
     RequestMetrics,
     RequestOutput,
@@ -51,12 +57,28 @@ class Request:
     detokenizers: list[IncrementalDetokenizer | None] = field(default_factory=list)
 
 
+@dataclass
+class StepDelta:
+    """What one step changed: each sampled (sequence, token, logprobs) in batch order, the
+    prompt logprobs computed this step, and the requests that progressed with whether each
+    has now finished (finished ones are gone from `LLMEngine.requests`)."""
+
+    tokens: list[tuple[Sequence, int, PositionLogprobs | None]]
+    prompt_logprobs: list[tuple[Sequence, list[PositionLogprobs]]]
+    requests: list[tuple[Request, bool]]
+    num_new_tokens: list[int]
+
+
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, detokenize: bool = True) -> None:
         from transformers import AutoTokenizer
 
         self.config = config
+        # False: outputs carry token ids only (no text, no stop strings, no logprob texts);
+        # the server's frontend process does that work (server/core.py).
+        self.detokenize = detokenize
         folder = resolve_model(config.model)
+        self.model_folder = folder
         self.model_config = ModelConfig.from_folder(folder)
         self.tokenizer = (
             None
@@ -113,31 +135,7 @@ class LLMEngine:
     def process_prompt(self, prompt: Any) -> PromptInputs:
         """Validate one prompt in any accepted form (novainfer/inputs.py), tokenize text, and
         return its token ids; raises ValueError/TypeError naming what is wrong."""
-        if isinstance(prompt, PromptInputs):
-            return prompt
-        text, ids, salt = parse_prompt(prompt)
-        if text is not None:
-            if not text:
-                raise ValueError("prompt must not be empty")
-            if self.tokenizer is None:
-                raise ValueError("prompt must be token ids when skip_tokenizer_init=True")
-            ids = self.tokenizer.encode(text)
-            if not ids:
-                raise ValueError(
-                    f"prompt {text[:40]!r} tokenizes to no tokens; give text with some content "
-                    "or token ids"
-                )
-            return PromptInputs(ids, text, salt)
-        if not ids:
-            raise ValueError("prompt must not be empty (got no token ids)")
-        for t in ids:
-            if not isinstance(t, int) or isinstance(t, bool):
-                raise TypeError(f"prompt token ids must be ints, got {type(t).__name__}")
-            if not 0 <= t < self.vocab_size:
-                raise ValueError(
-                    f"prompt token id {t} is out of range; allowed: 0 <= id < {self.vocab_size}"
-                )
-        return PromptInputs(ids, None, salt)
+        return prompt_inputs(prompt, self.tokenizer, self.vocab_size)
 
     def add_request(
         self,
@@ -182,7 +180,9 @@ class LLMEngine:
                     cache_extras=extras,
                 )
             )
-        needs_text = (stream or bool(params.stop_list)) and self.tokenizer is not None
+        needs_text = (
+            (stream or bool(params.stop_list)) and self.tokenizer is not None and self.detokenize
+        )
         request = Request(request_id, inputs.text, ids, params, seqs, stream, metrics)
         request.detokenizers = [
             IncrementalDetokenizer(
@@ -232,6 +232,22 @@ class LLMEngine:
                 self.scheduler.finish(seq)
         return self._output(request)
 
+    def finish_sequence(self, request_id: str, index: int, stop_reason: str) -> bool:
+        """End one sequence with reason "stop" because its text reached `stop_reason` (the
+        server's frontend, which holds the text, found it); True when that ended its request,
+        which then leaves `requests`. Unknown requests are ignored (they may have ended)."""
+        request = self.requests.get(request_id)
+        if request is None or not 0 <= index < len(request.seqs):
+            return False
+        seq = request.seqs[index]
+        if not seq.is_finished:
+            self._finish(seq, "stop", stop_reason)
+        if not all(s.is_finished for s in request.seqs):
+            return False
+        request.metrics.finished_time = self.clock()
+        del self.requests[request_id]
+        return True
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
@@ -256,6 +272,17 @@ class LLMEngine:
         self.step_timer = self.runner.step_timer = None
 
     def step(self) -> list[RequestOutput]:
+        delta = self.advance()
+        if delta is None:
+            return []
+        outputs = [self._output(request) for request, done in delta.requests
+                   if done or request.stream]
+        self.end_step(delta)
+        return outputs
+
+    def advance(self) -> StepDelta | None:
+        """Schedule one step, run it, append the sampled tokens and apply the stop rules; None
+        when nothing was scheduled. With step timing on, call `end_step` after handling it."""
         timer = self.step_timer
         if timer is not None:
             timer.start()
@@ -264,7 +291,7 @@ class LLMEngine:
         if not batch.seqs:
             if timer is not None:
                 timer.cancel()
-            return []
+            return None
         self.num_steps += 1
         scheduled = self.clock()
         if timer is not None:
@@ -278,17 +305,21 @@ class LLMEngine:
             self.block_manager.cache_computed_blocks(seq)
             if seq.metrics.first_scheduled_time is None:
                 seq.metrics.first_scheduled_time = scheduled
+        prompt_logprobs = []
         for seq, entries in result.prompt_logprobs:
-            seq.prompt_logprobs.extend(self._decorate(e) for e in entries)
+            entries = [self._decorate(e) for e in entries]
+            seq.prompt_logprobs.extend(entries)
+            prompt_logprobs.append((seq, entries))
         touched: dict[str, Request] = {}
         ended: set[str] = set()  # requests with a sequence that finished this step
+        tokens = []
         for seq, token, lp in zip(result.seqs, result.tokens, result.logprobs):
             request = self.requests[seq.request_id]
-            self._append(request, seq, token, lp)
+            tokens.append((seq, token, self._append(request, seq, token, lp)))
             touched[request.request_id] = request
             if seq.finish_reason is not None:
                 ended.add(request.request_id)
-        outputs = []
+        progressed = []
         for request_id, request in touched.items():
             metrics = request.metrics
             if metrics.first_token_time is None:
@@ -297,22 +328,26 @@ class LLMEngine:
             done = request_id in ended and all(s.is_finished for s in request.seqs)
             if done:
                 metrics.finished_time = now
-            if done or request.stream:
-                outputs.append(self._output(request))
-            if done:
                 del self.requests[request_id]
+            progressed.append((request, done))
+        return StepDelta(tokens, prompt_logprobs, progressed, batch.num_new_tokens)
+
+    def end_step(self, delta: StepDelta) -> None:
+        """Close the step's timing (a no-op when step timing is off)."""
+        timer = self.step_timer
         if timer is not None:
-            num_new = batch.num_new_tokens
+            num_new = delta.num_new_tokens
             timer.stop(sum(num_new), len(num_new), num_new.count(1) == len(num_new))
-        return outputs
 
     def _append(
         self, request: Request, seq: Sequence, token: int, lp: PositionLogprobs | None
-    ) -> None:
+    ) -> PositionLogprobs | None:
+        """Append one sampled token and apply the stop rules; the position's logprobs."""
         params = seq.params
         seq.append_token(token)
         if lp is not None:  # decorated once here, so streamed outputs never redo old positions
-            seq.logprobs.append(self._decorate(lp))
+            lp = self._decorate(lp)
+            seq.logprobs.append(lp)
             seq.cumulative_logprob += lp[token].logprob
         num_output = len(seq.token_ids) - seq.num_prompt_tokens
         past_min = num_output >= params.min_tokens
@@ -322,16 +357,14 @@ class LLMEngine:
         elif past_min and token in params.stop_token_ids:
             self._finish(seq, "stop", token)
         if seq.finish_reason is None and detok is not None:
-            delta = detok.step(seq.token_ids)
-            hit = find_stop(detok.text, len(delta), params.stop_list) if past_min and delta else None
-            if hit is not None:
-                end = hit[0] + len(hit[1]) if params.include_stop_str_in_output else hit[0]
-                detok.text = detok.text[:end]
-                self._finish(seq, "stop", hit[1])
+            stop = stop_string_hit(detok, seq.token_ids, params, past_min)
+            if stop is not None:
+                self._finish(seq, "stop", stop)
         if seq.finish_reason is None and (
             num_output >= params.max_tokens or len(seq.token_ids) >= self.max_model_len
         ):
             self._finish(seq, "length", None)
+        return lp
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
@@ -340,19 +373,10 @@ class LLMEngine:
     # -- outputs ----------------------------------------------------------------------------
 
     def _text(self, request: Request, seq: Sequence) -> str:
-        detok = request.detokenizers[seq.index]
-        if detok is not None and (not seq.is_finished or isinstance(seq.stop_reason, str)):
-            return detok.text
-        ids = seq.output_token_ids
-        if self.tokenizer is None:
+        if not self.detokenize:
             return ""
-        params = seq.params
-        stopped_by_token = seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str)
-        if stopped_by_token and not params.include_stop_str_in_output:
-            ids = ids[:-1]  # finished by EOS or a stop token id: that token is not text
-        return decode(
-            self.tokenizer, ids, params.skip_special_tokens, params.spaces_between_special_tokens
-        )
+        return output_text(self.tokenizer, request.detokenizers[seq.index],
+                           seq.output_token_ids, seq.params, seq.finish_reason, seq.stop_reason)
 
     def _output(self, request: Request) -> RequestOutput:
         completions = []
@@ -384,12 +408,9 @@ class LLMEngine:
     def _decorate(self, position: PositionLogprobs) -> PositionLogprobs:
         """The entries with each token's text (decoded once per token id and kept: prompt
         logprobs name up to k + 1 tokens for every prompt position)."""
-        if self.tokenizer is None:
+        if self.tokenizer is None or not self.detokenize:
             return position
-        texts = self._token_texts
-        for tid in position.keys() - texts.keys():
-            texts[tid] = self.tokenizer.decode([tid])
-        return {tid: Logprob(lp.logprob, lp.rank, texts[tid]) for tid, lp in position.items()}
+        return decorate(self.tokenizer, self._token_texts, position)
 
 
 def _eos_ids(folder: Path, tokenizer: Any) -> list[int]:

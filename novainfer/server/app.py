@@ -9,13 +9,12 @@ request only; the engine keeps serving the others.
 
 from __future__ import annotations
 
-import asyncio
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from novainfer.server.async_engine import AsyncEngine
 from novainfer.server.context import ServerContext, ServerSettings
+from novainfer.server.engine_client import EngineClient
 from novainfer.server.errors import install_error_handlers
 from novainfer.server.metrics import Metrics
 from novainfer.server.middleware import EdgeMiddleware
@@ -24,14 +23,14 @@ from novainfer.server.routes import router
 __all__ = ["ServerSettings", "build_app"]
 
 
-def build_app(engine: AsyncEngine, settings: ServerSettings, metrics: Metrics) -> FastAPI:
+def build_app(engine: EngineClient, settings: ServerSettings, metrics: Metrics) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
         try:
             yield
         finally:
-            await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+            engine.stop()
 
     app = FastAPI(title="novainfer", version="0.1.0", lifespan=lifespan)
     app.state.ctx = ServerContext(engine, settings, metrics)

@@ -3,6 +3,10 @@
 N streaming requests (random token-id prompts of given lengths, or one given prompt), sent
 all at once or at a Poisson rate; reports request throughput, output tok/s and TTFT, TPOT
 and ITL mean/median/p90/p99 in the layout vLLM's `benchmark_serving` prints. Needs httpx.
+
+`--num-clients N` sends the requests from N processes, so that one Python event loop parsing
+SSE streams is never the bottleneck; the server's own output throughput (the delta of its
+`/metrics` token counter over the timed window) is reported alongside the client's count.
 """
 
 from __future__ import annotations
@@ -10,10 +14,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-rate", type=float, default=float("inf"),
                    help="requests/s (Poisson arrivals); inf = all at once")
     p.add_argument("--max-concurrency", type=int, default=None,
-                   help="requests in flight at once (default: no limit)")
+                   help="requests in flight at once, over all clients (default: no limit)")
+    p.add_argument("--num-clients", type=int, default=1,
+                   help="client processes the requests are split over (round-robin); "
+                   "--request-rate and --max-concurrency are totals over all of them")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and arrival times")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     return p
@@ -110,13 +119,164 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"mean": sum(v) / len(v), "median": pct(0.5), "p90": pct(0.9), "p99": pct(0.99)}
 
 
+def _prometheus_sum(text: str, name: str) -> float | None:
+    """The sum of metric `name` over its label sets in Prometheus text; None if it is absent."""
+    total, seen = 0.0, False
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        # `name{labels} value [timestamp]`: a label value may hold spaces, so cut at the '}'.
+        if "{" in line:
+            cut = line.rfind("}") + 1
+            key, rest = line[:cut], line[cut:]
+        else:
+            key, _, rest = line.partition(" ")
+        if key.split("{", 1)[0] != name:
+            continue
+        try:
+            total += float(rest.split()[0])
+            seen = True
+        except (IndexError, ValueError):
+            continue
+    return total if seen else None
+
+
+async def _server_tokens(client, base: str, headers: dict) -> dict[str, float | None]:
+    """The server's token counters; None where /metrics fails or lacks them (another server,
+    metrics off): the benchmark goes on without them."""
+    try:
+        r = await client.get(base + "/metrics", headers=headers)
+        text = r.text if r.status_code == 200 else ""
+    except Exception:  # noqa: BLE001 - a missing /metrics only loses the server-side row
+        text = ""
+    return {kind: _prometheus_sum(text, f"novainfer_{kind}_tokens_total")
+            for kind in ("generation", "prompt")}
+
+
+async def _send(url: str, headers: dict, chat: bool, bodies: list[dict], gaps: list[float],
+                concurrency: int | None,
+                ready: Callable[[], None] | None = None) -> tuple[list[Result], float, float]:
+    """Sends `bodies` (gaps[i] seconds between request i and i+1, at most `concurrency` in
+    flight); returns the results and the window's start and end as time.time() stamps, which
+    compare across processes. `ready()` blocks until every client may start."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=len(bodies) + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=30), limits=limits) as client:
+        sem = asyncio.Semaphore(concurrency or len(bodies) or 1)
+
+        async def limited(body: dict) -> Result:
+            async with sem:
+                return await _one(client, url, body, headers, chat)
+
+        if ready is not None:
+            ready()  # blocking is fine: nothing runs on this loop yet
+        start = time.time()
+        tasks = []
+        for i, body in enumerate(bodies):
+            if i and gaps[i - 1] > 0:  # no sleep after the last one: it would pad the window
+                await asyncio.sleep(gaps[i - 1])
+            tasks.append(asyncio.create_task(limited(body)))
+        results = list(await asyncio.gather(*tasks))
+        end = time.time()
+    return results, start, end
+
+
+Share = tuple[list[dict], list[float], int | None]  # one client's bodies, gaps, concurrency
+
+
+def _client_proc(index: int, url: str, headers: dict, chat: bool, share: Share, conn) -> None:
+    """A spawned client process: says "ready", sends its share once the parent says "go",
+    and reports (results as dicts, start, end, error) through `conn`."""
+
+    def ready() -> None:
+        conn.send("ready")
+        conn.recv()  # "go"; EOFError if the parent is gone
+
+    try:
+        results, start, end = asyncio.run(_send(url, headers, chat, *share, ready=ready))
+        conn.send(([asdict(r) for r in results], start, end, ""))
+    except Exception as exc:  # noqa: BLE001 - reported as failed requests of this share
+        conn.send(([], 0.0, 0.0, f"client {index}: {type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+def _run_clients(url: str, headers: dict, chat: bool,
+                 shares: list[Share]) -> tuple[list[Result], float, float]:
+    """Sends each share from its own process. They start together: the parent says "go" once
+    all are ready (through pipes, not a multiprocessing Barrier or Event: a client that dies
+    waiting on one of those leaves the others blocked for ever). The window runs from the first
+    client's start to the last one's end."""
+    from multiprocessing.connection import wait
+
+    ctx = multiprocessing.get_context("spawn")  # no fork: the parent may hold threads, CUDA
+    procs, conns = [], []
+
+    def collect(indices: list[int]) -> dict:
+        """The next message of each of these clients; a client's death reads as EOF."""
+        got, pending = {}, {conns[i]: i for i in indices}
+        while pending:
+            for conn in wait(list(pending)):
+                i = pending.pop(conn)
+                try:
+                    got[i] = conn.recv()
+                except EOFError:  # killed, or failed to start
+                    procs[i].join()
+                    got[i] = ([], 0.0, 0.0, f"client {i} exited with code {procs[i].exitcode}")
+        return got
+
+    try:
+        for i, share in enumerate(shares):
+            conn, child_conn = ctx.Pipe()
+            proc = ctx.Process(target=_client_proc, daemon=True,
+                               args=(i, url, headers, chat, share, child_conn))
+            proc.start()
+            child_conn.close()  # the child then holds the only copy: its death reads as EOF
+            procs.append(proc)
+            conns.append(conn)
+        reports = collect(list(range(len(shares))))
+        ready = [i for i, msg in reports.items() if msg == "ready"]
+        for i in ready:  # the others failed before their start: their report says why
+            try:
+                conns[i].send("go")
+            except OSError:
+                pass  # died just now: collect() reports it
+        reports.update(collect(ready))
+    except BaseException:  # Ctrl-C, or a failed start: leave no client behind
+        for p in procs:
+            p.terminate()
+        raise
+    finally:
+        for p, conn in zip(procs, conns):
+            p.join()
+            conn.close()
+    results, starts, ends = [], [], []
+    for i, (bodies, _, _) in enumerate(shares):
+        dicts, start, end, error = reports[i]
+        if error:
+            results += [Result(error=error) for _ in bodies]
+        else:
+            results += [Result(**d) for d in dicts]
+            starts.append(start)
+            ends.append(end)
+    return results, min(starts, default=0.0), max(ends, default=0.0)
+
+
+def _share_of(total: int | None, n: int, i: int) -> int | None:
+    """Client i's part of a total concurrency limit (the parts add up to it, at least 1 each)."""
+    if not total:  # None or 0: no limit
+        return total
+    return max(1, total // n + (i < total % n))
+
+
 async def run(args: argparse.Namespace) -> dict:
     import httpx
 
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     base = args.base_url.rstrip("/")
-    limits = httpx.Limits(max_connections=max(args.num_prompts, 1) + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=30), limits=limits) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=30)) as client:
         models = (await client.get(base + "/v1/models", headers=headers)).json()["data"]
         model = args.model or models[0]["id"]
         vocab = int(models[0].get("vocab_size") or 32000)
@@ -138,20 +298,24 @@ async def run(args: argparse.Namespace) -> dict:
                 lo = min(max(vocab // 10, 5), vocab - 1)
                 body["prompt"] = [rng.randrange(lo, vocab) for _ in range(n_in)]
             bodies.append(body)
-        sem = asyncio.Semaphore(args.max_concurrency or len(bodies) or 1)
-
-        async def limited(body: dict) -> Result:
-            async with sem:
-                return await _one(client, url, body, headers, chat)
-
-        start = time.perf_counter()
-        tasks = []
-        for body in bodies:
-            tasks.append(asyncio.create_task(limited(body)))
-            if args.request_rate != float("inf"):
-                await asyncio.sleep(rng.expovariate(args.request_rate))
-        results = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
+        n = args.num_clients if bodies else 1
+        # Each client sends at rate/n: n Poisson streams add up to one at the total rate.
+        # (Drawn after the bodies, as before, so one client sends what it always sent.)
+        rate = args.request_rate / n
+        gaps = [rng.expovariate(rate) if rate != float("inf") else 0.0 for _ in bodies]
+        before = await _server_tokens(client, base, headers)
+        if n == 1:
+            results, start, end = await _send(url, headers, chat, bodies, gaps,
+                                              args.max_concurrency)
+        else:  # round-robin shares, so each client gets the same mix of lengths
+            shares = [(bodies[i::n], gaps[i::n], _share_of(args.max_concurrency, n, i))
+                      for i in range(n)]
+            results, start, end = await asyncio.to_thread(_run_clients, url, headers, chat,
+                                                          shares)
+        after = await _server_tokens(client, base, headers)
+    duration = max(end - start, 1e-9)
+    server = {kind: None if before[kind] is None or after[kind] is None
+              else round(after[kind] - before[kind]) for kind in before}
     ok = [r for r in results if r.ok]
     errors = [r.error for r in results if not r.ok]
     out_tokens = sum(r.output_tokens for r in ok)
@@ -170,6 +334,10 @@ async def run(args: argparse.Namespace) -> dict:
         **{f"{k}_tpot_ms": v * ms for k, v in _stats(tpot).items()},
         **{f"{k}_itl_ms": v * ms for k, v in _stats([x for r in ok for x in r.itl]).items()},
         **{f"{k}_e2el_ms": v * ms for k, v in _stats([r.latency for r in ok]).items()},
+        "num_clients": n, "server_generation_tokens": server["generation"],
+        "server_prompt_tokens": server["prompt"],
+        "server_output_throughput": (None if server["generation"] is None
+                                     else server["generation"] / duration),
     }
 
 
@@ -185,6 +353,8 @@ def print_report(res: dict, as_json: bool) -> None:
     row("Total generated tokens:", res["total_output_tokens"])
     row("Request throughput (req/s):", res["request_throughput"])
     row("Output token throughput (tok/s):", res["output_throughput"])
+    server = res.get("server_output_throughput")  # None: the server has no usable /metrics
+    row("Server output throughput (tok/s):", "n/a" if server is None else server)
     row("Total Token throughput (tok/s):", res["total_token_throughput"])
     for key, title, name in (("ttft", "Time to First Token", "TTFT"),
                              ("tpot", "Time per Output Token (excl. 1st token)", "TPOT"),
@@ -203,6 +373,11 @@ def print_report(res: dict, as_json: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.num_clients < 1 or (args.num_prompts > 0 and args.num_clients > args.num_prompts):
+        most = f" and at most --num-prompts ({args.num_prompts})" if args.num_prompts > 0 else ""
+        print(f"error: --num-clients must be at least 1{most}, got {args.num_clients}",
+              file=sys.stderr)
+        return 2
     try:
         import httpx  # noqa: F401
     except ImportError:

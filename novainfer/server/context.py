@@ -1,4 +1,4 @@
-"""What every endpoint shares: the settings, the engine thread, the metrics, and the steps of
+"""What every endpoint shares: the settings, the engine client, the metrics, and the steps of
 handling one request (admission checks, SamplingParams from the body, waiting for the
 engine's events while watching for a client that went away)."""
 
@@ -13,7 +13,7 @@ from fastapi import Request
 from novainfer.inputs import PromptInputs, render_chat
 from novainfer.outputs import RequestOutput
 from novainfer.sampling_params import SamplingParams
-from novainfer.server.async_engine import Accepted, AsyncEngine, Failed, Group
+from novainfer.server.engine_client import Accepted, EngineClient, Failed, Group
 from novainfer.server.errors import APIError, param_of
 from novainfer.server.metrics import Metrics
 
@@ -36,11 +36,12 @@ class ServerSettings:
     max_waiting_requests: int = 1024
     max_model_len: int = 0
     vocab_size: int = 0
+    frontend_index: int = 0  # which of --api-server-count frontend processes this is
 
 
 @dataclass
 class ServerContext:
-    engine: AsyncEngine
+    engine: EngineClient
     settings: ServerSettings
     metrics: Metrics
 
@@ -65,8 +66,7 @@ class ServerContext:
         if isinstance(ev, Failed):
             if ev.client_error:
                 raise APIError(400, str(ev.error), param_of(str(ev.error)))
-            raise APIError(503, f"the engine failed: {ev.error}", None, "engine_error",
-                           {"Retry-After": "1"})
+            raise engine_error(ev)
         return ev
 
     async def next_event(self, group: Group, request: Request) -> Any:
@@ -92,11 +92,18 @@ class ServerContext:
         while len(finals) < len(group.request_ids):
             ev = await self.next_event(group, request)
             if isinstance(ev, Failed):
-                raise APIError(503, f"the engine failed: {ev.error}", None, "engine_error",
-                               {"Retry-After": "1"})
+                raise engine_error(ev)
             if ev.finished:
                 finals[ev.request_id] = ev
         return finals
+
+
+def engine_error(ev: Failed) -> APIError:
+    """A dead engine core is a 500 (the server is going down); a failed step is a 503."""
+    if ev.fatal:
+        return APIError(500, f"the engine core died: {ev.error}", None, "engine_dead")
+    return APIError(503, f"the engine failed: {ev.error}", None, "engine_error",
+                    {"Retry-After": "1"})
 
 
 def sampling_kwargs(body: Any) -> dict:
@@ -117,7 +124,7 @@ def params_or_400(**kw: Any) -> SamplingParams:
 
 def chat_prompt(engine: Any, messages: list[dict], add_generation_prompt: bool) -> PromptInputs:
     """The conversation through the model's chat template: token ids and the rendered text.
-    Runs on the engine thread (the tokenizer is not shared across threads)."""
+    Runs on the frontend's event loop, which owns the tokenizer."""
     tokenizer = engine.tokenizer
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model's tokenizer has no chat template; use /v1/completions")

@@ -1,6 +1,6 @@
 """Prometheus text exposition (format 0.0.4), written by hand: counters, gauges, histograms.
 
-Updated from the engine thread and the event loop; rendered by GET /metrics. A lock keeps
+Updated on the frontend's event loop; rendered by GET /metrics. A lock keeps
 a histogram's buckets, sum and count consistent with each other.
 """
 
@@ -55,22 +55,16 @@ class Metrics:
         self.model_name = model_name
         self.lock = threading.Lock()
         self.requests: dict[str, int] = {}  # outcome -> count
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
         self.ttft = Histogram(TTFT_BUCKETS)
         self.itl = Histogram(ITL_BUCKETS)
         self.e2e = Histogram(TTFT_BUCKETS)
-        # Gauges come from the engine thread's latest snapshot.
+        # Gauges, and the token counters, come from the engine core's latest snapshot: the
+        # same numbers whichever frontend process (--api-server-count) renders them.
         self.gauges: Callable[[], dict[str, float]] = dict
 
     def count_request(self, outcome: str) -> None:
         with self.lock:
             self.requests[outcome] = self.requests.get(outcome, 0) + 1
-
-    def add_tokens(self, prompt: int = 0, generation: int = 0) -> None:
-        with self.lock:
-            self.prompt_tokens += prompt
-            self.generation_tokens += generation
 
     def observe(self, ttft: list[float], itl: list[float], e2e: list[float]) -> None:
         with self.lock:
@@ -110,9 +104,9 @@ class Metrics:
                 sample("novainfer_requests_total", self.requests.get(outcome, 0),
                        {"outcome": outcome})
             metric("novainfer_prompt_tokens_total", "counter", "Prompt tokens of accepted requests.")
-            sample("novainfer_prompt_tokens_total", self.prompt_tokens)
+            sample("novainfer_prompt_tokens_total", g.get("prompt_tokens_total", 0))
             metric("novainfer_generation_tokens_total", "counter", "Generated tokens.")
-            sample("novainfer_generation_tokens_total", self.generation_tokens)
+            sample("novainfer_generation_tokens_total", g.get("generation_tokens_total", 0))
             histogram("novainfer_time_to_first_token_seconds",
                       "Time from arrival to the first generated token.", self.ttft)
             histogram("novainfer_inter_token_latency_seconds",

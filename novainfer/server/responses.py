@@ -11,7 +11,7 @@ from typing import Any
 from fastapi.responses import StreamingResponse
 
 from novainfer.outputs import CompletionOutput, PositionLogprobs
-from novainfer.server.async_engine import AsyncEngine, Failed, Group
+from novainfer.server.engine_client import EngineClient, Failed, Group
 from novainfer.server.errors import error_body
 
 
@@ -92,7 +92,7 @@ class StreamSpec:
     prompt_tokens: int
 
 
-def stream_response(engine: AsyncEngine, group: Group, spec: StreamSpec) -> StreamingResponse:
+def stream_response(engine: EngineClient, group: Group, spec: StreamSpec) -> StreamingResponse:
     index_of = {rid: i for i, rid in enumerate(group.request_ids)}
     total = len(group.request_ids) * spec.n
     obj = "chat.completion.chunk" if spec.chat else "text_completion"

@@ -36,9 +36,11 @@ def _ctx(request: Request) -> ServerContext:
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    engine = _ctx(request).engine
+    ctx = _ctx(request)
+    engine = ctx.engine
     snap = engine.snapshot
     body = {"status": "ok" if engine.alive else "engine_stopped",
+            "frontend": ctx.settings.frontend_index,
             "kv_free_blocks": snap.get("kv_free_blocks"),
             "kv_total_blocks": snap.get("kv_total_blocks"),
             "initial_free_blocks": engine.initial_free_blocks,

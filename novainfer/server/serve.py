@@ -1,13 +1,17 @@
-"""`novainfer serve`: arguments (no server imports) and the uvicorn runner."""
+"""`novainfer serve`: arguments (no server imports), and the processes: the engine core
+(server/engine_core.py) and one or more HTTP frontends (uvicorn) talking to it over pipes."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing as mp
 import os
+import pickle
 import signal
+import socket
 import sys
-import threading
+from multiprocessing.connection import Connection
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +32,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shutdown-grace", type=float, default=30.0,
                         help="seconds in-flight requests may finish after SIGTERM/SIGINT")
     parser.add_argument("--log-level", default="info", help="uvicorn's: debug, info, warning, error")
+    parser.add_argument("--api-server-count", type=int, default=1,
+                        help="HTTP frontend processes sharing the port (tokenization, "
+                        "detokenization, streaming) against one engine core process")
     # the rest of the engine's options
     parser.add_argument("--max-num-seqs", type=int, default=256, help="sequences per step")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
@@ -42,6 +49,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefix-caching", action="store_true",
                         help="do not reuse the KV blocks of shared prompt prefixes")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+                        help="dummy: random weights of the checkpoint's shapes (benchmarks)")
     parser.add_argument("--attention-backend", default="auto",
                         help="auto, torch, cpu, triton, flash_attn")
 
@@ -51,22 +60,25 @@ def _ignore_signal(signum, frame) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Start the engine core process and the frontends (this process is frontend 0), serve
+    until a signal or a dead engine core, and leave no process behind."""
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
 
-        from novainfer.server.app import ServerSettings, build_app
+        import novainfer.server.app  # noqa: F401
     except ImportError as exc:
         print(f"error: the server needs extra packages ({exc.name}); "
               "pip install 'novainfer[server]'", file=sys.stderr)
         return 2
+    if args.api_server_count < 1:
+        print(f"error: --api-server-count must be at least 1, got {args.api_server_count}",
+              file=sys.stderr)
+        return 2
     from novainfer.config import EngineConfig
-    from novainfer.engine.llm_engine import LLMEngine
-    from novainfer.server.async_engine import AsyncEngine
-    from novainfer.server.metrics import Metrics
+    from novainfer.server.engine_core import run_core_process
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    api_key = args.api_key or os.environ.get("NOVAINFER_API_KEY") or None
     config = EngineConfig(
         model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -74,39 +86,121 @@ def cmd_serve(args: argparse.Namespace) -> int:
         kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
         attention_backend=args.attention_backend, seed=args.seed,
-        tensor_parallel_size=args.tensor_parallel_size,
+        tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format,
     )
-    engine = LLMEngine(config)
+    ctx = mp.get_context("spawn")
+    pipes = [ctx.Pipe() for _ in range(args.api_server_count)]
+    # Not a daemon: the core starts the tensor-parallel workers. It ignores SIGINT/SIGTERM and
+    # leaves when the frontends say goodbye or their pipes close.
+    core = ctx.Process(target=run_core_process, name="novainfer-core",
+                       args=(config, [theirs for _, theirs in pipes], args.log_level))
+    core.start()
+    for _, theirs in pipes:
+        theirs.close()  # so that the core's death reads as EOF here
+    others = []
+    for index in range(1, args.api_server_count):
+        p = ctx.Process(target=run_frontend, name=f"novainfer-frontend-{index}",
+                        args=(args, pipes[index][0], index))
+        p.start()
+        pipes[index][0].close()
+        others.append(p)
+    code = 1
+    try:
+        code = run_frontend(args, pipes[0][0], 0, others)
+    finally:
+        for p in others:  # they drain too (SIGTERM was forwarded), or saw the core die
+            p.join(args.shutdown_grace + 30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+            if p.exitcode:
+                code = code or 1
+        core.join(60)
+        if core.is_alive():
+            logging.getLogger("novainfer.server").error("the engine core did not exit; killing it")
+            core.kill()
+            core.join()
+    return code
+
+
+def run_frontend(args: argparse.Namespace, conn: Connection, index: int,
+                 others: list | None = None) -> int:
+    """One HTTP frontend: wait for the core's ready message, then serve on --port (several
+    frontends share it through SO_REUSEPORT). 0 after an orderly shutdown, 1 when the
+    engine core failed or died."""
+    import uvicorn
+    from transformers import AutoTokenizer
+
+    from novainfer.server.app import ServerSettings, build_app
+    from novainfer.server.engine_client import EngineClient
+    from novainfer.server.engine_core import set_process_name
+    from novainfer.server.metrics import Metrics
+
+    log = logging.getLogger("novainfer.server")
+    if index:
+        set_process_name(f"novainfer-api{index}")
+        logging.basicConfig(level=args.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        kind, info = pickle.loads(conn.recv_bytes())
+    except (EOFError, OSError):
+        log.error("the engine core exited while starting")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    if kind != "ready":
+        if index == 0:
+            print(f"error: the engine core failed to start:\n{info}", file=sys.stderr)
+        return 1
+    api_key = args.api_key or os.environ.get("NOVAINFER_API_KEY") or None
     name = args.served_model_name or (str(args.model) if args.model else "SmolLM2-135M-Instruct")
     metrics = Metrics(name)
-    async_engine = AsyncEngine(engine, metrics)
-    metrics.gauges = lambda: async_engine.snapshot
-    settings = ServerSettings(served_model_name=name, api_key=api_key,
-                              max_body_bytes=args.max_request_body_bytes,
-                              max_waiting_requests=args.max_waiting_requests,
-                              max_model_len=engine.max_model_len,
-                              vocab_size=engine.vocab_size)
-    app = build_app(async_engine, settings, metrics)
-    uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                               timeout_graceful_shutdown=args.shutdown_grace,
-                               timeout_keep_alive=5, access_log=False)
+    tokenizer = AutoTokenizer.from_pretrained(info["tokenizer"])
     grace = args.shutdown_grace
+    exit_code = [0]
 
     class Server(uvicorn.Server):
-        """On the first SIGTERM/SIGINT: stop accepting (uvicorn), and after the grace period
-        abort what is still running so that every stream still ends with a finish_reason."""
+        """On the first SIGTERM/SIGINT: stop accepting (uvicorn), pass SIGTERM on to the other
+        frontends, and after the grace period abort what is still running so that every
+        stream still ends with a finish_reason."""
 
         def handle_exit(self, sig, frame):
             if not self.should_exit:
-                timer = threading.Timer(grace, async_engine.abort_all)
-                timer.daemon = True
-                timer.start()
+                loop = client._loop
+                if loop is not None:
+                    loop.call_soon_threadsafe(loop.call_later, grace, client.abort_all)
+                for p in others or ():
+                    if p.is_alive():
+                        os.kill(p.pid, signal.SIGTERM)
             super().handle_exit(sig, frame)
 
-    uv_config.timeout_graceful_shutdown = grace + 5
+    def on_death(reason: str) -> None:
+        exit_code[0] = 1
+        server.should_exit = True
+
+    client = EngineClient(conn, info, tokenizer, metrics, on_death)
+    metrics.gauges = lambda: client.snapshot
+    settings = ServerSettings(served_model_name=name, api_key=api_key,
+                              max_body_bytes=args.max_request_body_bytes,
+                              max_waiting_requests=args.max_waiting_requests,
+                              max_model_len=client.max_model_len, vocab_size=client.vocab_size,
+                              frontend_index=index)
+    app = build_app(client, settings, metrics)
+    uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                               timeout_graceful_shutdown=grace + 5, timeout_keep_alive=5,
+                               access_log=False)
     server = Server(uv_config)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _ignore_signal)
-    server.run()
-    async_engine.stop()
-    return 0
+    sockets = None
+    if args.api_server_count > 1:
+        sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((args.host, args.port))
+        sockets = [sock]
+    server.run(sockets=sockets)
+    client.stop()
+    if not server.started:
+        exit_code[0] = 1
+    return exit_code[0]

@@ -1,0 +1,135 @@
+"""Served vs offline throughput on one model shape, in one run (issue: serving at the engine's
+speed). Builds a folder with a preset's config.json and a word-level tokenizer (random
+weights: the servers load it with --load-format dummy), then:
+
+  offline: novainfer bench --preset P --num-seqs 256 --max-input-len 921 --max-output-len 921
+  served:  novainfer serve --model DIR --load-format dummy --api-server-count K
+           novainfer bench serve --num-prompts 256 --random-input-len 512
+               --random-output-len 512 --random-range-ratio 0.8 --num-clients C
+
+and prints one table (output tok/s, served/offline, mean TPOT vs the offline step time).
+Usage: python benchmarks/serve_vs_offline.py [--preset qwen3-0.6b] [--counts 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_folder(preset: str, out: Path) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from novainfer.presets import PRESETS
+
+    cfg = dict(PRESETS[preset])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for i in range(3, cfg["vocab_size"]):
+        vocab[f"w{i}"] = i
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+    fast.save_pretrained(out)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args: str, timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "novainfer.cli", *args, "--json"]
+    print("$", " ".join(cmd[2:]), flush=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                         check=False)
+    if out.returncode != 0:
+        print(out.stdout[-3000:], out.stderr[-3000:], file=sys.stderr)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def served(folder: Path, count: int, clients: int, extra: list[str]) -> dict:
+    port = free_port()
+    log = Path(tempfile.gettempdir()) / f"serve-{count}.log"
+    cmd = [sys.executable, "-m", "novainfer.cli", "serve", "--model", str(folder),
+           "--load-format", "dummy", "--port", str(port), "--api-server-count", str(count),
+           "--max-model-len", "4096", "--log-level", "warning", *extra]
+    print("$", " ".join(cmd[2:]), flush=True)
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(log.read_text()[-3000:])
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        return cli("bench", "serve", "--base-url", url, "--num-prompts", "256",
+                   "--random-input-len", "512", "--random-output-len", "512",
+                   "--random-range-ratio", "0.8", "--num-clients", str(clients), timeout=900)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="qwen3-0.6b")
+    p.add_argument("--counts", type=int, nargs="+", default=[1, 2], help="--api-server-count")
+    p.add_argument("--clients", type=int, default=4, help="bench serve --num-clients")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    folder = make_folder(args.preset, Path(tempfile.mkdtemp()) / args.preset)
+    extra = ["--device", args.device]
+    offline = cli("bench", "--preset", args.preset, "--num-seqs", "256", "--max-input-len", "921",
+                  "--max-output-len", "921", *extra, timeout=900)
+    step_ms = 1000 * offline["seconds"] / offline["steps"]
+    rows = [("offline", offline["output_tok_s"], 1.0, None, step_ms)]
+    results = {"offline": offline, "served": {}}
+    for count in args.counts:
+        res = served(folder, count, args.clients, extra)
+        results["served"][count] = res
+        rows.append((f"served, {count} frontend(s)", res["output_throughput"],
+                     res["output_throughput"] / offline["output_tok_s"], res["mean_tpot_ms"],
+                     None))
+    print(f"\n{args.preset}; offline step {step_ms:.2f} ms; "
+          f"bench serve --num-clients {args.clients}")
+    print(f"| {'run':<24} | output tok/s | vs offline | mean TPOT ms | TPOT / step |")
+    for name, tps, ratio, tpot, _ in rows:
+        t = f"{tpot:.2f}" if tpot is not None else "-"
+        r = f"{tpot / step_ms:.2f}" if tpot is not None else "-"
+        print(f"| {name:<24} | {tps:>12,.0f} | {ratio:>9.0%} | {t:>11} | {r:>11} |")
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

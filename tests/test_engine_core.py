@@ -1,0 +1,95 @@
+"""The server's engine core loop (server/engine_core.py) in process, over a real pipe: a
+step that raises fails the requests in flight and frees their KV blocks; a request that
+arrives while that step fails, and the ones after, are served normally; a frontend that
+says goodbye aborts its requests and ends the loop, one that vanishes raises FrontendGone.
+Runs without fastapi (the core needs only the engine and the standard library)."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+from multiprocessing import Pipe
+
+import numpy as np
+import pytest
+from conftest import make_llm, random_prompts
+
+from novainfer import SamplingParams
+from novainfer.server.engine_core import EngineCore, FrontendGone
+from novainfer.server.wire import CID, FINISH, FINISH_NAMES, TOKEN
+
+
+def _add(cid: int, prompt: list[int], params: SamplingParams) -> tuple:
+    return ("add", cid, np.asarray(prompt, np.int32), None, params)
+
+
+def _collect(conn, cids: set[int]) -> dict[int, tuple[list[int], str]]:
+    """Read the core's messages until each cid finished or failed: (tokens, outcome)."""
+    tokens: dict[int, list[int]] = {c: [] for c in cids}
+    done: dict[int, tuple[list[int], str]] = {}
+    while len(done) < len(cids):
+        assert conn.poll(120), "the core sent nothing"  # a hang guard
+        kind, msg = pickle.loads(conn.recv_bytes())
+        assert kind == "step"
+        for cid, error in msg.failed:
+            done[cid] = (tokens[cid], "failed: " + error)
+        for cid, _, _ in msg.rejected:
+            done[cid] = (tokens[cid], "rejected")
+        for row in (msg.rows.tolist() if msg.rows is not None else []):
+            tokens[row[CID]].append(row[TOKEN])
+            if row[FINISH]:
+                done[row[CID]] = (tokens[row[CID]], FINISH_NAMES[row[FINISH]])
+    return done
+
+
+def test_step_failure_fails_in_flight_requests_and_keeps_serving(checkpoint):
+    llm = make_llm(checkpoint("llama"))
+    prompt = random_prompts([9], seed=5)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    want = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    inner = llm.llm_engine
+    inner.detokenize = False
+    frontend, core_end = Pipe()
+    core = EngineCore(inner, [core_end])
+    real_advance, calls = inner.advance, {"n": 0}
+
+    def flaky_advance():
+        calls["n"] += 1
+        if calls["n"] == 3:  # mid-generation, after the prefill
+            # a request that arrives while the failing step runs: not in flight yet
+            frontend.send_bytes(pickle.dumps([_add(2, prompt, params)]))
+            raise RuntimeError("injected engine failure")
+        return real_advance()
+
+    inner.advance = flaky_advance
+    thread = threading.Thread(target=core.run, daemon=True)
+    thread.start()
+    try:
+        frontend.send_bytes(pickle.dumps([_add(1, prompt, params)]))
+        first = _collect(frontend, {1, 2})
+        assert first[1][1].startswith("failed: RuntimeError: injected")
+        assert first[2] == (want, "length")
+        frontend.send_bytes(pickle.dumps([_add(3, prompt, params),
+                                          _add(4, [prompt[0]] * inner.max_model_len, params)]))
+        second = _collect(frontend, {3, 4})
+        assert second[3] == (want, "length") and second[4][1] == "rejected"
+        assert not inner.has_unfinished_requests()
+        assert inner.block_manager.num_free_blocks == inner.runner.num_blocks  # nothing leaked
+        # goodbye with a request in flight: it is aborted and the loop ends
+        frontend.send_bytes(pickle.dumps([_add(5, prompt, SamplingParams(max_tokens=100)),
+                                          ("bye",)]))
+        thread.join(120)
+        assert not thread.is_alive()
+        assert not inner.has_unfinished_requests()
+        assert inner.block_manager.num_free_blocks == inner.runner.num_blocks
+    finally:
+        frontend.close()
+        thread.join(120)
+
+
+def test_vanished_frontend_ends_the_loop(checkpoint):
+    llm = make_llm(checkpoint("llama"))
+    frontend, core_end = Pipe()
+    frontend.close()
+    with pytest.raises(FrontendGone):
+        EngineCore(llm.llm_engine, [core_end]).run()
