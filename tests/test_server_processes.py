@@ -23,8 +23,8 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from conftest import make_llm  # noqa: E402
-from test_server import (  # noqa: E402
+from conftest import make_llm
+from test_server import (
     MODEL,
     PROMPT,
     Server,
@@ -36,7 +36,7 @@ from test_server import (  # noqa: E402
     _until,
 )
 
-from novainfer import SamplingParams  # noqa: E402
+from novainfer import SamplingParams
 
 
 @pytest.fixture(scope="module")
