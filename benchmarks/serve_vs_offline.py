@@ -74,7 +74,7 @@ def env_for(code: Path | None) -> dict:
 def cli(*args: str, timeout: float, code: Path | None = None) -> dict:
     cmd = [sys.executable, "-m", "novainfer.cli", *args, "--json"]
     print("$", " ".join(cmd[2:]), flush=True)
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=code or ROOT,
                          check=False, env=env_for(code))
     if out.returncode != 0:
         print(out.stdout[-3000:], out.stderr[-3000:], file=sys.stderr)
@@ -91,7 +91,7 @@ def served(folder: Path, count: int, clients: int, extra: list[str],
         cmd += ["--api-server-count", str(count)]
     print("$", " ".join(cmd[2:]), flush=True)
     with open(log, "w") as out:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=code or ROOT, stdout=out, stderr=subprocess.STDOUT,
                                 env=env_for(code))
     try:
         url = f"http://127.0.0.1:{port}"
@@ -124,10 +124,11 @@ def main() -> int:
     p.add_argument("--old", type=Path, default=None, help="an older checkout to compare")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    old = args.old.resolve() if args.old else None
     folder = make_folder(args.preset, Path(tempfile.mkdtemp()) / args.preset)
     extra = ["--device", args.device]
     rows, results = [], {}
-    for label, code, counts in (("before", args.old, [1]), ("now", None, args.counts)):
+    for label, code, counts in (("before", old, [1]), ("now", None, args.counts)):
         if label == "before" and code is None:
             continue
         offline = cli("bench", "--model", str(folder), "--num-seqs", "256", "--max-input-len",

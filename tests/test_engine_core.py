@@ -49,8 +49,9 @@ def test_step_failure_fails_in_flight_requests_and_keeps_serving(checkpoint):
     want = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
     inner = llm.llm_engine
     inner.detokenize = False
-    frontend, core_end = Pipe()
-    core = EngineCore(inner, [core_end])
+    core_in, frontend = Pipe(duplex=False)
+    frontend_in, core_out = Pipe(duplex=False)
+    core = EngineCore(inner, [(core_in, core_out)])
     real_advance, calls = inner.advance, {"n": 0}
 
     def flaky_advance():
@@ -66,12 +67,12 @@ def test_step_failure_fails_in_flight_requests_and_keeps_serving(checkpoint):
     thread.start()
     try:
         frontend.send_bytes(pickle.dumps([_add(1, prompt, params)]))
-        first = _collect(frontend, {1, 2})
+        first = _collect(frontend_in, {1, 2})
         assert first[1][1].startswith("failed: RuntimeError: injected")
         assert first[2] == (want, "length")
         frontend.send_bytes(pickle.dumps([_add(3, prompt, params),
                                           _add(4, [prompt[0]] * inner.max_model_len, params)]))
-        second = _collect(frontend, {3, 4})
+        second = _collect(frontend_in, {3, 4})
         assert second[3] == (want, "length") and second[4][1] == "rejected"
         assert not inner.has_unfinished_requests()
         assert inner.block_manager.num_free_blocks == inner.runner.num_blocks  # nothing leaked
@@ -89,7 +90,7 @@ def test_step_failure_fails_in_flight_requests_and_keeps_serving(checkpoint):
 
 def test_vanished_frontend_ends_the_loop(checkpoint):
     llm = make_llm(checkpoint("llama"))
-    frontend, core_end = Pipe()
+    core_in, frontend = Pipe(duplex=False)
     frontend.close()
     with pytest.raises(FrontendGone):
-        EngineCore(llm.llm_engine, [core_end]).run()
+        EngineCore(llm.llm_engine, [(core_in, Pipe(duplex=False)[1])]).run()

@@ -3,6 +3,9 @@ comes back as token ids that become RequestOutputs here (server/request_state.py
 
 Everything runs on the frontend's event loop: tokenization and chat templates when a request
 is submitted, and the core's messages through a reader on its pipe, so no lock is needed.
+Commands leave through a sender thread, so a full pipe (the core busy with a step) never
+blocks the loop, which keeps reading the core's messages meanwhile: no deadlock of two
+processes each waiting for the other to read.
 One HTTP request is one `Group`: one engine request per prompt, all validated before any is
 queued, so a bad prompt in a batch queues nothing. Events a group's queue receives:
 `Accepted` (once the core took every request), then `RequestOutput`s (every step while
@@ -14,7 +17,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import pickle
+import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,12 +77,13 @@ def is_client_error(exc: BaseException) -> bool:
 
 
 class EngineClient:
-    """`info` is the core's ready message: max_model_len, vocab_size, its first snapshot.
-    `on_death(reason)` runs once if the core's pipe closes while this frontend still needs it."""
+    """`inbox`/`outbox`: the pipes from and to the core. `info` is the core's ready message:
+    max_model_len, vocab_size, its first snapshot. `on_death(reason)` runs once if the core's
+    pipe closes while this frontend still needs it."""
 
-    def __init__(self, conn: Connection, info: dict, tokenizer: Any, metrics: Metrics,
-                 on_death: Callable[[str], None] | None = None) -> None:
-        self.conn = conn
+    def __init__(self, inbox: Connection, outbox: Connection, info: dict, tokenizer: Any,
+                 metrics: Metrics, on_death: Callable[[str], None] | None = None) -> None:
+        self.inbox, self.outbox = inbox, outbox
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.max_model_len = int(info["max_model_len"])
@@ -91,24 +98,32 @@ class EngineClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._texts: dict[int, str] = {}  # token id -> text, for logprob entries
         self._unaccepted = 0
+        self._outgoing: queue.SimpleQueue = queue.SimpleQueue()  # pickled commands; None: stop
+        self._sender = threading.Thread(target=self._send_loop, name="novainfer-to-core",
+                                        daemon=True)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self.conn.fileno(), self._on_readable)
+        fd = self.inbox.fileno()
+        self._loop.add_reader(fd, self._on_readable)
+        # uvloop (libuv) makes a watched descriptor non-blocking; a message is read whole once
+        # its first bytes are there, so keep it blocking.
+        os.set_blocking(fd, True)
+        self._sender.start()
 
     def stop(self) -> None:
         """Say goodbye to the core (it aborts what this frontend still had) and close."""
-        if self._loop is not None and not self.conn.closed:
-            self._loop.remove_reader(self.conn.fileno())
-        if self.death is None and not self.conn.closed:
-            try:
-                self.conn.send_bytes(pickle.dumps([("bye",)]))
-            except OSError:
-                pass
-        if not self.conn.closed:
-            self.conn.close()
+        if self._loop is not None and not self.inbox.closed:
+            self._loop.remove_reader(self.inbox.fileno())
+        if self.death is None:
+            self._outgoing.put(pickle.dumps([("bye",)]))
+        self._outgoing.put(None)
+        if self._sender.is_alive():
+            self._sender.join(30)
+        self.inbox.close()
+        self.outbox.close()
 
     @property
     def alive(self) -> bool:
@@ -174,25 +189,28 @@ class EngineClient:
 
     def _send(self, command: tuple) -> None:
         """Queue a command; all of one event-loop turn's commands travel as one message."""
-        if not self._commands and self._loop is not None:
+        if not self._commands:
             self._loop.call_soon(self._flush)
         self._commands.append(command)
-        if self._loop is None:
-            self._flush()
 
     def _flush(self) -> None:
         commands, self._commands = self._commands, []
-        if not commands or self.death is not None:
-            return
-        try:
-            self.conn.send_bytes(pickle.dumps(commands, protocol=5))
-        except OSError:
-            self._died("the engine core's pipe is closed")
+        if commands and self.death is None:
+            self._outgoing.put(pickle.dumps(commands, protocol=5))
+
+    def _send_loop(self) -> None:
+        """The sender thread: writes each message whole, blocking while the pipe is full."""
+        while (data := self._outgoing.get()) is not None:
+            try:
+                self.outbox.send_bytes(data)
+            except OSError:
+                self._loop.call_soon_threadsafe(self._died, "the engine core's pipe is closed")
+                return
 
     def _on_readable(self) -> None:
         try:
-            while self.conn.poll():
-                kind, body = pickle.loads(self.conn.recv_bytes())
+            while self.inbox.poll():
+                kind, body = pickle.loads(self.inbox.recv_bytes())
                 if kind == "step":
                     self._on_step(body)
         except (EOFError, OSError):
@@ -203,8 +221,8 @@ class EngineClient:
             return
         self.death = reason
         logger.error("%s; failing %d requests in flight", reason, len(self._states))
-        if self._loop is not None:
-            self._loop.remove_reader(self.conn.fileno())
+        if self._loop is not None and not self.inbox.closed:
+            self._loop.remove_reader(self.inbox.fileno())
         groups = {id(st.group): st.group for st in self._states.values()}
         self._states.clear()
         for group in groups.values():

@@ -32,9 +32,11 @@ class FrontendGone(Exception):
 
 
 class EngineCore:
-    def __init__(self, engine: LLMEngine, conns: list[Connection]) -> None:
+    def __init__(self, engine: LLMEngine, links: list[tuple[Connection, Connection]]) -> None:
+        """`links`: per frontend, the pipe it writes commands to and the one it reads from."""
         self.engine = engine
-        self.conns = dict(enumerate(conns))  # frontend index -> pipe, until it says bye
+        self.conns = {i: inbox for i, (inbox, _) in enumerate(links)}  # until it says bye
+        self.outboxes = {i: outbox for i, (_, outbox) in enumerate(links)}
         self.owner: dict[str, tuple[int, int]] = {}  # engine request id -> (frontend, cid)
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -162,7 +164,7 @@ class EngineCore:
         for fi, msg in self._out.items():
             msg.snapshot = snapshot
             try:
-                self.conns[fi].send_bytes(pickle.dumps(("step", msg), protocol=5))
+                self.outboxes[fi].send_bytes(pickle.dumps(("step", msg), protocol=5))
             except (BrokenPipeError, ConnectionResetError, OSError):
                 raise FrontendGone(f"frontend {fi} closed its pipe") from None
         self._out.clear()
@@ -203,7 +205,8 @@ def _rid(fi: int, cid: int) -> str:
     return f"{fi}-{cid}"
 
 
-def run_core_process(config: Any, conns: list[Connection], log_level: str = "INFO") -> None:
+def run_core_process(config: Any, links: list[tuple[Connection, Connection]],
+                     log_level: str = "INFO") -> None:
     """Entry point of the spawned core process: build the engine, say ready (or why not) to
     every frontend, serve, then stop the engine's workers."""
     # Ctrl-C and SIGTERM go to the frontends, which drain and then say goodbye.
@@ -216,18 +219,18 @@ def run_core_process(config: Any, conns: list[Connection], log_level: str = "INF
         engine = LLMEngine(config, detokenize=False)
     except BaseException:  # noqa: BLE001 - reported to the frontends, which exit with it
         text = traceback.format_exc()
-        for conn in conns:
+        for _, outbox in links:
             try:
-                conn.send_bytes(pickle.dumps(("failed", text)))
+                outbox.send_bytes(pickle.dumps(("failed", text)))
             except OSError:
                 pass
         return
-    core = EngineCore(engine, conns)
+    core = EngineCore(engine, links)
     info = {"max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size,
             "tokenizer": str(config.tokenizer or engine.model_folder), "snapshot": core.snapshot()}
     try:
-        for conn in conns:
-            conn.send_bytes(pickle.dumps(("ready", info)))
+        for _, outbox in links:
+            outbox.send_bytes(pickle.dumps(("ready", info)))
         core.run()
     except FrontendGone as exc:
         logger.error("%s; the engine core exits", exc)

@@ -89,24 +89,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format,
     )
     ctx = mp.get_context("spawn")
-    pipes = [ctx.Pipe() for _ in range(args.api_server_count)]
+    # Per frontend, one pipe each way: (core reads, frontend writes), (frontend reads, core
+    # writes).
+    links = [(ctx.Pipe(duplex=False), ctx.Pipe(duplex=False))
+             for _ in range(args.api_server_count)]
     # Not a daemon: the core starts the tensor-parallel workers. It ignores SIGINT/SIGTERM and
     # leaves when the frontends say goodbye or their pipes close.
-    core = ctx.Process(target=run_core_process, name="novainfer-core",
-                       args=(config, [theirs for _, theirs in pipes], args.log_level))
+    core = ctx.Process(target=run_core_process, name="novainfer-core", args=(
+        config, [(to_core[0], to_front[1]) for to_core, to_front in links], args.log_level))
     core.start()
-    for _, theirs in pipes:
-        theirs.close()  # so that the core's death reads as EOF here
+    for to_core, to_front in links:  # only the core holds its ends: its death reads as EOF
+        to_core[0].close()
+        to_front[1].close()
     others = []
     for index in range(1, args.api_server_count):
+        to_core, to_front = links[index]
         p = ctx.Process(target=run_frontend, name=f"novainfer-frontend-{index}",
-                        args=(args, pipes[index][0], index))
+                        args=(args, to_front[0], to_core[1], index))
         p.start()
-        pipes[index][0].close()
+        to_front[0].close()
+        to_core[1].close()
         others.append(p)
     code = 1
     try:
-        code = run_frontend(args, pipes[0][0], 0, others)
+        code = run_frontend(args, links[0][1][0], links[0][0][1], 0, others)
     finally:
         for p in others:  # they drain too (SIGTERM was forwarded), or saw the core die
             p.join(args.shutdown_grace + 30)
@@ -123,7 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return code
 
 
-def run_frontend(args: argparse.Namespace, conn: Connection, index: int,
+def run_frontend(args: argparse.Namespace, inbox: Connection, outbox: Connection, index: int,
                  others: list | None = None) -> int:
     """One HTTP frontend: wait for the core's ready message, then serve on --port (several
     frontends share it through SO_REUSEPORT). 0 after an orderly shutdown, 1 when the
@@ -142,7 +148,7 @@ def run_frontend(args: argparse.Namespace, conn: Connection, index: int,
         logging.basicConfig(level=args.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        kind, info = pickle.loads(conn.recv_bytes())
+        kind, info = pickle.loads(inbox.recv_bytes())
     except (EOFError, OSError):
         log.error("the engine core exited while starting")
         return 1
@@ -178,7 +184,7 @@ def run_frontend(args: argparse.Namespace, conn: Connection, index: int,
         exit_code[0] = 1
         server.should_exit = True
 
-    client = EngineClient(conn, info, tokenizer, metrics, on_death)
+    client = EngineClient(inbox, outbox, info, tokenizer, metrics, on_death)
     metrics.gauges = lambda: client.snapshot
     settings = ServerSettings(served_model_name=name, api_key=api_key,
                               max_body_bytes=args.max_request_body_bytes,
