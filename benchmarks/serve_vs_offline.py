@@ -135,6 +135,7 @@ def main() -> int:
                       "921", "--max-output-len", "921", *extra, timeout=900, code=code)
         step_ms = 1000 * offline["seconds"] / offline["steps"]
         rows.append((f"{label}: offline", offline["output_tok_s"], 1.0, None, step_ms))
+        print(f"  {rows[-1][0]}: {offline['output_tok_s']:,.0f} tok/s", flush=True)
         results[label] = {"offline": offline, "served": {}}
         for count in counts:
             res = served(folder, count, args.clients, extra, code)
@@ -142,6 +143,8 @@ def main() -> int:
             rows.append((f"{label}: served, {count} frontend(s)", res["output_throughput"],
                          res["output_throughput"] / offline["output_tok_s"],
                          res["mean_tpot_ms"], step_ms))
+            print(f"  {rows[-1][0]}: {res['output_throughput']:,.0f} tok/s, mean TPOT "
+                  f"{res['mean_tpot_ms']:.2f} ms", flush=True)
     print(f"\n{args.preset}; bench serve --num-clients {args.clients}")
     print(f"| {'run':<30} | output tok/s | vs offline | mean TPOT ms | TPOT / offline step |")
     for name, tps, ratio, tpot, step in rows:

@@ -116,21 +116,24 @@ class EngineCore:
         self.engine.end_step(delta)
 
     def _pack(self, delta: StepDelta) -> None:
-        rows: dict[int, list[tuple[int, ...]]] = {}
+        rows: dict[int, list[int]] = {}  # frontend -> flat rows (CID, INDEX, TOKEN, ...)
         lps: dict[int, list] = {}
+        owner = self.owner
         for seq, token, lp in delta.tokens:
-            fi, cid = self.owner[seq.request_id]
+            fi, cid = owner[seq.request_id]
             stop = seq.stop_reason if isinstance(seq.stop_reason, int) else -1
-            out = rows.setdefault(fi, [])
+            out = rows.get(fi)
+            if out is None:
+                out = rows[fi] = []
             if lp is not None:
-                lps.setdefault(fi, []).append((len(out), lp))
-            out.append((cid, seq.index, token, FINISH_CODES[seq.finish_reason], stop))
-            if seq.index == 0 and seq.num_output_tokens == 1:
+                lps.setdefault(fi, []).append((len(out) // 5, lp))
+            out.extend((cid, seq.index, token, FINISH_CODES[seq.finish_reason], stop))
+            if seq.index == 0 and len(seq.token_ids) - seq.num_prompt_tokens == 1:
                 self._message(fi).cached.append((cid, seq.num_cached_tokens))
         self.generation_tokens += len(delta.tokens)
         for fi, fi_rows in rows.items():
             msg = self._message(fi)
-            msg.rows = np.asarray(fi_rows, dtype=np.int64)
+            msg.rows = np.array(fi_rows, dtype=np.int64).reshape(-1, 5)
             if fi in lps:
                 msg.logprob_rows = [r for r, _ in lps[fi]]
                 msg.logprobs = PackedLogprobs.pack([lp for _, lp in lps[fi]])

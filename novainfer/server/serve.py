@@ -55,6 +55,17 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="auto, torch, cpu, triton, flash_attn")
 
 
+def _widen(conn: Connection) -> None:
+    """A 1 MiB pipe (Linux; 64 KiB by default) so that a frontend busy for a few steps does
+    not stall the core's next send, nor a burst of new requests the frontend's."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(conn.fileno(), 1031, 1 << 20)  # F_SETPIPE_SZ
+    except (ImportError, OSError):
+        pass
+
+
 def _ignore_signal(signum, frame) -> None:
     """Installed before uvicorn so that its re-raise after a graceful shutdown is a no-op."""
 
@@ -93,6 +104,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # writes).
     links = [(ctx.Pipe(duplex=False), ctx.Pipe(duplex=False))
              for _ in range(args.api_server_count)]
+    for to_core, to_front in links:
+        _widen(to_core[0])
+        _widen(to_front[0])
     # Not a daemon: the core starts the tensor-parallel workers. It ignores SIGINT/SIGTERM and
     # leaves when the frontends say goodbye or their pipes close.
     core = ctx.Process(target=run_core_process, name="novainfer-core", args=(
