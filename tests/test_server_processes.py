@@ -149,7 +149,8 @@ def test_killed_core_fails_requests_and_the_server_exits_nonzero(model_dir, tmp_
     hold.touch()
     srv = Server(model_dir, tmp_path / "core.log", hold=hold, hold_after=2)
     try:
-        core = _named(_child_pids(srv.proc.pid), "novainfer-core")
+        children = _child_pids(srv.proc.pid)
+        core = _named(children, "novainfer-core")
 
         async def main():
             first = asyncio.Event()
@@ -167,7 +168,12 @@ def test_killed_core_fails_requests_and_the_server_exits_nonzero(model_dir, tmp_
         assert resp.status_code == 500
         assert "engine core" in resp.json()["error"]["message"]
         assert "error" in chunks[-1] and "engine core" in chunks[-1]["error"]["message"]
+        try:  # unhealthy (503) while it shuts down, or already gone
+            assert httpx.get(srv.url + "/health", timeout=60).status_code == 503
+        except httpx.HTTPError:
+            pass
         assert srv.proc.wait(300) != 0
+        _gone(children, "processes")
     finally:
         srv.stop()
 
