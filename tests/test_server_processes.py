@@ -180,19 +180,54 @@ def test_killed_core_fails_requests_and_the_server_exits_nonzero(model_dir, tmp_
 
 @pytest.mark.parametrize("which", ["main", "api1"])
 def test_killed_frontend_takes_the_core_down(model_dir, tmp_path, which):
-    """SIGKILL to the main process (frontend 0) or to a second frontend: the core exits
-    (and with it the other frontend; the main one exits non-zero)."""
-    srv = Server(model_dir, tmp_path / f"{which}.log", "--api-server-count", "2")
+    """SIGKILL to the main process (frontend 0) or to a second frontend while a stream is in
+    flight (held by the gate): the core exits (and with it the other frontend; the main one
+    exits non-zero)."""
+    hold = tmp_path / "hold"
+    hold.touch()
+    srv = Server(model_dir, tmp_path / f"{which}.log", "--api-server-count", "2", hold=hold,
+                 hold_after=2)
     try:
         children = _child_pids(srv.proc.pid)
         core = _named(children, "novainfer-core")
         api1 = _named(children, "novainfer-api1")
+
+        async def kill_mid_stream() -> None:
+            first = asyncio.Event()
+            task = asyncio.ensure_future(_hold_stream(srv.url, first, hang_up=False))
+            await first.wait()
+            if which == "main":
+                srv.proc.kill()
+            else:
+                os.kill(api1, signal.SIGKILL)
+            try:  # the stream ends with an error chunk or a broken connection
+                await task
+            except (httpx.HTTPError, AssertionError):
+                pass
+
+        asyncio.run(kill_mid_stream())
         if which == "main":
-            srv.proc.kill()
             _gone({core, api1}, "processes")
         else:
-            os.kill(api1, signal.SIGKILL)
             _gone({core}, "the core")
             assert srv.proc.wait(300) != 0
     finally:
         srv.stop()
+
+
+def test_api_server_count_default_and_bad_value():
+    import subprocess
+    import sys
+
+    import torch
+
+    from novainfer.server.serve import default_api_server_count
+
+    assert default_api_server_count("cpu", 64) == 1
+    assert default_api_server_count("cuda", 64) == 2
+    assert default_api_server_count("cuda", 4) == 1
+    assert default_api_server_count("auto", 64) == (2 if torch.cuda.is_available() else 1)
+    out = subprocess.run([sys.executable, "-m", "novainfer.cli", "serve", "--api-server-count",
+                          "0"], capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 2
+    assert "--api-server-count must be at least 1, got 0" in out.stderr

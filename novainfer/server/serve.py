@@ -32,9 +32,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shutdown-grace", type=float, default=30.0,
                         help="seconds in-flight requests may finish after SIGTERM/SIGINT")
     parser.add_argument("--log-level", default="info", help="uvicorn's: debug, info, warning, error")
-    parser.add_argument("--api-server-count", type=int, default=1,
+    parser.add_argument("--api-server-count", type=int, default=None,
                         help="HTTP frontend processes sharing the port (tokenization, "
-                        "detokenization, streaming) against one engine core process")
+                        "detokenization, streaming) against one engine core process "
+                        "(default: 2 on a GPU host with 8+ cores, else 1)")
     # the rest of the engine's options
     parser.add_argument("--max-num-seqs", type=int, default=256, help="sequences per step")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
@@ -53,6 +54,20 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="dummy: random weights of the checkpoint's shapes (benchmarks)")
     parser.add_argument("--attention-backend", default="auto",
                         help="auto, torch, cpu, triton, flash_attn")
+
+
+def default_api_server_count(device: str, cores: int | None = None) -> int:
+    """Two frontends where the engine is fast enough to outrun one (a GPU: one frontend
+    process falls behind 256 streams on an H200) and the host has cores to spare; else one."""
+    cores = (os.cpu_count() or 1) if cores is None else cores
+    if device == "cpu" or cores < 8:
+        return 1
+    if device == "auto":
+        import torch
+
+        if not torch.cuda.is_available():
+            return 1
+    return 2
 
 
 def _widen(conn: Connection) -> None:
@@ -81,6 +96,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: the server needs extra packages ({exc.name}); "
               "pip install 'novainfer[server]'", file=sys.stderr)
         return 2
+    if args.api_server_count is None:
+        args.api_server_count = default_api_server_count(args.device)
     if args.api_server_count < 1:
         print(f"error: --api-server-count must be at least 1, got {args.api_server_count}",
               file=sys.stderr)
