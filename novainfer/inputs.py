@@ -100,6 +100,35 @@ def prompt_inputs(prompt: Any, tokenizer: Any, vocab_size: int) -> PromptInputs:
     return PromptInputs(ids, None, salt)
 
 
+def check_request(inputs: PromptInputs, params: Any, max_model_len: int, vocab_size: int
+                  ) -> str | None:
+    """The checks that need the model's limits: the prompt and max_tokens fit max_model_len,
+    stop_token_ids are in the vocabulary, one cache_salt. Returns the request's salt."""
+    check_length(len(inputs.token_ids), params.max_tokens, max_model_len)
+    bad = [t for t in params.stop_token_ids if t >= vocab_size]
+    if bad:
+        raise ValueError(f"stop_token_ids {bad} are out of range; allowed: 0 <= id < {vocab_size}")
+    if inputs.cache_salt and params.cache_salt and inputs.cache_salt != params.cache_salt:
+        raise ValueError(
+            "cache_salt differs between the prompt and SamplingParams; give it in one place"
+        )
+    return inputs.cache_salt or params.cache_salt
+
+
+def check_length(num_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    if num_prompt_tokens >= max_model_len:
+        raise ValueError(
+            f"prompt has {num_prompt_tokens} tokens; max_model_len is {max_model_len}, "
+            f"so the prompt must have fewer than {max_model_len} tokens"
+        )
+    if num_prompt_tokens + max_tokens > max_model_len:
+        raise ValueError(
+            f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds "
+            f"max_model_len ({max_model_len}); lower max_tokens to at most "
+            f"{max_model_len - num_prompt_tokens}"
+        )
+
+
 def render_chat(
     tokenizer: Any,
     messages: list[dict],

@@ -94,3 +94,67 @@ def test_vanished_frontend_ends_the_loop(checkpoint):
     frontend.close()
     with pytest.raises(FrontendGone):
         EngineCore(llm.llm_engine, [(core_in, Pipe(duplex=False)[1])]).run()
+
+
+def _step_messages(conn):
+    while True:
+        assert conn.poll(120), "the core sent nothing"  # a hang guard
+        kind, msg = pickle.loads(conn.recv_bytes())
+        assert kind == "step"
+        yield msg
+
+
+def test_queued_messages_are_all_applied_in_one_turn(checkpoint):
+    """Three requests sent as three messages before the loop starts: one turn admits all
+    three (a burst is not admitted one message per model step)."""
+    llm = make_llm(checkpoint("llama"))
+    core_in, frontend = Pipe(duplex=False)
+    frontend_in, core_out = Pipe(duplex=False)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    for cid in range(3):
+        frontend.send_bytes(pickle.dumps([_add(cid, random_prompts([6], seed=cid)[0], params)]))
+    core = EngineCore(llm.llm_engine, [(core_in, core_out)])
+    thread = threading.Thread(target=core.run, daemon=True)
+    thread.start()
+    try:
+        first = next(_step_messages(frontend_in))
+        assert sorted(first.accepted) == [0, 1, 2]
+    finally:
+        frontend.send_bytes(pickle.dumps([("bye",)]))
+        thread.join(120)
+        assert not thread.is_alive()
+
+
+def test_a_frontend_leaving_mid_step_does_not_stop_the_others(checkpoint):
+    """Frontend B says goodbye and closes its pipes while the core is busy with A's request:
+    the core must not take B's closed pipe for a crash; A's request runs to the end."""
+    llm = make_llm(checkpoint("llama"))
+    a_core_in, a_out = Pipe(duplex=False)
+    a_in, a_core_out = Pipe(duplex=False)
+    b_core_in, b_out = Pipe(duplex=False)
+    b_in, b_core_out = Pipe(duplex=False)
+    core = EngineCore(llm.llm_engine, [(a_core_in, a_core_out), (b_core_in, b_core_out)])
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            core.run()
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    prompt = random_prompts([9], seed=5)[0]
+    a_out.send_bytes(pickle.dumps([_add(1, prompt, SamplingParams(
+        temperature=0.0, max_tokens=60, ignore_eos=True))]))
+    steps = _step_messages(a_in)
+    while not any(m.rows is not None for m in [next(steps)]):
+        pass  # A's request is running
+    b_out.send_bytes(pickle.dumps([("bye",)]))
+    b_in.close()
+    b_out.close()
+    done = _collect(a_in, {1})
+    assert done[1][1] == "length" and len(done[1][0]) >= 1
+    a_out.send_bytes(pickle.dumps([("bye",)]))
+    thread.join(120)
+    assert not thread.is_alive() and not errors, errors

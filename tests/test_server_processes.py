@@ -31,6 +31,7 @@ from test_server import (
     _alive,
     _child_pids,
     _gauge,
+    _good_stream,
     _headers,
     _post,
     _until,
@@ -117,6 +118,15 @@ def test_two_frontends_share_the_port_and_the_core(model_dir, tmp_path):
         # Generated-token counters come from the core: every frontend reports all 96.
         for _ in range(6):
             assert _gauge(srv.metrics(), "novainfer_generation_tokens_total") == 96
+        # Request counts live in each frontend; the core relays them (once a second), so
+        # that every frontend soon reports all 12.
+        length = f'novainfer_requests_total{{model_name="{MODEL}",outcome="length"'
+        while True:
+            seen = [_gauge(srv.metrics(), length) for _ in range(6)]
+            if seen == [12] * 6:
+                break
+            assert max(seen) <= 12 and time.monotonic() < deadline, seen
+            time.sleep(0.2)
         srv.proc.send_signal(signal.SIGTERM)
         assert srv.proc.wait(300) == 0
         _gone({core, api1}, "processes")
@@ -231,3 +241,36 @@ def test_api_server_count_default_and_bad_value():
                           "0"], capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 2
     assert "--api-server-count must be at least 1, got 0" in out.stderr
+
+
+def test_sigterm_drains_streams_on_every_frontend(model_dir, tmp_path):
+    """Two frontends, streams in flight (held by the gate), SIGTERM: a frontend with nothing
+    left to drain says goodbye while the other still streams; every stream still ends with
+    all its tokens, and everything exits 0."""
+    hold = tmp_path / "hold"
+    hold.touch()
+    srv = Server(model_dir, tmp_path / "drain.log", "--api-server-count", "2",
+                 "--shutdown-grace", "600", hold=hold, hold_after=2)
+    try:
+        children = _child_pids(srv.proc.pid)
+
+        async def main():
+            streams = [asyncio.ensure_future(_good_stream(srv.url, max_tokens=20))
+                       for _ in range(4)]
+            deadline = time.monotonic() + 300  # a hang guard
+            while True:
+                h = await asyncio.to_thread(srv.health)
+                if h["num_requests_running"] + h["num_requests_waiting"] == 4:
+                    break
+                assert time.monotonic() < deadline, h
+                await asyncio.sleep(0.05)
+            srv.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(1.0)  # let an idle frontend leave first (not needed to pass)
+            hold.unlink()
+            return await asyncio.gather(*streams)
+
+        assert asyncio.run(main()) == [("length", 20)] * 4
+        assert srv.proc.wait(300) == 0
+        _gone(children, "processes")
+    finally:
+        srv.stop()

@@ -2,9 +2,9 @@
 
 `add_request` validates and enqueues; `step` schedules, runs the model, samples, applies
 stop rules and returns the requests that progressed. The server's engine core process
-(server/core.py) drives the same engine with `detokenize=False`: it calls `advance` and ships
-each step's new tokens to the frontend, which owns the text (detokenization, stop strings,
-logprob token texts) and reports stop strings back with `finish_sequence`.
+(server/engine_core.py) drives the same engine with `detokenize=False`: it calls `advance`
+and ships each step's new tokens to the frontend, which owns the text (detokenization, stop
+strings, logprob token texts) and reports stop strings back with `finish_sequence`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from novainfer.engine.model_runner import ModelRunner, launch_for
 from novainfer.engine.scheduler import Scheduler
 from novainfer.engine.sequence import Sequence
 from novainfer.engine.step_timer import StepTimer, enabled_by_env
-from novainfer.inputs import PromptInputs, prompt_inputs
+from novainfer.inputs import PromptInputs, check_length, check_request, prompt_inputs
 from novainfer.loader.model_path import resolve_model
 from novainfer.models.config import ModelConfig
 from novainfer.outputs import (
@@ -75,7 +75,7 @@ class LLMEngine:
 
         self.config = config
         # False: outputs carry token ids only (no text, no stop strings, no logprob texts);
-        # the server's frontend process does that work (server/core.py).
+        # the server's frontend process does that work (server/request_state.py).
         self.detokenize = detokenize
         folder = resolve_model(config.model)
         self.model_folder = folder
@@ -152,13 +152,7 @@ class LLMEngine:
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         inputs = self.process_prompt(prompt)
         ids = inputs.token_ids
-        self.check_length(len(ids), params)
-        self._check_token_ids(params)
-        salt = inputs.cache_salt or params.cache_salt
-        if inputs.cache_salt and params.cache_salt and inputs.cache_salt != params.cache_salt:
-            raise ValueError(
-                "cache_salt differs between the prompt and SamplingParams; give it in one place"
-            )
+        salt = check_request(inputs, params, self.max_model_len, self.vocab_size)
         if params.stop_list and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True was set)")
         metrics = RequestMetrics(arrival_time=self.clock())
@@ -196,24 +190,7 @@ class LLMEngine:
             self.scheduler.add(seq)
 
     def check_length(self, num_prompt_tokens: int, params: SamplingParams) -> None:
-        if num_prompt_tokens >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {num_prompt_tokens} tokens; max_model_len is {self.max_model_len}, "
-                f"so the prompt must have fewer than {self.max_model_len} tokens"
-            )
-        if num_prompt_tokens + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                f"max_model_len ({self.max_model_len}); lower max_tokens to at most "
-                f"{self.max_model_len - num_prompt_tokens}"
-            )
-
-    def _check_token_ids(self, params: SamplingParams) -> None:
-        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if bad:
-            raise ValueError(
-                f"stop_token_ids {bad} are out of range; allowed: 0 <= id < {self.vocab_size}"
-            )
+        check_length(num_prompt_tokens, params.max_tokens, self.max_model_len)
 
     def _generator(self, seed: int | None) -> torch.Generator | None:
         """A private generator for seeded requests; unseeded ones share the engine's."""

@@ -6,8 +6,9 @@ is submitted, and the core's messages through a reader on its pipe, so no lock i
 Commands leave through a sender thread, so a full pipe (the core busy with a step) never
 blocks the loop, which keeps reading the core's messages meanwhile: no deadlock of two
 processes each waiting for the other to read.
-One HTTP request is one `Group`: one engine request per prompt, all validated before any is
-queued, so a bad prompt in a batch queues nothing. Events a group's queue receives:
+One HTTP request is one `Group`: one engine request per prompt, all validated here (prompt
+forms, vocabulary, lengths against max_model_len) before any is sent, so a bad prompt in a
+batch queues nothing; a rejection by the core (its own checks) aborts the group's others. Events a group's queue receives:
 `Accepted` (once the core took every request), then `RequestOutput`s (every step while
 streaming, the final one otherwise), or a single `Failed`.
 """
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from novainfer.engine.detokenizer import decorate
-from novainfer.inputs import prompt_inputs
+from novainfer.inputs import check_request, prompt_inputs
 from novainfer.sampling_params import SamplingParams
 from novainfer.server.metrics import Metrics
 from novainfer.server.request_state import RequestState
@@ -82,8 +83,10 @@ class EngineClient:
     pipe closes while this frontend still needs it."""
 
     def __init__(self, inbox: Connection, outbox: Connection, info: dict, tokenizer: Any,
-                 metrics: Metrics, on_death: Callable[[str], None] | None = None) -> None:
+                 metrics: Metrics, on_death: Callable[[str], None] | None = None,
+                 index: int = 0, num_frontends: int = 1) -> None:
         self.inbox, self.outbox = inbox, outbox
+        self.index, self.num_frontends = index, num_frontends
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.max_model_len = int(info["max_model_len"])
@@ -112,6 +115,20 @@ class EngineClient:
         # its first bytes are there, so keep it blocking.
         os.set_blocking(fd, True)
         self._sender.start()
+        if self.num_frontends > 1:
+            self.metrics.others = self._other_metrics
+            self._share_metrics()
+
+    def _share_metrics(self) -> None:
+        """Several frontends: send this one's request counts and latency histograms to the
+        core once a second, which relays every frontend's to the others."""
+        if self.death is None and not self.inbox.closed:
+            self._send(("metrics", self.metrics.state()))
+            self._loop.call_later(1.0, self._share_metrics)
+
+    def _other_metrics(self) -> list[dict]:
+        shared = self.snapshot.get("frontend_metrics", {})
+        return [state for fi, state in shared.items() if fi != self.index]
 
     def stop(self) -> None:
         """Say goodbye to the core (it aborts what this frontend still had) and close."""
@@ -145,6 +162,8 @@ class EngineClient:
             for cid, rid, make in zip(self._cids, request_ids, makes):
                 prompt, params = make(self)
                 inputs = prompt_inputs(prompt, self.tokenizer, self.vocab_size)
+                # the core checks again; here so that a bad prompt in a batch queues nothing
+                check_request(inputs, params, self.max_model_len, self.vocab_size)
                 states.append(RequestState.new(cid, rid, inputs, params, stream, group,
                                                self.tokenizer))
         except Exception as exc:  # reported to this request only
@@ -208,13 +227,32 @@ class EngineClient:
                 return
 
     def _on_readable(self) -> None:
+        # A few messages per call, then back to the loop (it calls again while more wait), so
+        # a frontend behind the core still serves its connections between them.
         try:
-            while self.inbox.poll():
+            for _ in range(4):
+                if not self.inbox.poll():
+                    return
                 kind, body = pickle.loads(self.inbox.recv_bytes())
                 if kind == "step":
-                    self._on_step(body)
+                    self._on_step_safely(body)
         except (EOFError, OSError):
             self._died("the engine core exited")
+
+    def _on_step_safely(self, msg: Step) -> None:
+        """A bug while applying a message fails the requests in flight (503), as a failed
+        engine step would, instead of leaving them waiting for tokens that were lost."""
+        try:
+            self._on_step(msg)
+        except Exception as exc:  # reported to every request in flight
+            logger.exception("applying the engine core's message failed")
+            live = list(self._states.values())
+            self._states.clear()
+            if live:
+                self._send(("abort", [st.cid for st in live]))
+            for st in live:
+                self.metrics.count_request("error")
+                self._fail(st.group, exc, False)
 
     def _died(self, reason: str) -> None:
         if self.death is not None:
@@ -223,11 +261,11 @@ class EngineClient:
         logger.error("%s; failing %d requests in flight", reason, len(self._states))
         if self._loop is not None and not self.inbox.closed:
             self._loop.remove_reader(self.inbox.fileno())
-        groups = {id(st.group): st.group for st in self._states.values()}
+        live = list(self._states.values())
         self._states.clear()
-        for group in groups.values():
+        for st in live:
             self.metrics.count_request("error")
-            self._fail(group, RuntimeError(reason), False, fatal=True)
+            self._fail(st.group, RuntimeError(reason), False, fatal=True)
         if self.on_death is not None:
             self.on_death(reason)
 

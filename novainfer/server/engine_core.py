@@ -40,6 +40,7 @@ class EngineCore:
         self.owner: dict[str, tuple[int, int]] = {}  # engine request id -> (frontend, cid)
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self.frontend_metrics: dict[int, dict] = {}  # relayed to the other frontends
         self._out: dict[int, Step] = {}
 
     def run(self) -> None:
@@ -49,7 +50,7 @@ class EngineCore:
             busy = engine.has_unfinished_requests()
             ready = wait(list(self.conns.values()), timeout=0 if busy else 1.0)
             for conn in ready:
-                self._receive(conn)
+                self._receive(next(i for i, c in self.conns.items() if c is conn))
             stepped = engine.has_unfinished_requests()
             if stepped:
                 self._step()
@@ -60,12 +61,19 @@ class EngineCore:
 
     # -- commands ---------------------------------------------------------------------------
 
-    def _receive(self, conn: Connection) -> None:
-        fi = next(i for i, c in self.conns.items() if c is conn)
-        try:
-            commands = pickle.loads(conn.recv_bytes())
-        except (EOFError, OSError):
-            raise FrontendGone(f"frontend {fi} closed its pipe without saying goodbye") from None
+    def _receive(self, fi: int) -> None:
+        """Apply every message frontend `fi` has queued (a burst of requests is admitted in
+        one turn, and aborts and finishes never wait behind it)."""
+        conn = self.conns[fi]
+        while fi in self.conns and conn.poll():
+            try:
+                commands = pickle.loads(conn.recv_bytes())
+            except (EOFError, OSError):
+                raise FrontendGone(
+                    f"frontend {fi} closed its pipe without saying goodbye") from None
+            self._apply(fi, commands)
+
+    def _apply(self, fi: int, commands: list[tuple]) -> None:
         for cmd in commands:
             kind = cmd[0]
             if kind == "add":
@@ -78,11 +86,14 @@ class EngineCore:
                 _, cid, index, stop = cmd
                 if self.engine.finish_sequence(_rid(fi, cid), index, stop):
                     self.owner.pop(_rid(fi, cid), None)
+            elif kind == "metrics":
+                self.frontend_metrics[fi] = cmd[1]
             elif kind == "bye":
                 for rid in [r for r, (f, _) in self.owner.items() if f == fi]:
                     self.engine.abort_request(rid)
                     del self.owner[rid]
                 del self.conns[fi]
+                del self.outboxes[fi]
                 self._out.pop(fi, None)
                 return
 
@@ -164,13 +175,19 @@ class EngineCore:
 
     def _send(self) -> None:
         snapshot = self.snapshot()
-        for fi, msg in self._out.items():
+        out, self._out = self._out, {}
+        for fi, msg in out.items():
+            if fi not in self.outboxes:
+                continue
             msg.snapshot = snapshot
             try:
                 self.outboxes[fi].send_bytes(pickle.dumps(("step", msg), protocol=5))
-            except (BrokenPipeError, ConnectionResetError, OSError):
-                raise FrontendGone(f"frontend {fi} closed its pipe") from None
-        self._out.clear()
+            except OSError:
+                # A frontend that said goodbye while this turn ran has closed its end: its
+                # "bye" waits in its pipe. Without one, it died.
+                self._receive(fi)
+                if fi in self.conns:
+                    raise FrontendGone(f"frontend {fi} closed its pipe") from None
 
     def snapshot(self) -> dict[str, float]:
         """Gauges and counters for /health and /metrics, as of now."""
@@ -191,6 +208,7 @@ class EngineCore:
             "prefix_cache_hit_rate": bm.prefix_hits / queries if queries else 0.0,
             "prompt_tokens_total": self.prompt_tokens,
             "generation_tokens_total": self.generation_tokens,
+            "frontend_metrics": self.frontend_metrics,
         }
 
 
@@ -237,5 +255,7 @@ def run_core_process(config: Any, links: list[tuple[Connection, Connection]],
         core.run()
     except FrontendGone as exc:
         logger.error("%s; the engine core exits", exc)
+    except OSError:  # a frontend stopped while the model loaded (Ctrl-C, SIGTERM)
+        logger.error("a frontend left before the engine core was ready; it exits")
     finally:
         engine.shutdown()

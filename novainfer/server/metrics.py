@@ -49,6 +49,19 @@ class Histogram:
         self.sum += value
         self.count += 1
 
+    def state(self) -> tuple[list[int], float, int]:
+        return list(self.counts), self.sum, self.count
+
+    def plus(self, states: list[tuple[list[int], float, int]]) -> Histogram:
+        """This histogram with other processes' (same buckets) added."""
+        total = Histogram(self.buckets)
+        total.counts, total.sum, total.count = list(self.counts), self.sum, self.count
+        for counts, sum_, count in states:
+            total.counts = [a + b for a, b in zip(total.counts, counts)]
+            total.sum += sum_
+            total.count += count
+        return total
+
 
 class Metrics:
     def __init__(self, model_name: str) -> None:
@@ -61,6 +74,14 @@ class Metrics:
         # Gauges, and the token counters, come from the engine core's latest snapshot: the
         # same numbers whichever frontend process (--api-server-count) renders them.
         self.gauges: Callable[[], dict[str, float]] = dict
+        # The other frontends' latest state() (relayed by the core), added when rendering so
+        # that every frontend reports the whole server's requests and latencies.
+        self.others: Callable[[], list[dict]] = list
+
+    def state(self) -> dict:
+        with self.lock:
+            return {"requests": dict(self.requests), "ttft": self.ttft.state(),
+                    "itl": self.itl.state(), "e2e": self.e2e.state()}
 
     def count_request(self, outcome: str) -> None:
         with self.lock:
@@ -97,22 +118,30 @@ class Metrics:
             sample(f"{name}_count", h.count)
 
         g = self.gauges()
+        others = self.others()
         with self.lock:
+            requests = dict(self.requests)
+            for other in others:
+                for outcome, n in other["requests"].items():
+                    requests[outcome] = requests.get(outcome, 0) + n
+            ttft = self.ttft.plus([o["ttft"] for o in others])
+            itl = self.itl.plus([o["itl"] for o in others])
+            e2e = self.e2e.plus([o["e2e"] for o in others])
             metric("novainfer_requests_total", "counter",
                    "Requests by outcome (stop, length, abort, error, rejected_<status>).")
-            for outcome in sorted(set(self.requests) | {"stop", "length", "abort"}):
-                sample("novainfer_requests_total", self.requests.get(outcome, 0),
+            for outcome in sorted(set(requests) | {"stop", "length", "abort"}):
+                sample("novainfer_requests_total", requests.get(outcome, 0),
                        {"outcome": outcome})
             metric("novainfer_prompt_tokens_total", "counter", "Prompt tokens of accepted requests.")
             sample("novainfer_prompt_tokens_total", g.get("prompt_tokens_total", 0))
             metric("novainfer_generation_tokens_total", "counter", "Generated tokens.")
             sample("novainfer_generation_tokens_total", g.get("generation_tokens_total", 0))
             histogram("novainfer_time_to_first_token_seconds",
-                      "Time from arrival to the first generated token.", self.ttft)
+                      "Time from arrival to the first generated token.", ttft)
             histogram("novainfer_inter_token_latency_seconds",
-                      "Time between consecutive tokens of one sequence.", self.itl)
+                      "Time between consecutive tokens of one sequence.", itl)
             histogram("novainfer_e2e_request_latency_seconds",
-                      "Time from arrival to the end of a request.", self.e2e)
+                      "Time from arrival to the end of a request.", e2e)
         gauges = [
             ("novainfer_num_requests_running", "Requests with sequences in the running batch."),
             ("novainfer_num_requests_waiting", "Requests waiting to be scheduled."),

@@ -135,16 +135,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     others = []
     for index in range(1, args.api_server_count):
         to_core, to_front = links[index]
-        p = ctx.Process(target=run_frontend, name=f"novainfer-frontend-{index}",
+        p = ctx.Process(target=_frontend_process, name=f"novainfer-frontend-{index}",
                         args=(args, to_front[0], to_core[1], index))
         p.start()
         to_front[0].close()
         to_core[1].close()
         others.append(p)
     code = 1
+    inbox, outbox = links[0][1][0], links[0][0][1]
     try:
-        code = run_frontend(args, links[0][1][0], links[0][0][1], 0, others)
+        code = run_frontend(args, inbox, outbox, 0, others)
     finally:
+        inbox.close()  # also when interrupted while the model loads: the core sees EOF
+        outbox.close()
         for p in others:  # they drain too (SIGTERM was forwarded), or saw the core die
             p.join(args.shutdown_grace + 30)
             if p.is_alive():
@@ -158,6 +161,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             core.kill()
             core.join()
     return code
+
+
+def _frontend_process(args: argparse.Namespace, inbox: Connection, outbox: Connection,
+                      index: int) -> None:
+    """Entry point of frontends 1..N-1: their exit status is run_frontend's."""
+    sys.exit(run_frontend(args, inbox, outbox, index))
 
 
 def run_frontend(args: argparse.Namespace, inbox: Connection, outbox: Connection, index: int,
@@ -215,7 +224,8 @@ def run_frontend(args: argparse.Namespace, inbox: Connection, outbox: Connection
         exit_code[0] = 1
         server.should_exit = True
 
-    client = EngineClient(inbox, outbox, info, tokenizer, metrics, on_death)
+    client = EngineClient(inbox, outbox, info, tokenizer, metrics, on_death, index,
+                          args.api_server_count)
     metrics.gauges = lambda: client.snapshot
     settings = ServerSettings(served_model_name=name, api_key=api_key,
                               max_body_bytes=args.max_request_body_bytes,

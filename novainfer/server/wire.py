@@ -1,12 +1,14 @@
 """The messages between the server's frontend processes and its engine core process.
 
 One message is one pickled tuple sent with `Connection.send_bytes`; per-token data travels
-as a few numpy arrays per step, never as one Python object per token.
+as a few numpy arrays per step (plus a list of row numbers for the rows that carry logprobs),
+not as one Python object per token.
 
 Frontend -> core, a list of commands per event-loop turn:
     ("add", cid, token_ids int32 array, cache_salt, SamplingParams)
     ("abort", [cid, ...])
     ("finish", cid, completion index, stop string)   the frontend found a stop string
+    ("metrics", Metrics.state())                      once a second with several frontends
     ("bye",)                                           orderly shutdown of this frontend
 Core -> frontend:
     ("ready", info dict)  or  ("failed", traceback text)   once, at start
@@ -25,7 +27,7 @@ from novainfer.outputs import Logprob, PositionLogprobs
 
 # Row layout of Step.rows: one row per sampled token.
 CID, INDEX, TOKEN, FINISH, STOP_TOKEN = range(5)
-FINISH_CODES = {None: 0, "stop": 1, "length": 2, "abort": 3}
+FINISH_CODES = {None: 0, "stop": 1, "length": 2}  # the core ends sequences on token rules
 FINISH_NAMES = {v: k for k, v in FINISH_CODES.items()}
 
 
