@@ -102,9 +102,16 @@ def prompt_inputs(prompt: Any, tokenizer: Any, vocab_size: int) -> PromptInputs:
 
 def check_request(inputs: PromptInputs, params: Any, max_model_len: int, vocab_size: int
                   ) -> str | None:
-    """The checks that need the model's limits: the prompt and max_tokens fit max_model_len,
-    stop_token_ids are in the vocabulary, one cache_salt. Returns the request's salt."""
-    check_length(len(inputs.token_ids), params.max_tokens, max_model_len)
+    """The checks that need the model's limits: the prompt's ids are in the model's
+    vocabulary (a tokenizer or chat template may know more tokens than the model has rows
+    of embedding), the prompt and max_tokens fit max_model_len, stop_token_ids are in the
+    vocabulary, one cache_salt. Returns the request's salt."""
+    ids = inputs.token_ids
+    if ids and not 0 <= min(ids) <= max(ids) < vocab_size:
+        bad = max(ids) if max(ids) >= vocab_size else min(ids)
+        raise ValueError(f"prompt token id {bad} is out of range; allowed: 0 <= id < "
+                         f"{vocab_size} (the model's vocabulary)")
+    check_length(len(ids), params.max_tokens, max_model_len)
     bad = [t for t in params.stop_token_ids if t >= vocab_size]
     if bad:
         raise ValueError(f"stop_token_ids {bad} are out of range; allowed: 0 <= id < {vocab_size}")

@@ -10,6 +10,7 @@ import pytest
 from conftest import VOCAB_SIZE, copy_checkpoint, hf_greedy, make_llm, random_prompts
 
 from novainfer import LLM, SamplingParams
+from novainfer.inputs import PromptInputs
 
 MAX_MODEL_LEN = 64
 GOOD_PROMPT = random_prompts([10], seed=3)[0]
@@ -37,6 +38,18 @@ def assert_still_serves(llm, good_expected):
     assert len(outs) == 1
     assert outs[0].prompt_token_ids == GOOD_PROMPT
     assert list(outs[0].outputs[0].token_ids) == good_expected
+
+
+def test_token_ids_beyond_the_model_vocabulary_on_every_path(llm, good_expected):
+    """Ids also reach the engine as PromptInputs (a chat template's rendering, the server's
+    frontend, which tokenizes): a tokenizer that knows more tokens than the model has rows of
+    embedding must give a ValueError there too, not an out-of-range index on the device."""
+    engine = llm.llm_engine
+    for ids, bad in (([5, VOCAB_SIZE], VOCAB_SIZE), ([-1, 5], -1)):
+        with pytest.raises(ValueError, match=f"prompt token id {bad} is out of range"):
+            engine.add_request("big", PromptInputs(ids), SamplingParams(max_tokens=2))
+    assert not engine.has_unfinished_requests()
+    assert_still_serves(llm, good_expected)
 
 
 # --------------------------------------------------------------------------- generate()
