@@ -1,14 +1,12 @@
 """Prometheus text exposition (format 0.0.4), written by hand: counters, gauges, histograms.
 
-Updated on the frontend's event loop; rendered by GET /metrics. A lock keeps
-a histogram's buckets, sum and count consistent with each other.
+Updated and rendered on the frontend's event loop (one thread: no lock needed).
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-import threading
 from collections.abc import Callable
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
@@ -66,7 +64,6 @@ class Histogram:
 class Metrics:
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
-        self.lock = threading.Lock()
         self.requests: dict[str, int] = {}  # outcome -> count
         self.ttft = Histogram(TTFT_BUCKETS)
         self.itl = Histogram(ITL_BUCKETS)
@@ -79,22 +76,19 @@ class Metrics:
         self.others: Callable[[], list[dict]] = list
 
     def state(self) -> dict:
-        with self.lock:
-            return {"requests": dict(self.requests), "ttft": self.ttft.state(),
-                    "itl": self.itl.state(), "e2e": self.e2e.state()}
+        return {"requests": dict(self.requests), "ttft": self.ttft.state(),
+                "itl": self.itl.state(), "e2e": self.e2e.state()}
 
     def count_request(self, outcome: str) -> None:
-        with self.lock:
-            self.requests[outcome] = self.requests.get(outcome, 0) + 1
+        self.requests[outcome] = self.requests.get(outcome, 0) + 1
 
     def observe(self, ttft: list[float], itl: list[float], e2e: list[float]) -> None:
-        with self.lock:
-            for v in ttft:
-                self.ttft.observe(v)
-            for v in itl:
-                self.itl.observe(v)
-            for v in e2e:
-                self.e2e.observe(v)
+        for v in ttft:
+            self.ttft.observe(v)
+        for v in itl:
+            self.itl.observe(v)
+        for v in e2e:
+            self.e2e.observe(v)
 
     def render(self) -> str:
         base = {"model_name": self.model_name}
@@ -119,29 +113,28 @@ class Metrics:
 
         g = self.gauges()
         others = self.others()
-        with self.lock:
-            requests = dict(self.requests)
-            for other in others:
-                for outcome, n in other["requests"].items():
-                    requests[outcome] = requests.get(outcome, 0) + n
-            ttft = self.ttft.plus([o["ttft"] for o in others])
-            itl = self.itl.plus([o["itl"] for o in others])
-            e2e = self.e2e.plus([o["e2e"] for o in others])
-            metric("novainfer_requests_total", "counter",
-                   "Requests by outcome (stop, length, abort, error, rejected_<status>).")
-            for outcome in sorted(set(requests) | {"stop", "length", "abort"}):
-                sample("novainfer_requests_total", requests.get(outcome, 0),
-                       {"outcome": outcome})
-            metric("novainfer_prompt_tokens_total", "counter", "Prompt tokens of accepted requests.")
-            sample("novainfer_prompt_tokens_total", g.get("prompt_tokens_total", 0))
-            metric("novainfer_generation_tokens_total", "counter", "Generated tokens.")
-            sample("novainfer_generation_tokens_total", g.get("generation_tokens_total", 0))
-            histogram("novainfer_time_to_first_token_seconds",
-                      "Time from arrival to the first generated token.", ttft)
-            histogram("novainfer_inter_token_latency_seconds",
-                      "Time between consecutive tokens of one sequence.", itl)
-            histogram("novainfer_e2e_request_latency_seconds",
-                      "Time from arrival to the end of a request.", e2e)
+        requests = dict(self.requests)
+        for other in others:
+            for outcome, n in other["requests"].items():
+                requests[outcome] = requests.get(outcome, 0) + n
+        ttft = self.ttft.plus([o["ttft"] for o in others])
+        itl = self.itl.plus([o["itl"] for o in others])
+        e2e = self.e2e.plus([o["e2e"] for o in others])
+        metric("novainfer_requests_total", "counter",
+               "Requests by outcome (stop, length, abort, error, rejected_<status>).")
+        for outcome in sorted(set(requests) | {"stop", "length", "abort"}):
+            sample("novainfer_requests_total", requests.get(outcome, 0),
+                   {"outcome": outcome})
+        metric("novainfer_prompt_tokens_total", "counter", "Prompt tokens of accepted requests.")
+        sample("novainfer_prompt_tokens_total", g.get("prompt_tokens_total", 0))
+        metric("novainfer_generation_tokens_total", "counter", "Generated tokens.")
+        sample("novainfer_generation_tokens_total", g.get("generation_tokens_total", 0))
+        histogram("novainfer_time_to_first_token_seconds",
+                  "Time from arrival to the first generated token.", ttft)
+        histogram("novainfer_inter_token_latency_seconds",
+                  "Time between consecutive tokens of one sequence.", itl)
+        histogram("novainfer_e2e_request_latency_seconds",
+                  "Time from arrival to the end of a request.", e2e)
         gauges = [
             ("novainfer_num_requests_running", "Requests with sequences in the running batch."),
             ("novainfer_num_requests_waiting", "Requests waiting to be scheduled."),

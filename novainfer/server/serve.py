@@ -247,7 +247,7 @@ def run_frontend(args: argparse.Namespace, inbox: Connection, outbox: Connection
         sock.bind((args.host, args.port))
         sockets = [sock]
     server.run(sockets=sockets)
-    client.stop()
+    client.stop()  # after an orderly shutdown the lifespan did it; this covers a failed start
     if not server.started:
         exit_code[0] = 1
     return exit_code[0]
