@@ -6,8 +6,9 @@ rank allocates one buffer in PyTorch's symmetric memory and maps its peers' buff
 (CUDA IPC over NVLink, no multicast: TORCH_SYMM_MEM_DISABLE_MULTICAST=1 stays set). An
 all-reduce copies the message into the local buffer, then one kernel (PyTorch's
 `symm_mem.one_shot_all_reduce_out`) waits on a barrier of signal flags, reads every rank's
-buffer and writes the sum back into the message. Messages larger than the buffer, other
-dtypes and non-contiguous tensors go to NCCL.
+buffer and writes the sum back into the message. Messages larger than the buffer, of a size
+that is not a multiple of 4 bytes (the kernel's requirement: an odd bf16 count), of other
+dtypes, and non-contiguous tensors go to NCCL.
 
 The barrier kernel waits without a timeout. If a peer dies mid-step this rank's stream would
 spin forever (NCCL, by contrast, can be aborted), so the driver waits for its GPU work by
@@ -57,7 +58,8 @@ def setting() -> str:
 
 class PeerAllReduce:
     """Sums small contiguous bf16/fp32 tensors over the group in place; `__call__` returns
-    False (nothing done) for a message it does not take, so the caller uses NCCL."""
+    False (nothing done) for a message it does not take, so the caller uses NCCL. Every rank
+    decides from the message alone, so all ranks take the same path."""
 
     def __init__(self, buffer: torch.Tensor, group_name: str, handle) -> None:
         self.buffer = buffer  # uint8, BUFFER_BYTES, in symmetric memory, rendezvoused
@@ -66,7 +68,8 @@ class PeerAllReduce:
 
     def __call__(self, x: torch.Tensor) -> bool:
         nbytes = x.numel() * x.element_size()
-        if nbytes > self.buffer.numel() or x.dtype not in DTYPES or not x.is_contiguous():
+        if (nbytes > self.buffer.numel() or nbytes % 4 or x.dtype not in DTYPES
+                or not x.is_contiguous()):
             return False
         flat = x.view(-1)
         staged = self.buffer[:nbytes].view(x.dtype)
