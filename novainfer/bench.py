@@ -135,9 +135,10 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--compare", choices=["hf"], default=None,
                         help="also run transformers' continuous batching on the same workload")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    from novainfer.cli import add_tensor_parallel_arg
+    from novainfer.cli import add_async_scheduling_arg, add_tensor_parallel_arg
 
     add_tensor_parallel_arg(parser)
+    add_async_scheduling_arg(parser)
     return parser
 
 
@@ -166,6 +167,7 @@ def run(args: argparse.Namespace) -> dict:
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
         tensor_parallel_size=args.tensor_parallel_size,
+        async_scheduling=args.async_scheduling,
         **extra,
     )
     engine = llm.llm_engine

@@ -40,9 +40,18 @@ def add_tensor_parallel_arg(parser: argparse.ArgumentParser) -> None:
                         help="ranks the model is split over (GPUs, or CPU processes)")
 
 
+def add_async_scheduling_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--async-scheduling", action="store_const", const=True, default=None,
+                        help="prepare step N+1 while the device runs step N (the default on "
+                             "CUDA)")
+    parser.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_const",
+                        const=False, help="one step at a time (the default on the CPU)")
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
     add_tensor_parallel_arg(parser)
+    add_async_scheduling_arg(parser)
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16, float64")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--max-model-len", type=int, default=None,
@@ -131,7 +140,8 @@ def _make_llm(args: argparse.Namespace):
 
     return LLM(args.model, dtype=args.dtype, device=args.device,
                max_model_len=args.max_model_len, seed=args.seed,
-               tensor_parallel_size=args.tensor_parallel_size)
+               tensor_parallel_size=args.tensor_parallel_size,
+               async_scheduling=args.async_scheduling)
 
 
 def _params(args: argparse.Namespace):

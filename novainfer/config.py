@@ -39,6 +39,14 @@ class EngineConfig:
     load_format: str = "auto"  # "dummy": random weights of the checkpoint's shapes (benchmarks)
     skip_tokenizer_init: bool = False  # token-id prompts only; outputs carry no text
     tensor_parallel_size: int = 1  # ranks (GPUs, or CPU processes) the model is split over
+    # Build and launch step N+1 while the device runs step N (engine/llm_engine.py); None:
+    # on for CUDA, off on the CPU (where the host does the device's work: nothing to overlap).
+    async_scheduling: bool | None = None
+    # LoRA adapters (novainfer/lora/): device slots, the largest rank, the CPU cache size.
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None  # None: max_loras
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "safetensors", "dummy"):
@@ -63,6 +71,24 @@ class EngineConfig:
             _positive_int("kv_cache_memory", self.kv_cache_memory)
         if self.num_kv_blocks is not None:
             _positive_int("num_kv_blocks", self.num_kv_blocks)
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise TypeError(
+                "async_scheduling must be True, False or None (auto), got "
+                f"{type(self.async_scheduling).__name__}"
+            )
+        if not isinstance(self.enable_lora, bool):
+            raise TypeError(f"enable_lora must be a bool, got {type(self.enable_lora).__name__}")
+        _positive_int("max_loras", self.max_loras)
+        _positive_int("max_lora_rank", self.max_lora_rank)
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = self.max_loras
+        _positive_int("max_cpu_loras", self.max_cpu_loras)
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras "
+                             f"({self.max_loras})")
+        if self.enable_lora and self.tensor_parallel_size > 1:
+            raise ValueError("enable_lora with tensor_parallel_size > 1 is not supported yet; "
+                             "use tensor_parallel_size=1")
         if not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
@@ -87,6 +113,12 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def overlaps_steps(self) -> bool:
+        """Whether steps are scheduled asynchronously (async_scheduling, resolved)."""
+        if self.async_scheduling is None:
+            return self.torch_device().type == "cuda"
+        return self.async_scheduling
 
     def torch_dtype(self, device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:
         if isinstance(self.dtype, torch.dtype):

@@ -13,6 +13,7 @@ import torch
 from novainfer.config import EngineConfig
 from novainfer.engine.llm_engine import LLMEngine
 from novainfer.inputs import PROMPT_FORMS, PromptInputs, render_chat
+from novainfer.lora.request import LoRARequest
 from novainfer.outputs import RequestOutput
 from novainfer.sampling_params import SamplingParams
 
@@ -52,6 +53,11 @@ class LLM:
         load_format: str = "auto",
         skip_tokenizer_init: bool = False,
         tensor_parallel_size: int = 1,
+        async_scheduling: bool | None = None,
+        enable_lora: bool = False,
+        max_loras: int = 1,
+        max_lora_rank: int = 16,
+        max_cpu_loras: int | None = None,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -72,6 +78,11 @@ class LLM:
             load_format=load_format,
             skip_tokenizer_init=skip_tokenizer_init,
             tensor_parallel_size=tensor_parallel_size,
+            async_scheduling=async_scheduling,
+            enable_lora=enable_lora,
+            max_loras=max_loras,
+            max_lora_rank=max_lora_rank,
+            max_cpu_loras=max_cpu_loras,
         )
         self.llm_engine = LLMEngine(config)
         self._ids = itertools.count()
@@ -95,19 +106,25 @@ class LLM:
         prompts: Prompt | list[Prompt],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | list[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
+        """`lora_request`: one adapter for every prompt, or a list with one per prompt (None
+        for the base model); needs `enable_lora=True`."""
         prompt_list = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompt_list))
+        loras = _as_lora_list(lora_request, len(prompt_list))
         engine = self.llm_engine
         # Validate the whole batch before queuing any of it, so a bad prompt queues nothing.
         inputs = [engine.process_prompt(p) for p in prompt_list]
         for prompt, p in zip(inputs, params):
             engine.check_length(len(prompt.token_ids), p)
+        for lora in loras:
+            engine.check_lora(lora)
         request_ids = []
         try:
-            for prompt, p in zip(inputs, params):
+            for prompt, p, lora in zip(inputs, params, loras):
                 request_id = str(next(self._ids))
-                engine.add_request(request_id, prompt, p)
+                engine.add_request(request_id, prompt, p, lora_request=lora)
                 request_ids.append(request_id)
             finished = self._run(len(request_ids), use_tqdm)
         except BaseException:
@@ -123,12 +140,13 @@ class LLM:
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
+        lora_request: LoRARequest | list[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
         conversations = messages if isinstance(messages[0], list) else [messages]
         prompts = [self._render(c, add_generation_prompt, chat_template) for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
     def apply_chat_template(
         self,
@@ -190,6 +208,22 @@ def _as_prompt_list(prompts: Any) -> list[Prompt]:
     if not prompts:
         raise ValueError("prompts must not be empty")
     return list(prompts)
+
+
+def _as_lora_list(lora: Any, count: int) -> list[LoRARequest | None]:
+    if lora is None or isinstance(lora, LoRARequest):
+        return [lora] * count
+    if isinstance(lora, Seq) and not isinstance(lora, (str, bytes)):
+        if len(lora) != count:
+            raise ValueError(f"lora_request has {len(lora)} entries for {count} prompts; give "
+                             "one per prompt (None for the base model) or a single LoRARequest")
+        for item in lora:
+            if item is not None and not isinstance(item, LoRARequest):
+                raise TypeError("lora_request entries must be LoRARequest or None, got "
+                                f"{type(item).__name__}")
+        return list(lora)
+    raise TypeError(f"lora_request must be a LoRARequest, a list of them, or None; got "
+                    f"{type(lora).__name__}")
 
 
 def _as_params_list(params: Any, count: int) -> list[SamplingParams]:

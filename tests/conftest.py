@@ -429,9 +429,15 @@ def random_prompts(lengths, seed: int, low: int = 5, high: int = VOCAB_SIZE) -> 
     return [torch.randint(low, high, (n,), generator=g).tolist() for n in lengths]
 
 
+# async_scheduling for engines that do not choose (tests/test_async_scheduling.py runs the
+# engine feature tests again with it on; on the CPU the default is off).
+ASYNC_SCHEDULING: list[bool | None] = [None]
+
+
 def make_llm(model_dir, **kwargs):
     from novainfer import LLM
 
+    kwargs.setdefault("async_scheduling", ASYNC_SCHEDULING[0])
     kwargs.setdefault("dtype", "float32")
     kwargs.setdefault("device", "cpu")
     return LLM(model=str(model_dir), **kwargs)

@@ -130,3 +130,27 @@ def test_bf16_logits_triton_vs_torch_vs_transformers(checkpoint, name, tmp_path)
         for label, ours in (("triton", triton_l), ("torch", torch_l)):
             err = _rel(ours, exact)
             assert err <= allowed, f"{name}/{label}: {err:.3e} vs fp32 (transformers bf16: {hf_err:.3e})"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_overlapped_steps_match_synchronous_steps(checkpoint, dtype):
+    """Asynchronous scheduling (the CUDA default) against synchronous steps, with CUDA
+    graphs: the same greedy and seeded tokens, stop tokens found one step late included."""
+    from novainfer import SamplingParams
+
+    model_dir = checkpoint("llama")
+    prompts = random_prompts(PROMPT_LENGTHS, seed=7)
+    params = [SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True),
+              SamplingParams(temperature=0.9, top_k=40, seed=11, max_tokens=MAX_TOKENS,
+                             logprobs=1, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, stop_token_ids=[7, 8, 9],
+                             ignore_eos=True)]
+    params = [params[i % 3] for i in range(len(prompts))]
+    outs = {}
+    for overlap in (False, True):
+        llm = _llm(model_dir, dtype=dtype, async_scheduling=overlap)
+        assert llm.llm_engine.overlap is overlap and llm.llm_engine.runner.graphs is not None
+        outs[overlap] = [[(list(c.token_ids), c.finish_reason) for c in o.outputs]
+                         for o in llm.generate(prompts, params, use_tqdm=False)]
+        del llm
+    assert outs[True] == outs[False]

@@ -76,13 +76,14 @@ async def _hold_stream(url: str, first_chunk: asyncio.Event, hang_up: bool) -> l
     return chunks
 
 
-def test_served_greedy_tokens_equal_offline(model_dir, tmp_path):
+@pytest.mark.parametrize("overlap", [[], ["--async-scheduling"]], ids=["sync", "async"])
+def test_served_greedy_tokens_equal_offline(model_dir, tmp_path, overlap):
     prompts = [PROMPT, "w1 w2 w3 w4", "the capital"]
     llm = make_llm(model_dir, max_model_len=128)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     want = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
     llm.shutdown()
-    srv = Server(model_dir, tmp_path / "srv.log")
+    srv = Server(model_dir, tmp_path / "srv.log", *overlap)
     try:
         got = _post(srv, "/v1/completions", {"prompt": prompts, "max_tokens": 12,
                                              "temperature": 0, "ignore_eos": True})

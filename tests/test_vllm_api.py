@@ -23,6 +23,7 @@ from conftest import (
 from novainfer import SamplingParams
 from novainfer.engine import model_runner
 from novainfer.engine.detokenizer import IncrementalDetokenizer, decode
+from novainfer.engine.sampler import Samples
 
 MAX_TOKENS = 12
 
@@ -200,9 +201,10 @@ def scripted(monkeypatch):
         it = iter(tokens)
 
         def sample(logits, seqs, eos_ids, generator):
-            return [next(it) for _ in seqs], [None] * len(seqs)
+            tokens = torch.tensor([next(it) for _ in seqs], device=logits.device)
+            return Samples(tokens, None, [], [])
 
-        monkeypatch.setattr(model_runner, "sample", sample)
+        monkeypatch.setattr(model_runner, "sample_tensors", sample)
 
     return install
 

@@ -46,6 +46,14 @@ class TensorParallel:
             torch.distributed.gather(x, parts, dst=self._global(0), group=self.group)
         return torch.cat(parts, dim=-1) if parts is not None else None
 
+    def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
+        """x of rank 0 on every rank, in place (the step's sampled ids, asynchronous
+        scheduling); a no-op on one rank."""
+        if self.size > 1:
+            with _profiled():
+                torch.distributed.broadcast(x, src=self._global(0), group=self.group)
+        return x
+
     def min_over_ranks(self, value: int) -> int:
         """The smallest of every rank's value (e.g. the KV blocks each rank's memory holds)."""
         return value if self.size == 1 else min_over(value, self.control)

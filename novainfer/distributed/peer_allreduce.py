@@ -21,8 +21,10 @@ discarded with the error.
 Opt-in: `NOVAINFER_ALLREDUCE=peer` (default `nccl`; every rank must see the same setting,
 and spawned workers inherit it). Measured on 2 x H200 (2026-11-30): 7-11 us against NCCL's
 18-20 us up to 512 KiB, 20 against 39 us at 2 MiB, equal at 8 MiB, results bit-identical to
-NCCL's; llama3-8b `bench` at N=2 9,800 against 8,951 tok/s. It stays opt-in until the GPU
-tests of the failure path (`release`) and of a second engine in one process have run.
+NCCL's; llama3-8b `bench` at N=2 9,800 against 8,951 tok/s (synchronous steps, one call),
+13,716 against 13,359 with asynchronous scheduling (two calls). Its GPU tests (results
+against NCCL's, a worker killed mid-step) pass; it stays opt-in because only the first
+tensor-parallel engine of a process can use it (below).
 Whether every rank could allocate its buffer is agreed over the control group before the
 collective setup, so a rank that cannot never leaves another waiting.
 """

@@ -10,7 +10,9 @@ Each step the driver broadcasts the packed step (engine/step_inputs.py) over the
 group: a fixed int64 header [command, data length, the step's sizes], then the int64 data.
 That is a typed, bounded message; no Python object crosses in the hot path. The workers run
 the step in lockstep with rank 0 (same collectives, same order) and never send anything
-back: rank 0 receives the gathered logits and samples.
+back: rank 0 receives the gathered logits and samples. With asynchronous scheduling the
+step's header asks rank 0 to broadcast the sampled ids behind the step (NCCL, on the
+device), because the next step, packed before they reach the host, reads them there.
 
 Failure: spawned workers report an exception (rank and traceback) over a pipe and exit; a
 monitor thread in the driver watches those pipes and the processes, records the first

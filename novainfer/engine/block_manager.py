@@ -180,8 +180,9 @@ class BlockManager:
         return block
 
     def cache_computed_blocks(self, seq: Sequence) -> None:
-        """Register seq's blocks that are full and computed, so later requests can reuse them."""
-        full = seq.num_computed_tokens // self.block_size
+        """Register seq's blocks that are full and computed, so later requests can reuse them
+        (only tokens the host has: a pending token's block waits until it is collected)."""
+        full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
         if not self.enable_prefix_caching or full <= seq.num_registered_blocks:
             return
         self._update_hashes(seq, full * self.block_size)

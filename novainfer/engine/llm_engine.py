@@ -29,12 +29,14 @@ from novainfer.engine.detokenizer import (
     output_text,
     stop_string_hit,
 )
-from novainfer.engine.model_runner import ModelRunner, launch_for
-from novainfer.engine.scheduler import Scheduler
+from novainfer.engine.model_runner import LaunchedStep, ModelRunner, launch_for
+from novainfer.engine.scheduler import ScheduledBatch, Scheduler
 from novainfer.engine.sequence import Sequence
 from novainfer.engine.step_timer import StepTimer, enabled_by_env
 from novainfer.inputs import PromptInputs, check_length, check_request, prompt_inputs
 from novainfer.loader.model_path import resolve_model
+from novainfer.lora.manager import LoRAManager
+from novainfer.lora.request import LoRARequest
 from novainfer.models.config import ModelConfig
 from novainfer.outputs import (
     CompletionOutput,
@@ -54,7 +56,16 @@ class Request:
     seqs: list[Sequence]
     stream: bool
     metrics: RequestMetrics
+    # Its sampling reads the whole history (penalties) or it wants prompt logprobs: steps
+    # run synchronously while it is in the engine (LLMEngine.advance).
+    synchronous: bool = False
     detokenizers: list[IncrementalDetokenizer | None] = field(default_factory=list)
+
+
+@dataclass
+class LaunchedBatch:
+    step: LaunchedStep
+    num_new_tokens: list[int]
 
 
 @dataclass
@@ -114,12 +125,18 @@ class LLMEngine:
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
             config.max_num_seqs, -(-self.max_model_len // config.block_size),
         )
+        self.lora = (LoRAManager(self.model_config, config.max_loras, config.max_lora_rank,
+                                 config.max_cpu_loras) if config.enable_lora else None)
         self.scheduler = Scheduler(
-            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+            config.max_loras if config.enable_lora else None,
         )
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.num_steps = 0
+        self.overlap = config.overlaps_steps()  # async_scheduling, resolved
+        self._in_flight: LaunchedBatch | None = None  # launched, not yet collected (overlap)
+        self._num_synchronous = 0  # requests that need synchronous steps (see `advance`)
         self.clock = time.time  # for RequestMetrics; tests inject their own
         # Per-step phase timing (novainfer/engine/step_timer.py); None = off, zero cost.
         self.step_timer = None
@@ -143,9 +160,11 @@ class LLMEngine:
         prompt: Any,
         params: SamplingParams,
         stream: bool = False,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         """Queue one request. `prompt`: a string, token ids, a vLLM-style prompt dict, or the
-        PromptInputs that `process_prompt` returned."""
+        PromptInputs that `process_prompt` returned; `lora_request`: its adapter (None: the
+        base model)."""
         if request_id in self.requests:
             raise ValueError(f"request_id '{request_id}' is already in use")
         if not isinstance(params, SamplingParams):
@@ -155,8 +174,11 @@ class LLMEngine:
         salt = check_request(inputs, params, self.max_model_len, self.vocab_size)
         if params.stop_list and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True was set)")
+        lora_id = self.check_lora(lora_request)
         metrics = RequestMetrics(arrival_time=self.clock())
         extras = (("cache_salt", salt),) if salt else ()
+        if lora_id:  # KV computed under one adapter never serves another
+            extras += (("lora", lora_id),)
         seqs: list[Sequence] = []
         for index in range(params.n):
             seed = params.seed + index if params.seed is not None else None
@@ -172,12 +194,15 @@ class LLMEngine:
                     metrics=metrics,
                     parent=seqs[0] if index else None,
                     cache_extras=extras,
+                    max_num_tokens=min(len(ids) + params.max_tokens, self.max_model_len),
+                    lora_int_id=lora_id,
                 )
             )
         needs_text = (
             (stream or bool(params.stop_list)) and self.tokenizer is not None and self.detokenize
         )
-        request = Request(request_id, inputs.text, ids, params, seqs, stream, metrics)
+        request = Request(request_id, inputs.text, ids, params, seqs, stream, metrics,
+                          synchronous=params.has_penalties or params.prompt_logprobs is not None)
         request.detokenizers = [
             IncrementalDetokenizer(
                 self.tokenizer, ids, params.skip_special_tokens,
@@ -186,8 +211,19 @@ class LLMEngine:
             for _ in seqs
         ]
         self.requests[request_id] = request
+        self._num_synchronous += request.synchronous
         for seq in seqs:
             self.scheduler.add(seq)
+
+    def check_lora(self, lora_request: LoRARequest | None) -> int:
+        """Accept a request's adapter (read and checked on first use); its id, 0 for none."""
+        if lora_request is None:
+            return 0
+        if self.lora is None:
+            raise ValueError("lora_request was given but this engine was started without "
+                             "enable_lora=True")
+        self.lora.register(lora_request)
+        return lora_request.lora_int_id
 
     def check_length(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         check_length(num_prompt_tokens, params.max_tokens, self.max_model_len)
@@ -198,10 +234,15 @@ class LLMEngine:
             return None
         return torch.Generator(device=self.runner.device).manual_seed(seed)
 
+    def _remove(self, request: Request) -> None:
+        del self.requests[request.request_id]
+        self._num_synchronous -= request.synchronous
+
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        request = self.requests.pop(request_id, None)
+        request = self.requests.get(request_id)
         if request is None:
             return None
+        self._remove(request)
         request.metrics.finished_time = self.clock()
         for seq in request.seqs:
             if not seq.is_finished:
@@ -222,7 +263,7 @@ class LLMEngine:
         if not all(s.is_finished for s in request.seqs):
             return False
         request.metrics.finished_time = self.clock()
-        del self.requests[request_id]
+        self._remove(request)
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -259,29 +300,69 @@ class LLMEngine:
 
     def advance(self) -> StepDelta | None:
         """Schedule one step, run it, append the sampled tokens and apply the stop rules; None
-        when nothing was scheduled. With step timing on, call `end_step` after handling it."""
+        when nothing was scheduled. With step timing on, call `end_step` after handling it.
+
+        Overlapped (async_scheduling): schedule and launch step N+1 first, then collect step
+        N while the device runs N+1, and return N's delta (empty after the first launch). A
+        sequence that step N ends (EOS, a stop token) has then been scheduled once more in
+        N+1: that token is dropped when N+1 is collected, so outputs are the same. Requests
+        whose sampling reads the whole history (penalties) or that want prompt logprobs run
+        synchronously while they are in the engine, and so do timed steps."""
         timer = self.step_timer
+        overlap = self.overlap and timer is None and not self._num_synchronous
+        if not overlap and self._in_flight is not None:
+            step, self._in_flight = self._in_flight, None  # leaving the overlapped mode
+            return self._complete(step, None)
         if timer is not None:
             timer.start()
             timer.phase("schedule")
         batch = self.scheduler.schedule()
-        if not batch.seqs:
+        launched = None
+        if batch.seqs:
             if timer is not None:
-                timer.cancel()
-            return None
+                timer.phase("prepare")  # the runner marks forward and sample
+            launched = self._launch(batch, overlap)
+        elif timer is not None:
+            timer.cancel()
+        if not overlap:
+            return None if launched is None else self._complete(launched, timer)
+        previous, self._in_flight = self._in_flight, launched
+        if previous is None:
+            return None if launched is None else StepDelta([], [], [], [])
+        return self._complete(previous, None)
+
+    def _launch(self, batch: ScheduledBatch, overlap: bool) -> LaunchedBatch:
+        """Queue a scheduled batch on the device; its tokens become computed and the tokens it
+        samples pending."""
         self.num_steps += 1
         scheduled = self.clock()
-        if timer is not None:
-            timer.phase("prepare")  # the runner marks forward and sample
-        result = self.runner.execute(batch, self.eos_ids)
-        if timer is not None:
-            timer.phase("postprocess")
-        now = self.clock()
+        if self.lora is not None:
+            self._assign_lora_slots(batch)
+        step = self.runner.launch(batch, self.eos_ids, share_samples=overlap)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             self.block_manager.cache_computed_blocks(seq)
             if seq.metrics.first_scheduled_time is None:
                 seq.metrics.first_scheduled_time = scheduled
+        for row, seq in enumerate(step.host.sampling_seqs):
+            seq.num_pending += 1
+            seq.pending_row = row
+        return LaunchedBatch(step, batch.num_new_tokens)
+
+    def _assign_lora_slots(self, batch: ScheduledBatch) -> None:
+        """Device slots for the batch's adapters, loading those not in one yet."""
+        lora = self.lora
+        for slot, adapter in lora.assign({s.lora_int_id for s in batch.seqs if s.lora_int_id}):
+            self.runner.load_lora(slot, adapter)
+        for seq in batch.seqs:
+            seq.lora_slot = lora.slot_of[seq.lora_int_id] if seq.lora_int_id else -1
+
+    def _complete(self, launched: LaunchedBatch, timer: StepTimer | None) -> StepDelta:
+        """Wait for a launched step; append its tokens and apply the stop rules."""
+        result = self.runner.collect(launched.step)
+        if timer is not None:
+            timer.phase("postprocess")
+        now = self.clock()
         prompt_logprobs = []
         for seq, entries in result.prompt_logprobs:
             entries = [self._decorate(e) for e in entries]
@@ -290,12 +371,18 @@ class LLMEngine:
         touched: dict[str, Request] = {}
         ended: set[str] = set()  # requests with a sequence that finished this step
         tokens = []
+        cache = self.block_manager.cache_computed_blocks
         for seq, token, lp in zip(result.seqs, result.tokens, result.logprobs):
+            if seq.is_finished:
+                continue  # ended (or aborted) after this step was launched: not an output
+            seq.num_pending -= 1
             request = self.requests[seq.request_id]
             tokens.append((seq, token, self._append(request, seq, token, lp)))
             touched[request.request_id] = request
             if seq.finish_reason is not None:
                 ended.add(request.request_id)
+            elif seq.block_table:
+                cache(seq)  # blocks that held the pending token are full now
         progressed = []
         for request_id, request in touched.items():
             metrics = request.metrics
@@ -305,9 +392,9 @@ class LLMEngine:
             done = request_id in ended and all(s.is_finished for s in request.seqs)
             if done:
                 metrics.finished_time = now
-                del self.requests[request_id]
+                self._remove(request)
             progressed.append((request, done))
-        return StepDelta(tokens, prompt_logprobs, progressed, batch.num_new_tokens)
+        return StepDelta(tokens, prompt_logprobs, progressed, launched.num_new_tokens)
 
     def end_step(self, delta: StepDelta) -> None:
         """Close the step's timing (a no-op when step timing is off)."""

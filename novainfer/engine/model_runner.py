@@ -32,11 +32,18 @@ from novainfer.distributed.workers import (
     stop_ranks,
     torchrun_rank,
 )
-from novainfer.engine.sampler import logprob_entries, sample, to_device, widened
+from novainfer.engine.sampler import (
+    Samples,
+    logprob_entries,
+    sample_tensors,
+    to_device,
+    widened,
+)
 from novainfer.engine.scheduler import ScheduledBatch
 from novainfer.engine.sequence import Sequence
-from novainfer.engine.step_inputs import PromptLogprobRows, StepInputs, pack_step
+from novainfer.engine.step_inputs import HostStep, PromptLogprobRows, StepInputs, pack_step
 from novainfer.engine.worker import ModelWorker
+from novainfer.lora.adapter import LoRAAdapter
 from novainfer.models.config import ModelConfig
 from novainfer.outputs import PositionLogprobs
 
@@ -52,6 +59,37 @@ class StepOutput:
     tokens: list[int]
     logprobs: list[PositionLogprobs | None]
     prompt_logprobs: list[tuple[Sequence, list[PositionLogprobs]]]
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device: its packed inputs, its samples on the device, their
+    host copies (filled behind the step) and the event that marks them done."""
+
+    host: HostStep
+    samples: Samples | None
+    tokens: torch.Tensor | None  # int64 [sampled rows], host
+    table: torch.Tensor | None  # the logprob table, host
+    done: torch.cuda.Event | None  # None on the CPU: everything above is already there
+    prompt_logprobs: list[tuple[Sequence, list[PositionLogprobs]]]
+
+
+def _to_host(samples: Samples | None, device: torch.device) -> tuple:
+    """(tokens, table, done): host copies of the samples queued behind the step on CUDA, with
+    the event that marks them complete; on the CPU the tensors themselves and no event."""
+    tokens = None if samples is None else samples.tokens
+    table = None if samples is None else samples.logprob_table
+    if device.type != "cuda":
+        return tokens, table, None
+    copies = []
+    for t in (tokens, table):
+        if t is not None:
+            pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            t = pinned.copy_(t, non_blocking=True)
+        copies.append(t)
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(device))
+    return copies[0], copies[1], done
 
 
 def launch_for(config: EngineConfig) -> Launch:
@@ -103,7 +141,6 @@ class ModelRunner:
             self._fail(exc)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.step_timer = None  # set by LLMEngine.enable_step_timing: phase marks below
-        self._step_done: torch.cuda.Event | None = None  # _wait_for_gpu's, reused each step
 
     # Rank 0's shard, for the engine, the tools and the tests.
     device = property(lambda self: self.worker.device)
@@ -114,18 +151,34 @@ class ModelRunner:
     backend = property(lambda self: self.worker.backend)
     num_blocks = property(lambda self: self.worker.num_blocks)
 
+    def load_lora(self, slot: int, adapter: LoRAAdapter) -> None:
+        """An adapter into a device slot (queued before the next step that uses it)."""
+        self.worker.load_lora(slot, adapter)
+
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """Rank 0's inputs for a batch (single-rank use: tools and tests)."""
-        host = pack_step(batch, self.block_size)
+        host = pack_step(batch, self.block_size, lora=self.config.enable_lora)
         return self.worker.inputs(host.header, host.data)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, eos_ids: list[int]) -> StepOutput:
-        """Run one step: the forward pass, prompt logprobs where asked, sampling."""
+        """Run one step and wait for it: the forward pass, prompt logprobs, sampling."""
+        return self.collect(self.launch(batch, eos_ids))
+
+    @torch.inference_mode()
+    def launch(
+        self, batch: ScheduledBatch, eos_ids: list[int], share_samples: bool = False
+    ) -> LaunchedStep:
+        """Queue one step on the device(s) and return without waiting for it (prompt
+        logprobs excepted: they are read at once). The sampled ids go to pinned host memory
+        behind the step; `collect` reads them. Pending input tokens (a decode whose token the
+        step before samples) are read on the device. `share_samples`: every rank keeps this
+        step's sampled ids, because the next step may be packed before they reach the host."""
         if self.workers is not None:
             self.workers.check()
         try:
-            host = pack_step(batch, self.block_size)
+            host = pack_step(batch, self.block_size, share_samples and self.tp.enabled,
+                             self.config.enable_lora)
             if self.tp.enabled:
                 send_step(self.tp, host.header, host.data)
             worker = self.worker
@@ -138,30 +191,51 @@ class ModelRunner:
                 self._wait_for_gpu()
             prompt_logprobs = self._prompt_logprobs(hidden, inputs, host.prompt_rows)
             logits = worker.sample_logits(hidden, inputs)
-            self._wait_for_gpu()
-            if not host.sampling_seqs:
-                return StepOutput([], [], [], prompt_logprobs)
-            if timer is not None:
-                timer.phase("sample")
-            tokens, logprobs = sample(logits, host.sampling_seqs, eos_ids, self.generator)
+            samples = None
+            if host.sampling_seqs:
+                if timer is not None:
+                    timer.phase("sample")
+                samples = sample_tensors(logits, host.sampling_seqs, eos_ids, self.generator)
+                worker.last_sampled = samples.tokens
+                if share_samples and self.tp.enabled:
+                    worker.share_samples(samples.tokens)
+            return LaunchedStep(host, samples, *_to_host(samples, self.device), prompt_logprobs)
         except Exception as exc:
             if self.workers is None:
                 raise
             self._fail(exc)
-        return StepOutput(host.sampling_seqs, tokens, logprobs, prompt_logprobs)
 
-    def _wait_for_gpu(self) -> None:
-        """With the peer-to-peer all-reduce, wait for this step's GPU work by polling while
-        watching the workers: its barrier kernels cannot be aborted like NCCL, so a blocking
-        wait would never return after a worker died. On a failure, abort NCCL, release the
-        barriers (distributed/peer_allreduce.py) and raise WorkerFailed."""
+    def collect(self, step: LaunchedStep) -> StepOutput:
+        """Wait for a launched step and bring its samples to the host."""
+        try:
+            self._wait_for_gpu(step.done)
+            samples = step.samples
+            if samples is None:
+                return StepOutput([], [], [], step.prompt_logprobs)
+            table = step.table.tolist() if step.table is not None else None
+            tokens = step.tokens.tolist()
+        except Exception as exc:
+            if self.workers is None:
+                raise
+            self._fail(exc)
+        return StepOutput(step.host.sampling_seqs, tokens, samples.host_logprobs(table),
+                          step.prompt_logprobs)
+
+    def _wait_for_gpu(self, done: torch.cuda.Event | None = None) -> None:
+        """Wait for the GPU work queued so far (or up to `done`). With the peer-to-peer
+        all-reduce, wait by polling while watching the workers: its barrier kernels cannot be
+        aborted like NCCL, so a blocking wait would never return after a worker died. On a
+        failure, abort NCCL, release the barriers (distributed/peer_allreduce.py) and raise
+        WorkerFailed."""
+        if self.device.type != "cuda":
+            return
+        if done is None:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
         peer = self.tp.peer
         if self.workers is None or peer is None:
+            done.synchronize()
             return
-        if self._step_done is None:
-            self._step_done = torch.cuda.Event()
-        done = self._step_done
-        done.record(torch.cuda.current_stream(self.device))
         while not done.query():
             if self.workers.failure is not None:
                 abort_groups()

@@ -7,6 +7,8 @@ seeded request draws the same numbers whatever it is batched with.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -164,13 +166,12 @@ def draw_rows(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Gener
     return draw(logits, seqs, generator, scale=inverse)
 
 
-def logprob_entries(
-    logprobs: torch.Tensor, tokens: torch.Tensor, ks: list[int]
-) -> list[PositionLogprobs]:
-    """Per row of log-probabilities [rows, vocab] (float32/float64): the top ks[row] tokens
-    (ranks 1..k) and the row's token in `tokens`, with its rank (1 + the number of tokens more
-    likely). Everything comes to the host in one copy: ids and ranks ride along as floats of
-    the logprobs' dtype (exact: a vocabulary is far below 2**24)."""
+def logprob_table(logprobs: torch.Tensor, tokens: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    """Per row of log-probabilities [rows, vocab] (float32/float64), on the device: the row's
+    token in `tokens`, its logprob and rank (1 + the number of tokens more likely), then the
+    top max(ks) token ids and their logprobs. Ids and ranks ride along as floats of the
+    logprobs' dtype (exact: a vocabulary is far below 2**24), so the table reaches the host
+    in one copy; `table_entries` turns it into entries."""
     dtype = logprobs.dtype
     chosen = logprobs.gather(1, tokens[:, None])
     ranks = (logprobs > chosen).sum(dim=-1, keepdim=True) + 1
@@ -179,8 +180,15 @@ def logprob_entries(
     if kmax:
         top_vals, top_ids = logprobs.topk(kmax)
         columns += [top_ids.to(dtype), top_vals]
+    return torch.cat(columns, dim=1)
+
+
+def table_entries(table: list[list[float]], ks: list[int]) -> list[PositionLogprobs]:
+    """A `logprob_table` on the host (as lists): per row, the top ks[row] tokens (ranks
+    1..k) and the row's own token with its rank."""
+    kmax = max(ks, default=0)
     out: list[PositionLogprobs] = []
-    for row, k in zip(torch.cat(columns, dim=1).tolist(), ks):
+    for row, k in zip(table, ks):
         entry: PositionLogprobs = {}
         for r in range(k):
             entry[int(row[3 + r])] = Logprob(row[3 + kmax + r], r + 1)
@@ -191,28 +199,40 @@ def logprob_entries(
     return out
 
 
-def gather_logprobs(
-    logprobs: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]
-) -> list[PositionLogprobs | None]:
-    rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
-    out: list[PositionLogprobs | None] = [None] * len(seqs)
-    ks = [seqs[i].params.logprobs for i in rows]
-    if len(rows) < len(seqs):  # only some rows asked: index them (a copy of those rows)
-        index = to_device(rows, logprobs.device)
-        logprobs, tokens = logprobs[index], tokens[index]
-    for i, entry in zip(rows, logprob_entries(logprobs, tokens, ks)):
-        out[i] = entry
-    return out
+def logprob_entries(
+    logprobs: torch.Tensor, tokens: torch.Tensor, ks: list[int]
+) -> list[PositionLogprobs]:
+    """`logprob_table` brought to the host as entries (one sync)."""
+    return table_entries(logprob_table(logprobs, tokens, ks).tolist(), ks)
 
 
-def sample(
+@dataclass
+class Samples:
+    """One step's samples, still on the device: the tokens, and the logprob table of the
+    rows that asked for logprobs (`logprob_rows`, with their k)."""
+
+    tokens: torch.Tensor  # int64 [rows]
+    logprob_table: torch.Tensor | None
+    logprob_rows: list[int]
+    ks: list[int]
+
+    def host_logprobs(self, table: list[list[float]] | None) -> list[PositionLogprobs | None]:
+        """Per row, its entries from the table brought to the host, or None."""
+        out: list[PositionLogprobs | None] = [None] * self.tokens.shape[0]
+        if table is not None:
+            for i, entry in zip(self.logprob_rows, table_entries(table, self.ks)):
+                out[i] = entry
+        return out
+
+
+def sample_tensors(
     logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int], generator: torch.Generator
-) -> tuple[list[int], list[PositionLogprobs | None]]:
-    """Next token (and logprobs when asked) per row. `logits` may be bf16 (the LM head's
-    output): argmax and the unfiltered draw read it as it is; penalties, filters and logprobs
-    work on a float32 copy."""
-    want_logprobs = any(s.params.logprobs is not None for s in seqs)
-    raw_logprobs = widened(logits).log_softmax(dim=-1) if want_logprobs else None
+) -> Samples:
+    """Next token (and the logprob table when asked) per row, without waiting for the device.
+    `logits` may be bf16 (the LM head's output): argmax and the unfiltered draw read it as it
+    is; penalties, filters and logprobs work on a float32 copy."""
+    rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    raw_logprobs = widened(logits).log_softmax(dim=-1) if rows else None
     if any(s.params.has_penalties for s in seqs) or any(s.params.min_tokens for s in seqs):
         logits = widened(logits).clone()
         apply_penalties(logits, seqs)
@@ -223,7 +243,23 @@ def sample(
     else:
         tokens = logits.argmax(dim=-1)
     if 0 < len(sampled_rows) < len(seqs):
-        rows = to_device(sampled_rows, logits.device)
-        tokens[rows] = draw_rows(logits[rows], [seqs[i] for i in sampled_rows], generator)
-    logprobs = gather_logprobs(raw_logprobs, tokens, seqs) if want_logprobs else [None] * len(seqs)
-    return tokens.tolist(), logprobs
+        index = to_device(sampled_rows, logits.device)
+        tokens[index] = draw_rows(logits[index], [seqs[i] for i in sampled_rows], generator)
+    table = None
+    ks = [seqs[i].params.logprobs for i in rows]
+    if rows:
+        chosen = tokens
+        if len(rows) < len(seqs):  # only some rows asked: index them (a copy of those rows)
+            index = to_device(rows, logits.device)
+            raw_logprobs, chosen = raw_logprobs[index], tokens[index]
+        table = logprob_table(raw_logprobs, chosen, ks)
+    return Samples(tokens, table, rows, ks)
+
+
+def sample(
+    logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int], generator: torch.Generator
+) -> tuple[list[int], list[PositionLogprobs | None]]:
+    """`sample_tensors`, brought to the host (one sync)."""
+    samples = sample_tensors(logits, seqs, eos_ids, generator)
+    table = samples.logprob_table.tolist() if samples.logprob_table is not None else None
+    return samples.tokens.tolist(), samples.host_logprobs(table)

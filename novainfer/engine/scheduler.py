@@ -29,11 +29,16 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(
-        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_loras: int | None = None,
     ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_loras = max_loras  # distinct LoRA adapters per step (None: no LoRA)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -49,7 +54,11 @@ class Scheduler:
         running, try_append = self.running, self.block_manager.try_append
         while i < len(running) and budget > 0:
             seq = running[i]
-            num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            total = len(seq.token_ids) + seq.num_pending
+            if seq.num_pending and total >= seq.max_num_tokens:
+                i += 1  # its pending token is its last (length): nothing more to compute
+                continue
+            num_new = min(total - seq.num_computed_tokens, budget)
             while not try_append(seq, num_new):
                 victim = running.pop()
                 self._preempt(victim)
@@ -67,8 +76,22 @@ class Scheduler:
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> int:
         skipped: list[Sequence] = []
+        # LoRA: the adapters of running sequences hold the slots. A sequence whose adapter
+        # finds no free slot waits at the head of the queue; from then on only sequences
+        # without an adapter are admitted, so the running adapters drain and it gets the
+        # next slot (no starvation).
+        adapters = None
+        if self.max_loras is not None:
+            adapters = {s.lora_int_id for s in self.running if s.lora_int_id}
+        slot_blocked = False
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            lora_id = seq.lora_int_id
+            if lora_id and adapters is not None and (slot_blocked or (
+                    lora_id not in adapters and len(adapters) >= self.max_loras)):
+                slot_blocked = True
+                skipped.append(self.waiting.popleft())
+                continue
             parent = seq.parent
             if parent is not None and not parent.is_finished and (
                 parent.num_computed_tokens < parent.num_prompt_tokens
@@ -86,6 +109,8 @@ class Scheduler:
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            if lora_id and adapters is not None:
+                adapters.add(lora_id)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)
             budget -= num_new
@@ -106,3 +131,4 @@ class Scheduler:
             self.waiting.remove(seq)
         self.block_manager.free_seq(seq)
         seq.status = SequenceStatus.FINISHED
+        seq.num_pending = 0  # a launched step's token for it is dropped when collected

@@ -46,6 +46,15 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)
     block_keys: list[tuple] = field(default_factory=list)
     num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
+    # Asynchronous scheduling: tokens sampled by launched steps whose values the host does
+    # not have yet (at most 2: one step in flight, one being launched). They count in `num_tokens` (the scheduler computes them next
+    # step, reading the value on the device: row `pending_row` of the last step's samples), but
+    # are not in `token_ids` until the step is collected.
+    num_pending: int = 0
+    pending_row: int = -1
+    max_num_tokens: int = 1 << 62  # prompt + max_tokens, capped at max_model_len
+    lora_int_id: int = 0  # the request's LoRA adapter (0: the base model)
+    lora_slot: int = -1  # its device slot for the step being packed
     logprobs: list[PositionLogprobs] | None = None
     # Prompt logprobs (entry 0 is None), collected by the sequence that computes the prompt
     # (index 0 of its request) when params.prompt_logprobs is set.
@@ -63,11 +72,12 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Tokens so far, pending ones included."""
+        return len(self.token_ids) + self.num_pending
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return len(self.token_ids) + self.num_pending - self.num_prompt_tokens
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -22,7 +22,7 @@ from novainfer.layers.attention import AttentionMetadata
 
 # Header fields, in order (int64).
 HEADER = ("num_tokens", "num_seqs", "max_blocks", "num_decodes", "num_sampled",
-          "num_prompt_rows", "max_query_len", "max_seq_len")
+          "num_prompt_rows", "max_query_len", "max_seq_len", "num_fills", "share_sampled", "has_lora")
 
 
 @dataclass
@@ -41,7 +41,8 @@ class HostStep:
 
     header: np.ndarray  # int64[len(HEADER)]
     data: np.ndarray  # int64: ids | positions | slots | seq_lens | query starts | logits rows
-    #                   (sampled rows, then prompt-logprob rows) | block tables
+    #                   (sampled rows, then prompt-logprob rows) | fill rows | fill sources
+    #                   | LoRA slot per token (with has_lora) | block tables
     sampling_seqs: list[Sequence]
     prompt_rows: list[PromptLogprobRows]
 
@@ -55,9 +56,16 @@ class StepInputs:
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # hidden rows that sample
     prompt_indices: torch.Tensor  # hidden rows whose logits give prompt logprobs
+    lora_groups: list[tuple[int, torch.Tensor]] | None = None  # (slot, token rows) in use
 
 
-def pack_step(batch: ScheduledBatch, block_size: int) -> HostStep:
+def pack_step(
+    batch: ScheduledBatch, block_size: int, share_sampled: bool = False, lora: bool = False
+) -> HostStep:
+    """Pack a batch. A decode whose input token is still pending (asynchronous scheduling)
+    gets a fill: its id is taken on the device from the previous step's samples.
+    `share_sampled`: the ranks keep this step's samples for the next step's fills. `lora`:
+    each token carries its sequence's adapter slot (-1: none)."""
     # Decodes (one new token) first, so attention can batch them together.
     seqs, query_lens = batch.seqs, batch.num_new_tokens
     num_decodes = query_lens.count(1)
@@ -67,9 +75,17 @@ def pack_step(batch: ScheduledBatch, block_size: int) -> HostStep:
         query_lens = [query_lens[i] for i in order]
     starts = [seq.num_computed_tokens for seq in seqs]
     # The new tokens' ids are the only per-sequence Python work; the rest is numpy.
-    input_ids = [seq.token_ids[p] for seq, p in zip(seqs[:num_decodes], starts)]
+    input_ids = []
+    fill_rows, fill_sources = [], []
+    for row, (seq, p) in enumerate(zip(seqs[:num_decodes], starts)):
+        if seq.num_pending:  # its last token: sampled by the step in flight
+            fill_rows.append(row)
+            fill_sources.append(seq.pending_row)
+            input_ids.append(0)
+        else:
+            input_ids.append(seq.token_ids[p])
     for seq, p, q in zip(seqs[num_decodes:], starts[num_decodes:], query_lens[num_decodes:]):
-        input_ids.extend(seq.token_ids[p : p + q])
+        input_ids.extend(seq.token_ids[p : p + q])  # a chunk never holds a pending token
     n, num_tokens, bs = len(seqs), len(input_ids), block_size
     # Each list becomes an array once: numpy converts Python ints slowly.
     start = np.array(starts, dtype=np.int64)
@@ -78,7 +94,7 @@ def pack_step(batch: ScheduledBatch, block_size: int) -> HostStep:
     cu = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(q, out=cu[1:])
     # A chunk that reaches the sequence's last token samples after it.
-    num_tokens_now = np.array([len(seq.token_ids) for seq in seqs], dtype=np.int64)
+    num_tokens_now = np.array([seq.num_tokens for seq in seqs], dtype=np.int64)
     sampled = np.flatnonzero(seq_lens == num_tokens_now)
     prompt_rows, prompt_indices = _prompt_logprob_rows(seqs, starts, query_lens, cu)
     logits_rows = np.concatenate([cu[sampled + 1] - 1, prompt_indices])
@@ -87,8 +103,11 @@ def pack_step(batch: ScheduledBatch, block_size: int) -> HostStep:
     max_blocks = max([len(seq.block_table) for seq in seqs])
     tables = batch.block_tables[[seq.block_row for seq in seqs], :max_blocks]
     slots = tables[token_row, positions // bs].astype(np.int64) * bs + positions % bs
-    parts = (input_ids, positions, slots, seq_lens, cu, logits_rows)
-    sizes = [num_tokens, num_tokens, num_tokens, n, n + 1, len(logits_rows)]
+    lora_slots = np.array([seq.lora_slot for seq in seqs], dtype=np.int64)[token_row] if lora else []
+    parts = (input_ids, positions, slots, seq_lens, cu, logits_rows, fill_rows, fill_sources,
+             lora_slots)
+    sizes = [num_tokens, num_tokens, num_tokens, n, n + 1, len(logits_rows), len(fill_rows),
+             len(fill_rows), len(lora_slots)]
     data = np.empty(sum(sizes) + n * max_blocks, dtype=np.int64)
     lo = 0
     for values, size in zip(parts, sizes):
@@ -97,21 +116,31 @@ def pack_step(batch: ScheduledBatch, block_size: int) -> HostStep:
     data[lo:] = tables.reshape(-1)
     header = np.array(
         [num_tokens, n, max_blocks, num_decodes, len(sampled), len(prompt_indices),
-         max(query_lens), int(seq_lens.max())], dtype=np.int64,
+         max(query_lens), int(seq_lens.max()), len(fill_rows), int(share_sampled), int(lora)],
+        dtype=np.int64,
     )
     return HostStep(header, data, [seqs[i] for i in sampled.tolist()], prompt_rows)
 
 
 def unpack_step(
-    header: np.ndarray, data: np.ndarray, upload: Callable[[np.ndarray], torch.Tensor]
+    header: np.ndarray,
+    data: np.ndarray,
+    upload: Callable[[np.ndarray], torch.Tensor],
+    last_sampled: torch.Tensor | None = None,
 ) -> StepInputs:
-    """Device tensors and metadata of a packed step (`upload`: host array -> device)."""
+    """Device tensors and metadata of a packed step (`upload`: host array -> device);
+    `last_sampled`: the previous step's sampled ids on this device, for the fills."""
     h = dict(zip(HEADER, header.tolist()))
-    t, n = h["num_tokens"], h["num_seqs"]
-    sizes = [t, t, t, n, n + 1, h["num_sampled"] + h["num_prompt_rows"]]
+    t, n, fills = h["num_tokens"], h["num_seqs"], h["num_fills"]
+    sizes = [t, t, t, n, n + 1, h["num_sampled"] + h["num_prompt_rows"], fills, fills,
+             t if h["has_lora"] else 0]
     offsets = np.cumsum([0, *sizes])
     buf = upload(data)
     part = [buf[offsets[i] : offsets[i + 1]] for i in range(len(sizes))]
+    if fills:
+        if last_sampled is None:
+            raise RuntimeError("a step reads pending tokens but no step sampled before it")
+        part[0][part[6]] = last_sampled[part[7]]
     cu = data[offsets[4] : offsets[5]]
     seq_lens = data[offsets[3] : offsets[4]]
     meta = AttentionMetadata(
@@ -126,7 +155,14 @@ def unpack_step(
         seq_lens_host=seq_lens.tolist(),
     )
     rows = part[5]
-    return StepInputs(part[0], part[1], meta, rows[: h["num_sampled"]], rows[h["num_sampled"] :])
+    lora_groups = None
+    if h["has_lora"]:
+        token_slots = data[offsets[8] : offsets[9]]
+        device = buf.device
+        lora_groups = [(int(slot), torch.from_numpy(np.flatnonzero(token_slots == slot)).to(device))
+                       for slot in np.unique(token_slots[token_slots >= 0]).tolist()] or None
+    return StepInputs(part[0], part[1], meta, rows[: h["num_sampled"]], rows[h["num_sampled"] :],
+                      lora_groups)
 
 
 def _prompt_logprob_rows(

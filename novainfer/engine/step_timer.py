@@ -9,7 +9,8 @@ Off by default and free when off: the engine holds ``step_timer = None`` and eac
 boundary is one ``is not None`` test. Turned on by ``--step-timing`` (generate, bench) or
 ``NOVAINFER_STEP_TIMING=1``. When on and the device is CUDA, every boundary synchronizes
 the device, so each phase's wall time includes the device work it launched (the steps get
-slower; the split is what this measures). The same hooks can open NVTX ranges (for Nsight
+slower; the split is what this measures), and the engine runs its steps synchronously while
+a timer is set (asynchronous scheduling would overlap the phases). The same hooks can open NVTX ranges (for Nsight
 Systems) and profiler ranges (for ``novainfer profile``), with or without recording times.
 """
 

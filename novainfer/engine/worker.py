@@ -19,10 +19,12 @@ import torch
 from novainfer.config import EngineConfig
 from novainfer.distributed.parallel import TensorParallel, kv_heads_per_rank, split
 from novainfer.engine.cuda_graphs import DecodeGraphs
-from novainfer.engine.step_inputs import StepInputs, unpack_step
+from novainfer.engine.step_inputs import HEADER, StepInputs, unpack_step
 from novainfer.layers.attention import AttentionMetadata, get_backend
 from novainfer.layers.linear import CpuPackable, pack_for_cpu
 from novainfer.loader.weights import init_dummy_weights, load_weights
+from novainfer.lora.adapter import LoRAAdapter
+from novainfer.lora.layers import LoRABatch, attach_lora, load_slot
 from novainfer.models.config import ModelConfig
 from novainfer.models.registry import model_class
 from novainfer.threads import cpu_thread_control
@@ -56,9 +58,15 @@ class ModelWorker:
             config.attention_backend, device, cfg.head_dim, block_size=self.block_size,
             dtype=self.dtype,
         )
+        # The last step's sampled ids on this device: the next step's pending input tokens
+        # (asynchronous scheduling) are read from here. Rank 0 sets it after sampling; the
+        # other ranks receive it from rank 0 when the step says so (`share_samples`).
+        self.last_sampled: torch.Tensor | None = None
         self._staging: torch.Tensor | None = None
         self._staged: torch.cuda.Event | None = None  # the last copy out of _staging
         self.model = self._build_model(folder)
+        self.lora = (attach_lora(self.model, config.max_loras, config.max_lora_rank)
+                     if config.enable_lora else None)
         self.adapt_cpu_threads = cpu_thread_control(device)  # novainfer/threads.py
         # Every rank must hold the same number of blocks: the driver's block ids index all.
         self.num_blocks = tp.min_over_ranks(self._num_kv_blocks())
@@ -70,6 +78,7 @@ class ModelWorker:
         if (
             device.type == "cuda"
             and not config.enforce_eager
+            and not config.enable_lora  # the PyTorch LoRA path is not capturable
             and getattr(self.backend, "supports_cuda_graphs", False)
         ):
             # Scratch for the largest decode split count, so replays never see a reallocation.
@@ -160,7 +169,7 @@ class ModelWorker:
     # -- a step -------------------------------------------------------------------------------
 
     def inputs(self, header: np.ndarray, data: np.ndarray) -> StepInputs:
-        return unpack_step(header, data, self._upload)
+        return unpack_step(header, data, self._upload, self.last_sampled)
 
     def _upload(self, host: np.ndarray) -> torch.Tensor:
         """One host-to-device copy through a reused pinned buffer (no per-step allocation).
@@ -182,8 +191,14 @@ class ModelWorker:
         self._staged.record(torch.cuda.current_stream(self.device))
         return uploaded
 
+    def load_lora(self, slot: int, adapter: LoRAAdapter | None) -> None:
+        """Put an adapter's weights (this rank's shard) in a device slot."""
+        load_slot(self.model, slot, adapter)
+
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         self.adapt_cpu_threads()
+        if self.lora is not None:
+            self.lora.batch = None if inputs.lora_groups is None else LoRABatch(inputs.lora_groups)
         if self.graphs is not None and self.graphs.can_run(inputs.meta):
             return self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
         return self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
@@ -216,6 +231,18 @@ class ModelWorker:
         for _ in self.prompt_logits(hidden, inputs):
             pass
         self.sample_logits(hidden, inputs)
+        num_sampled = int(header[SAMPLED])
+        if header[SHARE] and num_sampled:
+            tokens = torch.empty(num_sampled, dtype=torch.int64, device=self.device)
+            self.share_samples(tokens)
+
+    def share_samples(self, tokens: torch.Tensor) -> None:
+        """Rank 0's sampled ids to every rank (a broadcast on the device, queued behind the
+        step), kept as `last_sampled` for the next step's pending input tokens."""
+        self.last_sampled = self.tp.broadcast_from_first(tokens)
+
+
+SAMPLED, SHARE = HEADER.index("num_sampled"), HEADER.index("share_sampled")
 
 
 def pack_cpu_weights(model: torch.nn.Module) -> None:

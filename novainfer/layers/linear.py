@@ -1,4 +1,4 @@
-"""Linear layers: the one seam where tensor-parallel sharding (and later LoRA) hooks in.
+"""Linear layers: the one seam where tensor-parallel sharding and LoRA hook in.
 
 Fused projections (q/k/v, gate/up) keep one weight; transformers' separate tensors are
 copied into their slices at load time. Split sizes are computed once, at construction.
@@ -102,6 +102,7 @@ class Linear(CpuPackable):
         self.in_slice = in_slice
         self.reduce = in_slice is not None and tp.enabled
         self.cpu_matmul: CpuMatmul | None = None  # set by pack_for_cpu after loading
+        self.lora: nn.Module | None = None  # LoRASlots (lora/layers.py) with enable_lora
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.reduce else self.bias
@@ -109,6 +110,8 @@ class Linear(CpuPackable):
             y = self.cpu_matmul(x, bias)
         else:
             y = F.linear(x, self.weight, bias)
+        if self.lora is not None:  # before the all-reduce: a row-parallel update is partial
+            y = self.lora(x, y)
         if self.reduce:
             self.tp.all_reduce(y)
             if self.bias is not None:

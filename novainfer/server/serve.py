@@ -115,6 +115,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
         attention_backend=args.attention_backend, seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format,
+        async_scheduling=args.async_scheduling,
     )
     ctx = mp.get_context("spawn")
     # Per frontend, one pipe each way: (core reads, frontend writes), (frontend reads, core

@@ -1,0 +1,131 @@
+"""LoRA on the linear layers: every adapter slot's A and B beside the base weight.
+
+Each targeted layer (the fused q/k/v and gate/up projections, o_proj, down_proj) gets a
+`LoRASlots`: for `max_loras` slots, A stacked over the layer's parts, [slots, parts x R, in],
+and B, [slots, out, R], with R = max_lora_rank (smaller ranks are zero-padded) and the
+adapter's scaling folded into B. A token that uses slot s gets, for each part p (q, k, v or
+gate, up) with output rows [start, start + size):
+
+    y[start:start + size] += (x @ A[s, p*R:(p+1)*R].T) @ B[s, start:start + size].T
+
+The shrink `x @ A[s].T` is one matmul over all parts ([q; k; v] stacked, seed 000's layout
+for fusing it into the QKV projection later), the expand one per part.
+
+Tensor parallelism needs no extra communication: a column-parallel layer (q/k/v, gate/up)
+keeps A whole and this rank's rows of B; a row-parallel one (o_proj, down_proj) keeps this
+rank's columns of A and all of B, and adds its partial update before the layer's
+all-reduce, which sums (x_r @ A_r.T) @ B.T over the ranks into (x @ A.T) @ B.T.
+
+Which tokens use which slot comes with each step (`LoRABatch`, set on the shared
+`LoRAState` before the forward pass). This PyTorch path loops over the step's slots (at most
+max_loras); it is the reference for the kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from novainfer.lora.adapter import LoRAAdapter
+from novainfer.models.decoder import PACKED_MODULES
+
+# Adapter projection -> (our module's attribute in its block, block, part of the module).
+_BLOCK = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
+          "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+LORA_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+@dataclass
+class LoRABatch:
+    """A step's adapter use: per slot in use, the token rows (device indices) that use it."""
+
+    groups: list[tuple[int, torch.Tensor]]
+
+
+class LoRAState:
+    """Shared by every LoRA layer of one rank's model: the step's LoRABatch (None: no token
+    uses an adapter)."""
+
+    def __init__(self) -> None:
+        self.batch: LoRABatch | None = None
+
+
+class LoRASlots(nn.Module):
+    def __init__(self, layer: nn.Module, state: LoRAState, max_loras: int, max_rank: int) -> None:
+        super().__init__()
+        weight = layer.weight
+        self.state = state
+        self.rank = max_rank
+        self.row_parallel = layer.in_slice is not None
+        self.in_slice = layer.in_slice
+        # (part name, first output row, rows, first row in the checkpoint tensor)
+        self.parts = [(name, s.start, s.size, s.src_start) for name, s in layer.shards.items()]
+        kw = {"dtype": weight.dtype, "device": weight.device}
+        self.a = torch.zeros(max_loras, len(self.parts) * max_rank, layer.in_features, **kw)
+        self.b = torch.zeros(max_loras, layer.out_features, max_rank, **kw)
+
+    def clear(self, slot: int) -> None:
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+
+    def load(self, slot: int, part: str | int | None, a: torch.Tensor, b: torch.Tensor,
+             scaling: float) -> None:
+        """One part's full (unsharded) A [r, in] and B [out, r] into `slot`: this rank's
+        slice is cut here, the scaling folded into B."""
+        index = [p[0] for p in self.parts].index(part)
+        _, start, size, src = self.parts[index]
+        r = a.shape[0]
+        if self.row_parallel:
+            lo, n = self.in_slice
+            a = a[:, lo : lo + n]
+        else:
+            b = b[src : src + size]
+        rows = slice(index * self.rank, index * self.rank + r)
+        self.a[slot, rows] = a.to(self.a.dtype)
+        self.b[slot, start : start + size, :r] = (b.double() * scaling).to(self.b.dtype)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y (the layer's output, before any all-reduce) plus the adapters' updates."""
+        batch = self.state.batch
+        if batch is None:
+            return y
+        rank = self.rank
+        for slot, rows in batch.groups:
+            shrunk = x[rows] @ self.a[slot].T  # [tokens, parts x R]
+            update = torch.empty(rows.shape[0], y.shape[-1], dtype=y.dtype, device=y.device)
+            for i, (_, start, size, _) in enumerate(self.parts):
+                torch.matmul(shrunk[:, i * rank : (i + 1) * rank],
+                             self.b[slot, start : start + size].T,
+                             out=update[:, start : start + size])
+            y.index_add_(0, rows, update)
+        return y
+
+
+def attach_lora(model: nn.Module, max_loras: int, max_rank: int) -> LoRAState:
+    """Give every targeted linear layer of the decoder its slots; returns the shared state."""
+    state = LoRAState()
+    for layer in model.model.layers:
+        for block in (layer.self_attn, layer.mlp):
+            for name in LORA_MODULES:
+                linear = getattr(block, name, None)
+                if linear is not None:
+                    linear.lora = LoRASlots(linear, state, max_loras, max_rank)
+    return state
+
+
+def load_slot(model: nn.Module, slot: int, adapter: LoRAAdapter | None) -> None:
+    """Put `adapter` in `slot` of every layer (None: empty the slot)."""
+    for layer in model.model.layers:
+        for block in (layer.self_attn, layer.mlp):
+            for name in LORA_MODULES:
+                linear = getattr(block, name, None)
+                if linear is not None:
+                    linear.lora.clear(slot)
+    if adapter is None:
+        return
+    for (index, proj), (a, b) in adapter.weights.items():
+        fused, part = PACKED_MODULES.get(proj, (proj, None))
+        block = getattr(model.model.layers[index], _BLOCK[proj])
+        getattr(block, fused).lora.load(slot, part, a, b, adapter.scaling)

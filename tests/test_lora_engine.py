@@ -1,0 +1,185 @@
+"""LoRA adapters in the engine, against transformers + PEFT on the same weights (fp32, CPU).
+
+Adapters are made and saved by PEFT itself (random A and B, so every update matters), then
+served by novainfer: several adapters and the base model mixed in one batch, more adapters
+than device slots, the prefix cache kept apart per adapter, the CPU cache evicting and
+reading an adapter again, and the request errors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import (
+    BOS_ID,
+    MIN_GREEDY_MARGIN,
+    completion_tokens,
+    hf_greedy,
+    make_llm,
+    random_prompts,
+)
+
+from novainfer import LoRARequest, SamplingParams
+
+peft = pytest.importorskip("peft")
+
+MAX_TOKENS = 12
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTERS = {  # name: (id, seed, LoraConfig fields)
+    "all8": (1, 1, {"r": 8, "lora_alpha": 16, "target_modules": ALL}),
+    "qv4rs": (2, 2, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+                     "use_rslora": True}),
+    "mlp2": (3, 3, {"r": 2, "lora_alpha": 4, "target_modules": ["gate_proj", "down_proj"]}),
+}
+
+
+def _base(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def model_dir(checkpoint):
+    return checkpoint("llama")
+
+
+@pytest.fixture(scope="module")
+def adapters(model_dir, tmp_path_factory) -> dict[str, LoRARequest]:
+    root = tmp_path_factory.mktemp("adapters")
+    out = {}
+    for name, (lora_id, seed, fields) in ADAPTERS.items():
+        torch.manual_seed(seed)
+        cfg = peft.LoraConfig(init_lora_weights=False, **fields)
+        model = peft.get_peft_model(_base(model_dir), cfg)
+        with torch.no_grad():  # PEFT's random B is small: make each adapter change the output
+            for module_name, param in model.named_parameters():
+                if "lora_B" in module_name:
+                    param.mul_(8.0)
+        model.save_pretrained(root / name)
+        out[name] = LoRARequest(name, lora_id, str(root / name))
+    return out
+
+
+def peft_greedy(model_dir, adapter: LoRARequest | None, prompts) -> list[list[int]]:
+    """Greedy tokens of transformers with the PEFT adapter applied; near ties refused."""
+    if adapter is None:
+        return hf_greedy(model_dir, prompts, MAX_TOKENS)
+    model = peft.PeftModel.from_pretrained(_base(model_dir), adapter.lora_path).eval()
+    results = []
+    for ids in prompts:
+        inp = torch.tensor([list(ids)])
+        with torch.no_grad():
+            out = model.generate(input_ids=inp, attention_mask=torch.ones_like(inp),
+                                 max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0,
+                                 bos_token_id=BOS_ID, output_logits=True,
+                                 return_dict_in_generate=True)
+        for logits in out.logits:
+            top2 = torch.topk(logits[0].float(), 2).values
+            assert top2[0] - top2[1] > MIN_GREEDY_MARGIN, "a near tie in the reference"
+        results.append(out.sequences[0, inp.shape[1]:].tolist())
+    return results
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return random_prompts([5, 40, 19], seed=60)
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir, adapters, prompts):
+    """Per adapter name (None: base), the reference tokens of every prompt."""
+    out = {None: peft_greedy(model_dir, None, prompts)}
+    for name, request in adapters.items():
+        out[name] = peft_greedy(model_dir, request, prompts)
+    assert all(out[name] != out[None] for name in adapters)  # every adapter matters
+    return out
+
+
+def greedy() -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
+def _mixed(adapters, prompts):
+    """Every (adapter or base, prompt) pair, interleaved."""
+    names = [None, *adapters]
+    pairs = [(name, i) for i in range(len(prompts)) for name in names]
+    return pairs, [prompts[i] for _, i in pairs], [
+        adapters[name] if name else None for name, _ in pairs]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_adapters_and_base_in_one_batch_match_peft(model_dir, adapters, prompts, expected,
+                                                    async_scheduling):
+    llm = make_llm(model_dir, enable_lora=True, max_loras=3, max_lora_rank=8,
+                   async_scheduling=async_scheduling)
+    pairs, batch, loras = _mixed(adapters, prompts)
+    outs = llm.generate(batch, greedy(), use_tqdm=False, lora_request=loras)
+    for (name, i), tokens in zip(pairs, completion_tokens(outs)):
+        assert tokens == expected[name][i], (name, i)
+
+
+def test_more_adapters_than_slots(model_dir, adapters, prompts, expected):
+    """max_loras=1: no step mixes two adapters, and every request is served correctly."""
+    llm = make_llm(model_dir, enable_lora=True, max_loras=1, max_lora_rank=8)
+    runner = llm.llm_engine.runner
+    launch, per_step = runner.launch, []
+
+    def counted(batch, *args, **kwargs):
+        per_step.append({s.lora_int_id for s in batch.seqs if s.lora_int_id})
+        return launch(batch, *args, **kwargs)
+
+    runner.launch = counted
+    pairs, batch, loras = _mixed(adapters, prompts)
+    outs = llm.generate(batch, greedy(), use_tqdm=False, lora_request=loras)
+    for (name, i), tokens in zip(pairs, completion_tokens(outs)):
+        assert tokens == expected[name][i], (name, i)
+    assert max(len(ids) for ids in per_step) == 1
+    assert set().union(*per_step) == {1, 2, 3}
+
+
+def test_prefix_cache_never_crosses_adapters(model_dir, adapters):
+    prompt = random_prompts([50], seed=61)[0]  # three full blocks of 16
+    a, b = adapters["all8"], adapters["qv4rs"]
+    want_a, want_b = (peft_greedy(model_dir, r, [prompt])[0] for r in (a, b))
+    llm = make_llm(model_dir, enable_lora=True, max_loras=2, max_lora_rank=8)
+    first = llm.generate([prompt], greedy(), use_tqdm=False, lora_request=a)[0]
+    other = llm.generate([prompt], greedy(), use_tqdm=False, lora_request=b)[0]
+    again = llm.generate([prompt], greedy(), use_tqdm=False, lora_request=a)[0]
+    assert completion_tokens([first, other, again]) == [want_a, want_b, want_a]
+    assert other.num_cached_tokens == 0 and again.num_cached_tokens == 48
+
+
+def test_cpu_cache_evicts_and_reads_again(model_dir, adapters, prompts, expected):
+    llm = make_llm(model_dir, enable_lora=True, max_loras=1, max_lora_rank=8, max_cpu_loras=1)
+    manager = llm.llm_engine.lora
+    for name in ("all8", "mlp2", "all8"):
+        out = llm.generate(prompts[:1], greedy(), use_tqdm=False, lora_request=adapters[name])
+        assert completion_tokens(out) == expected[name][:1]
+        assert list(manager.cpu) == [adapters[name].lora_int_id]
+
+
+def test_lora_request_errors(model_dir, adapters, prompts, tmp_path):
+    plain = make_llm(model_dir)
+    with pytest.raises(ValueError, match="enable_lora=True"):
+        plain.generate(prompts[:1], greedy(), use_tqdm=False, lora_request=adapters["all8"])
+    llm = make_llm(model_dir, enable_lora=True, max_lora_rank=4)
+    engine = llm.llm_engine
+    with pytest.raises(ValueError, match=r"LoRA adapter 'all8'.*r=8 exceeds max_lora_rank=4"):
+        llm.generate(prompts[:1], greedy(), use_tqdm=False, lora_request=adapters["all8"])
+    llm.generate(prompts[:1], greedy(), use_tqdm=False, lora_request=adapters["qv4rs"])
+    moved = LoRARequest("other", adapters["qv4rs"].lora_int_id, adapters["mlp2"].lora_path)
+    with pytest.raises(ValueError, match="lora_int_id 2 already names adapter 'qv4rs'"):
+        llm.generate(prompts[:1], greedy(), use_tqdm=False, lora_request=moved)
+    with pytest.raises(ValueError, match="lora_request has 1 entries for 2 prompts"):
+        llm.generate(prompts[:2], greedy(), use_tqdm=False, lora_request=[adapters["mlp2"]])
+    with pytest.raises(TypeError, match="lora_request must be a LoRARequest"):
+        llm.generate(prompts[:1], greedy(), use_tqdm=False, lora_request="all8")
+    # A bad adapter anywhere in the list queues nothing.
+    with pytest.raises(ValueError, match="lora_path is not a folder"):
+        llm.generate(prompts[:2], greedy(), use_tqdm=False,
+                     lora_request=[None, LoRARequest("gone", 9, str(tmp_path / "none"))])
+    assert not engine.has_unfinished_requests() and not engine.scheduler.waiting
+    with pytest.raises(ValueError, match="enable_lora with tensor_parallel_size > 1"):
+        make_llm(model_dir, enable_lora=True, tensor_parallel_size=2)
