@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -135,11 +137,49 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--compare", choices=["hf"], default=None,
                         help="also run transformers' continuous batching on the same workload")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    from novainfer.cli import add_async_scheduling_arg, add_tensor_parallel_arg
+    from novainfer.cli import add_async_scheduling_arg, add_lora_arg, add_tensor_parallel_arg
 
     add_tensor_parallel_arg(parser)
     add_async_scheduling_arg(parser)
+    add_lora_arg(parser)
+    parser.add_argument("--lora-count", type=int, default=0,
+                        help="random LoRA adapters of the model's shapes, requests assigned "
+                             "round-robin (0: none)")
+    parser.add_argument("--lora-rank", type=int, default=16, help="rank of --lora-count adapters")
     return parser
+
+
+def _bench_loras(args: argparse.Namespace, engine, num_seqs: int, folder) -> list:
+    """One LoRARequest (or None) per request: --lora for all, or --lora-count random ones
+    written under `folder`, round-robin."""
+    from novainfer.cli import lora_from_args
+    from novainfer.lora.random_adapter import write_random_adapter
+    from novainfer.lora.request import LoRARequest
+
+    lora, _ = lora_from_args(args)
+    if lora is not None:
+        return [lora] * num_seqs
+    if not args.lora_count:
+        return [None] * num_seqs
+    requests = [
+        LoRARequest(f"random-{k}", k + 1, str(write_random_adapter(
+            folder / f"random-{k}", engine.model_config, args.lora_rank, seed=k)))
+        for k in range(args.lora_count)
+    ]
+    return [requests[i % len(requests)] for i in range(num_seqs)]
+
+
+def _lora_engine_args(args: argparse.Namespace) -> dict:
+    from novainfer.cli import lora_from_args
+
+    if args.lora_count and args.lora:
+        raise ValueError("give --lora or --lora-count, not both")
+    if args.lora_count < 0:
+        raise ValueError(f"--lora-count must be >= 0, got {args.lora_count}")
+    if args.lora_count:
+        return {"enable_lora": True, "max_loras": args.lora_count,
+                "max_lora_rank": args.lora_rank}
+    return lora_from_args(args)[1]
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -169,6 +209,7 @@ def run(args: argparse.Namespace) -> dict:
         tensor_parallel_size=args.tensor_parallel_size,
         async_scheduling=args.async_scheduling,
         **extra,
+        **_lora_engine_args(args),
     )
     engine = llm.llm_engine
     device = engine.runner.device
@@ -177,11 +218,17 @@ def run(args: argparse.Namespace) -> dict:
     steps_before = engine.num_steps
     if engine.step_timer is not None:  # --step-timing / NOVAINFER_STEP_TIMING=1
         engine.step_timer.reset()  # time the measured run only, not the warm-up
+    adapters = tempfile.TemporaryDirectory(prefix="novainfer-bench-lora-")
+    loras = _bench_loras(args, engine, len(work.prompts), Path(adapters.name))
+    if any(loras):  # read and checked before the clock starts
+        for lora in {lora for lora in loras if lora is not None}:
+            engine.check_lora(lora)
     _sync(device)
     start = time.perf_counter()
-    outputs = llm.generate(work.prompts, params, use_tqdm=False)
+    outputs = llm.generate(work.prompts, params, use_tqdm=False, lora_request=loras)
     _sync(device)
     seconds = time.perf_counter() - start
+    adapters.cleanup()
     steps = engine.num_steps - steps_before
     produced = sum(len(o.outputs[0].token_ids) for o in outputs)
     if produced != work.output_tokens:
@@ -199,6 +246,7 @@ def run(args: argparse.Namespace) -> dict:
         "max_model_len": engine.max_model_len,
         "kv_blocks": engine.runner.num_blocks,
         "tensor_parallel_size": engine.runner.tp.size,
+        "lora_adapters": len({lora for lora in loras if lora is not None}),
         "prompt_tokens": work.prompt_tokens,
         "output_tokens": produced,
         "steps": steps,
@@ -230,7 +278,7 @@ def run(args: argparse.Namespace) -> dict:
 def print_report(result: dict, as_json: bool) -> None:
     keys = ["model", "device", "dtype", "attention_backend", "cuda_graphs", "num_seqs",
             "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_blocks",
-            "tensor_parallel_size", "steps"]
+            "tensor_parallel_size", "lora_adapters", "steps"]
     print("configuration: " + ", ".join(f"{k}={result[k]}" for k in keys))
     print(f"total: {result['prompt_tokens']} prompt + {result['output_tokens']} output tokens "
           f"in {result['seconds']:.2f} s")

@@ -10,6 +10,8 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -59,6 +61,23 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
 
 
+def add_lora_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lora", default=None, metavar="PATH",
+                        help="a PEFT LoRA adapter folder to apply to every request")
+
+
+def lora_from_args(args: argparse.Namespace) -> tuple[Any, dict]:
+    """(the LoRARequest of --lora or None, the LLM arguments it needs)."""
+    if not getattr(args, "lora", None):
+        return None, {}
+    from novainfer.lora.adapter import adapter_rank
+    from novainfer.lora.request import LoRARequest
+
+    rank = adapter_rank(args.lora) or 16
+    request = LoRARequest(Path(args.lora).name or "lora", 1, args.lora)
+    return request, {"enable_lora": True, "max_lora_rank": max(16, rank)}
+
+
 def _sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     parser.add_argument("--max-tokens", type=int, default=max_tokens, help="most tokens per reply")
     parser.add_argument("--min-tokens", type=int, default=0,
@@ -83,12 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     add_engine_args(gen)
+    add_lora_arg(gen)
     _sampling_args(gen, max_tokens=64)
     gen.add_argument("--step-timing", action="store_true",
                      help="time each step's phases; summary on stderr (or NOVAINFER_STEP_TIMING=1)")
     chat = add("chat", help="interactive multi-turn chat, streamed to the terminal")
     chat.add_argument("--system", default=None, help="optional system prompt")
     add_engine_args(chat)
+    add_lora_arg(chat)
     _sampling_args(chat, max_tokens=512)
     bench = add("bench", help="offline throughput on nano-vLLM's bench.py workload, with the floor "
                 "(`novainfer bench serve --help`: the online benchmark)")
@@ -135,13 +156,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _make_llm(args: argparse.Namespace):
+def _make_llm(args: argparse.Namespace, **extra: Any):
     from novainfer import LLM
 
     return LLM(args.model, dtype=args.dtype, device=args.device,
                max_model_len=args.max_model_len, seed=args.seed,
                tensor_parallel_size=args.tensor_parallel_size,
-               async_scheduling=args.async_scheduling)
+               async_scheduling=args.async_scheduling, **extra)
 
 
 def _params(args: argparse.Namespace):
@@ -182,7 +203,7 @@ def _ctrl_c_after_step() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-def stream(llm, prompt: str | list[int], params) -> Iterator[str]:
+def stream(llm, prompt: str | list[int], params, lora_request: Any = None) -> Iterator[str]:
     """Yield the text of one request as the engine produces it.
 
     Ctrl-C raises KeyboardInterrupt between engine steps, never inside one; closing the
@@ -190,7 +211,7 @@ def stream(llm, prompt: str | list[int], params) -> Iterator[str]:
     """
     engine = llm.llm_engine
     request_id = f"stream-{id(prompt)}"
-    engine.add_request(request_id, prompt, params, stream=True)
+    engine.add_request(request_id, prompt, params, stream=True, lora_request=lora_request)
     shown = 0
     try:
         while engine.has_unfinished_requests():
@@ -211,14 +232,15 @@ def stream(llm, prompt: str | list[int], params) -> Iterator[str]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     params = _params(args)
-    llm = _make_llm(args)
+    lora, extra = lora_from_args(args)
+    llm = _make_llm(args, **extra)
     timer = llm.llm_engine.step_timer
     if args.step_timing and timer is None:
         timer = llm.llm_engine.enable_step_timing()
     prompt: str | list[int] = args.prompt
     if args.chat:
         prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}])
-    for piece in stream(llm, prompt, params):
+    for piece in stream(llm, prompt, params, lora):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -230,7 +252,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     params = _params(args)
-    llm = _make_llm(args)
+    lora, extra = lora_from_args(args)
+    llm = _make_llm(args, **extra)
     history: list[dict[str, str]] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
@@ -255,7 +278,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         reply: list[str] = []
         try:
             ids = llm.apply_chat_template(history)
-            with contextlib.closing(stream(llm, ids, params)) as pieces:  # closing aborts
+            with contextlib.closing(stream(llm, ids, params, lora)) as pieces:  # closing aborts
                 for piece in pieces:
                     sys.stdout.write(piece)
                     sys.stdout.flush()

@@ -86,9 +86,6 @@ class EngineConfig:
         if self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras "
                              f"({self.max_loras})")
-        if self.enable_lora and self.tensor_parallel_size > 1:
-            raise ValueError("enable_lora with tensor_parallel_size > 1 is not supported yet; "
-                             "use tensor_parallel_size=1")
         if not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):

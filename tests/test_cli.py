@@ -37,9 +37,9 @@ def test_chat_streams_each_turn_and_keeps_history(checkpoint, capsys, monkeypatc
     seen = []
     real_stream = cli.stream
 
-    def spy(llm, prompt, params):
+    def spy(llm, prompt, params, lora=None):
         seen.append(list(prompt))
-        yield from real_stream(llm, prompt, params)
+        yield from real_stream(llm, prompt, params, lora)
 
     monkeypatch.setattr(cli, "stream", spy)
     assert cli.main(["chat", "--model", str(model_dir), "--device", "cpu", "--max-tokens", "4"]) == 0
@@ -172,14 +172,14 @@ def session(monkeypatch):
         monkeypatch.setattr("builtins.input", s.input)
         real_make, real_stream = cli._make_llm, cli.stream
 
-        def make(args):
-            s.llm = real_make(args)
+        def make(args, **extra):
+            s.llm = real_make(args, **extra)
             return s.llm
 
-        def spy(llm, prompt, params):
+        def spy(llm, prompt, params, lora=None):
             pieces: list[str] = []
             s.turns.append((list(prompt), pieces))
-            with contextlib.closing(real_stream(llm, prompt, params)) as inner:  # close on close
+            with contextlib.closing(real_stream(llm, prompt, params, lora)) as inner:
                 for piece in inner:
                     pieces.append(piece)
                     yield piece

@@ -3,10 +3,12 @@
 Adapters are made and saved by PEFT itself (random A and B, so every update matters), then
 served by novainfer: several adapters and the base model mixed in one batch, more adapters
 than device slots, the prefix cache kept apart per adapter, the CPU cache evicting and
-reading an adapter again, and the request errors.
+reading an adapter again, two tensor-parallel ranks, and the request errors.
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -181,5 +183,40 @@ def test_lora_request_errors(model_dir, adapters, prompts, tmp_path):
         llm.generate(prompts[:2], greedy(), use_tqdm=False,
                      lora_request=[None, LoRARequest("gone", 9, str(tmp_path / "none"))])
     assert not engine.has_unfinished_requests() and not engine.scheduler.waiting
-    with pytest.raises(ValueError, match="enable_lora with tensor_parallel_size > 1"):
-        make_llm(model_dir, enable_lora=True, tensor_parallel_size=2)
+
+
+def test_two_ranks_match_peft(model_dir, adapters, prompts, expected):
+    """Tensor parallelism (gloo): A cut by input columns for o/down, B by output rows for
+    q/k/v and gate/up; the other rank reads each adapter when the driver loads a slot. Two
+    slots for three adapters, so slots are reloaded on both ranks mid-run."""
+    with make_llm(model_dir, enable_lora=True, max_loras=2, max_lora_rank=8,
+                  tensor_parallel_size=2) as llm:
+        pairs, batch, loras = _mixed(adapters, prompts)
+        outs = llm.generate(batch, greedy(), use_tqdm=False, lora_request=loras)
+    for (name, i), tokens in zip(pairs, completion_tokens(outs)):
+        assert tokens == expected[name][i], (name, i)
+
+
+def test_cli_generate_with_lora(model_dir, adapters, capsys):
+    from novainfer import cli
+
+    prompt = "w1 w2 w3"
+    llm = make_llm(model_dir, enable_lora=True, max_lora_rank=16)
+    want = llm.generate([prompt], greedy(), use_tqdm=False,
+                        lora_request=adapters["all8"])[0].outputs[0].text
+    base = llm.generate([prompt], greedy(), use_tqdm=False)[0].outputs[0].text
+    assert want != base
+    args = ["generate", prompt, "--model", str(model_dir), "--device", "cpu", "--dtype",
+            "float32", "--max-tokens", str(MAX_TOKENS), "--ignore-eos"]
+    assert cli.main([*args, "--lora", adapters["all8"].lora_path]) == 0
+    assert capsys.readouterr().out == want + "\n"
+
+
+def test_bench_with_random_adapters(capsys):
+    from novainfer import cli
+
+    args = ["bench", "--preset", "tiny", "--device", "cpu", "--num-seqs", "6",
+            "--max-input-len", "24", "--max-output-len", "8", "--json"]
+    assert cli.main([*args, "--lora-count", "2", "--lora-rank", "4"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["lora_adapters"] == 2 and result["output_tokens"] > 0

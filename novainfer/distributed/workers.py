@@ -43,7 +43,7 @@ from novainfer.distributed import peer_allreduce
 from novainfer.distributed.parallel import TensorParallel
 from novainfer.engine.step_inputs import HEADER
 
-CMD_STEP, CMD_STOP = 1, 2
+CMD_STEP, CMD_STOP, CMD_LORA = 1, 2, 3
 MESSAGE_HEADER = 2 + len(HEADER)  # command, data length, then the step's header
 ABORT_AFTER_S = 5.0  # a failure the driver has not noticed by then: abort its collectives
 # Collectives give up after this long: a hang guard, far beyond any step. Failures are
@@ -183,11 +183,27 @@ def abort_groups(timeout: float = 10.0) -> None:
     thread.join(timeout)
 
 
-def receive_step(tp: TensorParallel) -> tuple[np.ndarray, np.ndarray] | None:
-    """The next step (header, data), or None when the driver says stop."""
+def send_lora(tp: TensorParallel, slot: int, request: Any) -> None:
+    """Tell the other ranks to load an adapter (a LoRARequest: each rank reads the folder
+    and keeps its shard) into a device slot. Only when a slot changes, never per step."""
+    head = np.zeros(MESSAGE_HEADER, dtype=np.int64)
+    head[0], head[1] = CMD_LORA, slot
+    torch.distributed.broadcast(torch.from_numpy(head), src=0, group=tp.control)
+    torch.distributed.broadcast_object_list([request], src=0, group=tp.control)
+
+
+def receive_step(tp: TensorParallel, worker: Any = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The next step (header, data), or None when the driver says stop; adapter loads
+    (`send_lora`) that come first are applied to `worker` on the way."""
     head = torch.empty(MESSAGE_HEADER, dtype=torch.int64)
     torch.distributed.broadcast(head, src=0, group=tp.control)
     head_np = head.numpy()
+    while head_np[0] == CMD_LORA:
+        request = [None]
+        torch.distributed.broadcast_object_list(request, src=0, group=tp.control)
+        worker.load_lora_request(int(head_np[1]), request[0])
+        torch.distributed.broadcast(head, src=0, group=tp.control)
+        head_np = head.numpy()
     if head_np[0] == CMD_STOP:
         return None
     data = torch.empty(int(head_np[1]), dtype=torch.int64)
@@ -211,7 +227,7 @@ def run_external_rank(rank: int, launch: Launch, config: Any, model_config: Any,
 def serve(worker: Any, tp: TensorParallel) -> None:
     """A worker rank's loop: run each step the driver sends until it says stop."""
     with torch.inference_mode():
-        while (step := receive_step(tp)) is not None:
+        while (step := receive_step(tp, worker)) is not None:
             worker.run(*step)
 
 

@@ -353,7 +353,7 @@ class LLMEngine:
         """Device slots for the batch's adapters, loading those not in one yet."""
         lora = self.lora
         for slot, adapter in lora.assign({s.lora_int_id for s in batch.seqs if s.lora_int_id}):
-            self.runner.load_lora(slot, adapter)
+            self.runner.load_lora(slot, adapter, lora.requests[adapter.int_id])
         for seq in batch.seqs:
             seq.lora_slot = lora.slot_of[seq.lora_int_id] if seq.lora_int_id else -1
 

@@ -57,6 +57,16 @@ def projection_shape(model: ModelConfig, proj: str) -> tuple[int, int]:
     }[proj]
 
 
+def adapter_rank(folder: str) -> int | None:
+    """The `r` an adapter folder's config declares (None when it cannot be read: loading
+    the adapter then reports why)."""
+    try:
+        rank = json.loads((Path(folder) / "adapter_config.json").read_text()).get("r")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return rank if isinstance(rank, int) and not isinstance(rank, bool) else None
+
+
 def load_adapter(request: LoRARequest, model: ModelConfig, max_lora_rank: int) -> LoRAAdapter:
     name = request.lora_name
 
