@@ -86,7 +86,8 @@ def _option_help(text: str) -> dict[str, str]:
     helps: dict[str, str] = {}
     current = None
     for line in text.splitlines():
-        m = re.match(r"  (?:-\w+(?: \S+)?, )?(--[\w-]+)(?: (?:\S+|\{[^}]*\}))?(?:\s{2,}(.*))?$", line)
+        m = re.match(r"  (?:-\w+(?: \S+)?, )?(--[\w-]+)(?: (?:\S+|\{[^}]*\})(?: \[[^\]]*\])?)?"
+                     r"(?:\s{2,}(.*))?$", line)
         if m:
             current = m.group(1)
             helps[current] = m.group(2) or ""

@@ -220,3 +220,42 @@ def test_bench_with_random_adapters(capsys):
     assert cli.main([*args, "--lora-count", "2", "--lora-rank", "4"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["lora_adapters"] == 2 and result["output_tokens"] > 0
+
+
+def test_served_adapters(model_dir, adapters, prompts, tmp_path):
+    """`novainfer serve --lora-modules NAME=PATH`: a request names an adapter as its model;
+    /v1/models lists the adapters; a bad adapter stops the server at startup."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    httpx = pytest.importorskip("httpx")
+    from test_server import MODEL, Server, _headers
+
+    text = "w1 w2 w3 w4"
+    llm = make_llm(model_dir, enable_lora=True, max_lora_rank=8, max_model_len=128)
+    want = {name: llm.generate([text], greedy(), use_tqdm=False,
+                               lora_request=adapters.get(name))[0].outputs[0].text
+            for name in (None, "all8", "mlp2")}
+    assert len(set(want.values())) == 3
+    modules = [f"{n}={adapters[n].lora_path}" for n in ("all8", "mlp2")]
+    srv = Server(model_dir, tmp_path / "lora.log", "--lora-modules", *modules,
+                 "--max-loras", "2", "--max-lora-rank", "8")
+    try:
+        def complete(model):
+            return httpx.post(srv.url + "/v1/completions", headers=_headers(), timeout=600,
+                              json={"model": model, "prompt": text, "max_tokens": MAX_TOKENS,
+                                    "temperature": 0, "ignore_eos": True})
+
+        for name in (None, "all8", "mlp2"):
+            got = complete(name or MODEL).json()
+            assert got["choices"][0]["text"] == want[name] and got["model"] == (name or MODEL)
+        missing = complete("nope")
+        assert missing.status_code == 404 and "'all8'" in missing.json()["error"]["message"]
+        listed = httpx.get(srv.url + "/v1/models", headers=_headers()).json()["data"]
+        assert [(m["id"], m["parent"]) for m in listed] == [
+            (MODEL, None), ("all8", MODEL), ("mlp2", MODEL)]
+    finally:
+        srv.stop()
+    log = tmp_path / "bad.log"
+    with pytest.raises(Exception):  # noqa: B017 - the helper fails however startup fails
+        Server(model_dir, log, "--lora-modules", f"bad={tmp_path / 'none'}")
+    assert "lora_path is not a folder" in log.read_text()

@@ -5,7 +5,7 @@ engine's events while watching for a client that went away)."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
@@ -37,6 +37,7 @@ class ServerSettings:
     max_model_len: int = 0
     vocab_size: int = 0
     frontend_index: int = 0  # which of --api-server-count frontend processes this is
+    lora_modules: dict = field(default_factory=dict)  # served adapter name -> LoRARequest
 
 
 @dataclass
@@ -45,12 +46,15 @@ class ServerContext:
     settings: ServerSettings
     metrics: Metrics
 
-    def check(self, body: Any) -> None:
-        """The model name, a live engine, room in the waiting queue."""
+    def check(self, body: Any) -> Any:
+        """The model name, a live engine, room in the waiting queue; the LoRARequest of the
+        adapter the request names as its model (None: the base model)."""
         name = self.settings.served_model_name
-        if body.model is not None and body.model != name:
+        adapters = self.settings.lora_modules
+        if body.model is not None and body.model != name and body.model not in adapters:
+            served = ", ".join(f"'{n}'" for n in [name, *adapters])
             raise APIError(404, f"model '{body.model}' does not exist; this server serves "
-                           f"'{name}'", "model", "model_not_found")
+                           f"{served}", "model", "model_not_found")
         if not self.engine.alive:
             raise APIError(503, "the engine is not running", None, "engine_unavailable",
                            {"Retry-After": "5"})
@@ -59,6 +63,7 @@ class ServerContext:
             raise APIError(503, f"server overloaded: {waiting} requests waiting "
                            f"(limit {self.settings.max_waiting_requests}); retry later",
                            None, "overloaded", {"Retry-After": "1"})
+        return adapters.get(body.model)
 
     async def start(self, group: Group, request: Request) -> Accepted:
         """Wait until the engine took (or refused) the group's requests."""

@@ -152,7 +152,9 @@ class EngineClient:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def submit(self, request_ids: list[str], makes: list[Make], stream: bool) -> Group:
+    def submit(self, request_ids: list[str], makes: list[Make], stream: bool,
+               lora: Any = None) -> Group:
+        """Queue a group of requests (`lora`: the LoRARequest of the adapter they use)."""
         group = Group(request_ids, stream, asyncio.Queue())
         if self.death is not None:
             group.queue.put_nowait(Failed(RuntimeError(self.death), False, True))
@@ -177,7 +179,7 @@ class EngineClient:
         for st in states:
             self._states[st.cid] = st
             ids = np.asarray(st.inputs.token_ids, dtype=np.int32)
-            self._send(("add", st.cid, ids, st.inputs.cache_salt, st.params))
+            self._send(("add", st.cid, ids, st.inputs.cache_salt, st.params, lora))
         self._unaccepted += len(states)
         return group
 

@@ -97,11 +97,13 @@ class EngineCore:
                 self._out.pop(fi, None)
                 return
 
-    def _add(self, fi: int, cid: int, token_ids: np.ndarray, salt: str | None, params) -> None:
+    def _add(self, fi: int, cid: int, token_ids: np.ndarray, salt: str | None, params,
+             lora=None) -> None:
         rid = _rid(fi, cid)
         ids = token_ids.tolist()
         try:
-            self.engine.add_request(rid, PromptInputs(ids, None, salt), params, stream=True)
+            self.engine.add_request(rid, PromptInputs(ids, None, salt), params, stream=True,
+                                    lora_request=lora)
         except Exception as exc:  # noqa: BLE001 - reported to that request only
             client = isinstance(exc, (ValueError, TypeError))
             if not client:
@@ -227,9 +229,10 @@ def _rid(fi: int, cid: int) -> str:
 
 
 def run_core_process(config: Any, links: list[tuple[Connection, Connection]],
-                     log_level: str = "INFO") -> None:
-    """Entry point of the spawned core process: build the engine, say ready (or why not) to
-    every frontend, serve, then stop the engine's workers."""
+                     log_level: str = "INFO", loras: list | None = None) -> None:
+    """Entry point of the spawned core process: build the engine and check the served LoRA
+    adapters, say ready (or why not) to every frontend, serve, then stop the engine's
+    workers."""
     # Ctrl-C and SIGTERM go to the frontends, which drain and then say goodbye.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -238,6 +241,8 @@ def run_core_process(config: Any, links: list[tuple[Connection, Connection]],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         engine = LLMEngine(config, detokenize=False)
+        for lora in loras or ():
+            engine.check_lora(lora)  # a bad adapter stops the server at startup
     except BaseException:  # noqa: BLE001 - reported to the frontends, which exit with it
         text = traceback.format_exc()
         for _, outbox in links:

@@ -58,16 +58,22 @@ async def prometheus(request: Request) -> PlainTextResponse:
 @router.get("/v1/models")
 async def models(request: Request) -> JSONResponse:
     settings = _ctx(request).settings
-    return JSONResponse({"object": "list", "data": [{
-        "id": settings.served_model_name, "object": "model", "created": int(time.time()),
-        "owned_by": "novainfer", "max_model_len": settings.max_model_len,
-        "vocab_size": settings.vocab_size}]})
+    created = int(time.time())
+    base = settings.served_model_name
+    data = [{"id": base, "object": "model", "created": created, "owned_by": "novainfer",
+             "root": base, "parent": None, "max_model_len": settings.max_model_len,
+             "vocab_size": settings.vocab_size}]
+    data += [{"id": name, "object": "model", "created": created, "owned_by": "novainfer",
+              "root": str(lora.lora_path), "parent": base,
+              "max_model_len": settings.max_model_len, "vocab_size": settings.vocab_size}
+             for name, lora in settings.lora_modules.items()]
+    return JSONResponse({"object": "list", "data": data})
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Response:
     ctx = _ctx(request)
-    ctx.check(body)
+    lora = ctx.check(body)
     prompt = body.prompt
     if isinstance(prompt, str):
         prompts: list[Any] = [prompt]
@@ -83,10 +89,10 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     base = f"cmpl-{uuid.uuid4().hex}"
     rids = [f"{base}-{i}" for i in range(len(prompts))]
     makes = [(lambda _e, p=p: (p, params)) for p in prompts]
-    group = ctx.engine.submit(rids, makes, body.stream)
+    group = ctx.engine.submit(rids, makes, body.stream, lora)
     accepted = await ctx.start(group, request)
     created = int(time.time())
-    name = ctx.settings.served_model_name
+    name = lora.lora_name if lora is not None else ctx.settings.served_model_name
     prompt_tokens = sum(len(i) for i in accepted.prompt_token_ids)
     k = body.logprobs
     if body.stream:
@@ -119,7 +125,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     ctx = _ctx(request)
-    ctx.check(body)
+    lora = ctx.check(body)
     messages = []
     for m in body.messages:
         content = m.content
@@ -142,10 +148,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         return prompt, SamplingParams(**kw, max_tokens=mt)
 
     base = f"chatcmpl-{uuid.uuid4().hex}"
-    group = ctx.engine.submit([base], [make], body.stream)
+    group = ctx.engine.submit([base], [make], body.stream, lora)
     accepted = await ctx.start(group, request)
     created = int(time.time())
-    name = ctx.settings.served_model_name
+    name = lora.lora_name if lora is not None else ctx.settings.served_model_name
     prompt_tokens = len(accepted.prompt_token_ids[0])
     if body.stream:
         return stream_response(ctx.engine, group, StreamSpec(

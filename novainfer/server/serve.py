@@ -54,6 +54,30 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="dummy: random weights of the checkpoint's shapes (benchmarks)")
     parser.add_argument("--attention-backend", default="auto",
                         help="auto, torch, cpu, triton, flash_attn")
+    parser.add_argument("--enable-lora", action="store_true",
+                        help="serve LoRA adapters: a request names one as its model")
+    parser.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                        help="PEFT adapter folders served under NAME (implies --enable-lora)")
+    parser.add_argument("--max-loras", type=int, default=1,
+                        help="adapters in one step (device slots)")
+    parser.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank")
+    parser.add_argument("--max-cpu-loras", type=int, default=None,
+                        help="adapters kept loaded on the CPU (default: --max-loras)")
+
+
+def lora_modules(specs: list[str] | None) -> dict:
+    """--lora-modules NAME=PATH ... as {name: LoRARequest}, ids 1, 2, ... in order."""
+    from novainfer.lora.request import LoRARequest
+
+    modules: dict = {}
+    for spec in specs or ():
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules takes NAME=PATH, got {spec!r}")
+        if name in modules:
+            raise ValueError(f"--lora-modules names {name!r} twice")
+        modules[name] = LoRARequest(name, len(modules) + 1, path)
+    return modules
 
 
 def default_api_server_count(device: str, cores: int | None = None) -> int:
@@ -105,6 +129,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from novainfer.config import EngineConfig
     from novainfer.server.engine_core import run_core_process
 
+    try:
+        args.loras = lora_modules(args.lora_modules)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = EngineConfig(
@@ -116,6 +145,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         attention_backend=args.attention_backend, seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format,
         async_scheduling=args.async_scheduling,
+        enable_lora=args.enable_lora or bool(args.loras), max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
     )
     ctx = mp.get_context("spawn")
     # Per frontend, one pipe each way: (core reads, frontend writes), (frontend reads, core
@@ -128,7 +159,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Not a daemon: the core starts the tensor-parallel workers. It ignores SIGINT/SIGTERM and
     # leaves when the frontends say goodbye or their pipes close.
     core = ctx.Process(target=run_core_process, name="novainfer-core", args=(
-        config, [(to_core[0], to_front[1]) for to_core, to_front in links], args.log_level))
+        config, [(to_core[0], to_front[1]) for to_core, to_front in links], args.log_level,
+        list(args.loras.values())))
     core.start()
     for to_core, to_front in links:  # only the core holds its ends: its death reads as EOF
         to_core[0].close()
@@ -232,7 +264,7 @@ def run_frontend(args: argparse.Namespace, inbox: Connection, outbox: Connection
                               max_body_bytes=args.max_request_body_bytes,
                               max_waiting_requests=args.max_waiting_requests,
                               max_model_len=client.max_model_len, vocab_size=client.vocab_size,
-                              frontend_index=index)
+                              frontend_index=index, lora_modules=args.loras)
     app = build_app(client, settings, metrics)
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                timeout_graceful_shutdown=grace + 5, timeout_keep_alive=5,
