@@ -9,9 +9,13 @@ reading an adapter again, two tensor-parallel ranks, and the request errors.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (kernel test)
 from conftest import (
     BOS_ID,
     MIN_GREEDY_MARGIN,
@@ -116,6 +120,21 @@ def test_adapters_and_base_in_one_batch_match_peft(model_dir, adapters, prompts,
                                                     async_scheduling):
     llm = make_llm(model_dir, enable_lora=True, max_loras=3, max_lora_rank=8,
                    async_scheduling=async_scheduling)
+    pairs, batch, loras = _mixed(adapters, prompts)
+    outs = llm.generate(batch, greedy(), use_tqdm=False, lora_request=loras)
+    for (name, i), tokens in zip(pairs, completion_tokens(outs)):
+        assert tokens == expected[name][i], (name, i)
+
+
+def test_engine_through_the_kernels_matches_peft(model_dir, adapters, prompts, expected,
+                                                 monkeypatch):
+    """Every LoRA layer on the Triton kernels (interpreted on the CPU, fp32): the same tokens
+    as transformers + PEFT, adapters and base mixed in one batch."""
+    pytest.importorskip("triton")
+    from novainfer.lora import ops
+
+    monkeypatch.setattr(ops, "use_triton", lambda x: True)
+    llm = make_llm(model_dir, enable_lora=True, max_loras=3, max_lora_rank=8)
     pairs, batch, loras = _mixed(adapters, prompts)
     outs = llm.generate(batch, greedy(), use_tqdm=False, lora_request=loras)
     for (name, i), tokens in zip(pairs, completion_tokens(outs)):

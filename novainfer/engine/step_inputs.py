@@ -19,10 +19,11 @@ import torch
 from novainfer.engine.scheduler import ScheduledBatch
 from novainfer.engine.sequence import Sequence
 from novainfer.layers.attention import AttentionMetadata
+from novainfer.lora.ops import LoRABatch, group_by_slot, lora_batch
 
 # Header fields, in order (int64).
 HEADER = ("num_tokens", "num_seqs", "max_blocks", "num_decodes", "num_sampled",
-          "num_prompt_rows", "max_query_len", "max_seq_len", "num_fills", "share_sampled", "has_lora")
+          "num_prompt_rows", "max_query_len", "max_seq_len", "num_fills", "share_sampled", "lora_tokens", "lora_segments")
 
 
 @dataclass
@@ -42,7 +43,8 @@ class HostStep:
     header: np.ndarray  # int64[len(HEADER)]
     data: np.ndarray  # int64: ids | positions | slots | seq_lens | query starts | logits rows
     #                   (sampled rows, then prompt-logprob rows) | fill rows | fill sources
-    #                   | LoRA slot per token (with has_lora) | block tables
+    #                   | LoRA: tokens grouped by slot, segment starts, segment slots
+    #                   | block tables
     sampling_seqs: list[Sequence]
     prompt_rows: list[PromptLogprobRows]
 
@@ -56,7 +58,7 @@ class StepInputs:
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # hidden rows that sample
     prompt_indices: torch.Tensor  # hidden rows whose logits give prompt logprobs
-    lora_groups: list[tuple[int, torch.Tensor]] | None = None  # (slot, token rows) in use
+    lora: LoRABatch | None = None  # the tokens that use an adapter, grouped by slot
 
 
 def pack_step(
@@ -103,11 +105,15 @@ def pack_step(
     max_blocks = max([len(seq.block_table) for seq in seqs])
     tables = batch.block_tables[[seq.block_row for seq in seqs], :max_blocks]
     slots = tables[token_row, positions // bs].astype(np.int64) * bs + positions % bs
-    lora_slots = np.array([seq.lora_slot for seq in seqs], dtype=np.int64)[token_row] if lora else []
+    lora_parts: tuple = ([], [], [])
+    if lora:
+        grouped = group_by_slot(np.array([seq.lora_slot for seq in seqs], dtype=np.int64)[token_row])
+        if len(grouped[2]):  # some token uses an adapter
+            lora_parts = grouped
     parts = (input_ids, positions, slots, seq_lens, cu, logits_rows, fill_rows, fill_sources,
-             lora_slots)
+             *lora_parts)
     sizes = [num_tokens, num_tokens, num_tokens, n, n + 1, len(logits_rows), len(fill_rows),
-             len(fill_rows), len(lora_slots)]
+             len(fill_rows), *(len(p) for p in lora_parts)]
     data = np.empty(sum(sizes) + n * max_blocks, dtype=np.int64)
     lo = 0
     for values, size in zip(parts, sizes):
@@ -116,7 +122,8 @@ def pack_step(
     data[lo:] = tables.reshape(-1)
     header = np.array(
         [num_tokens, n, max_blocks, num_decodes, len(sampled), len(prompt_indices),
-         max(query_lens), int(seq_lens.max()), len(fill_rows), int(share_sampled), int(lora)],
+         max(query_lens), int(seq_lens.max()), len(fill_rows), int(share_sampled),
+         len(lora_parts[0]), len(lora_parts[2])],
         dtype=np.int64,
     )
     return HostStep(header, data, [seqs[i] for i in sampled.tolist()], prompt_rows)
@@ -132,8 +139,9 @@ def unpack_step(
     `last_sampled`: the previous step's sampled ids on this device, for the fills."""
     h = dict(zip(HEADER, header.tolist()))
     t, n, fills = h["num_tokens"], h["num_seqs"], h["num_fills"]
+    segs = h["lora_segments"]
     sizes = [t, t, t, n, n + 1, h["num_sampled"] + h["num_prompt_rows"], fills, fills,
-             t if h["has_lora"] else 0]
+             h["lora_tokens"], segs + 1 if segs else 0, segs]
     offsets = np.cumsum([0, *sizes])
     buf = upload(data)
     part = [buf[offsets[i] : offsets[i + 1]] for i in range(len(sizes))]
@@ -155,14 +163,12 @@ def unpack_step(
         seq_lens_host=seq_lens.tolist(),
     )
     rows = part[5]
-    lora_groups = None
-    if h["has_lora"]:
-        token_slots = data[offsets[8] : offsets[9]]
-        device = buf.device
-        lora_groups = [(int(slot), torch.from_numpy(np.flatnonzero(token_slots == slot)).to(device))
-                       for slot in np.unique(token_slots[token_slots >= 0]).tolist()] or None
+    lora = None
+    if segs:
+        lora = lora_batch(part[8], part[9], part[10], data[offsets[9] : offsets[10]],
+                          data[offsets[10] : offsets[11]])
     return StepInputs(part[0], part[1], meta, rows[: h["num_sampled"]], rows[h["num_sampled"] :],
-                      lora_groups)
+                      lora)
 
 
 def _prompt_logprob_rows(

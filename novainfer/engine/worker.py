@@ -25,7 +25,7 @@ from novainfer.layers.linear import CpuPackable, pack_for_cpu
 from novainfer.loader.weights import init_dummy_weights, load_weights
 from novainfer.lora.adapter import LoRAAdapter, load_adapter
 from novainfer.lora.request import LoRARequest
-from novainfer.lora.layers import LoRABatch, attach_lora, load_slot
+from novainfer.lora.layers import attach_lora, load_slot
 from novainfer.models.config import ModelConfig
 from novainfer.models.registry import model_class
 from novainfer.threads import cpu_thread_control
@@ -204,7 +204,7 @@ class ModelWorker:
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         self.adapt_cpu_threads()
         if self.lora is not None:
-            self.lora.batch = None if inputs.lora_groups is None else LoRABatch(inputs.lora_groups)
+            self.lora.batch = inputs.lora
         if self.graphs is not None and self.graphs.can_run(inputs.meta):
             return self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
         return self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)

@@ -16,19 +16,18 @@ keeps A whole and this rank's rows of B; a row-parallel one (o_proj, down_proj) 
 rank's columns of A and all of B, and adds its partial update before the layer's
 all-reduce, which sums (x_r @ A_r.T) @ B.T over the ranks into (x @ A.T) @ B.T.
 
-Which tokens use which slot comes with each step (`LoRABatch`, set on the shared
-`LoRAState` before the forward pass). This PyTorch path loops over the step's slots (at most
-max_loras); it is the reference for the kernels.
+Which tokens use which slot comes with each step (`LoRABatch`, lora/ops.py, set on the
+shared `LoRAState` before the forward pass). `shrink` and `expand` (lora/ops.py) run the
+Triton kernels on CUDA and their PyTorch twins elsewhere.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from novainfer.lora.adapter import LoRAAdapter
+from novainfer.lora.ops import LoRABatch, expand, shrink
 from novainfer.models.decoder import PACKED_MODULES
 
 # Adapter projection -> (our module's attribute in its block, block, part of the module).
@@ -37,16 +36,11 @@ _BLOCK = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
 LORA_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
-@dataclass
-class LoRABatch:
-    """A step's adapter use: per slot in use, the token rows (device indices) that use it."""
-
-    groups: list[tuple[int, torch.Tensor]]
-
-
 class LoRAState:
     """Shared by every LoRA layer of one rank's model: the step's LoRABatch (None: no token
     uses an adapter)."""
+
+    batch: LoRABatch | None
 
     def __init__(self) -> None:
         self.batch: LoRABatch | None = None
@@ -65,6 +59,9 @@ class LoRASlots(nn.Module):
         kw = {"dtype": weight.dtype, "device": weight.device}
         self.a = torch.zeros(max_loras, len(self.parts) * max_rank, layer.in_features, **kw)
         self.b = torch.zeros(max_loras, layer.out_features, max_rank, **kw)
+        # For `expand`: (first output column, columns, first column of the shrunk part).
+        self.expand_parts = [(start, size, i * max_rank)
+                             for i, (_, start, size, _) in enumerate(self.parts)]
 
     def clear(self, slot: int) -> None:
         self.a[slot].zero_()
@@ -91,15 +88,8 @@ class LoRASlots(nn.Module):
         batch = self.state.batch
         if batch is None:
             return y
-        rank = self.rank
-        for slot, rows in batch.groups:
-            shrunk = x[rows] @ self.a[slot].T  # [tokens, parts x R]
-            update = torch.empty(rows.shape[0], y.shape[-1], dtype=y.dtype, device=y.device)
-            for i, (_, start, size, _) in enumerate(self.parts):
-                torch.matmul(shrunk[:, i * rank : (i + 1) * rank],
-                             self.b[slot, start : start + size].T,
-                             out=update[:, start : start + size])
-            y.index_add_(0, rows, update)
+        shrunk = shrink(x, self.a, batch)  # [tokens, parts x R], float32
+        expand(shrunk, self.b, y, batch, self.expand_parts, self.rank)
         return y
 
 
