@@ -214,15 +214,16 @@ def run(args: argparse.Namespace) -> dict:
     engine = llm.llm_engine
     device = engine.runner.device
     llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+    adapters = tempfile.TemporaryDirectory(prefix="novainfer-bench-lora-")
+    loras = _bench_loras(args, engine, len(work.prompts), Path(adapters.name))
+    used = list(dict.fromkeys(lora for lora in loras if lora is not None))
+    if used:  # read, checked and their kernels compiled before the clock starts
+        llm.generate([[1, 2, 3, 4]] * len(used), SamplingParams(max_tokens=8), use_tqdm=False,
+                     lora_request=used)
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in work.max_tokens]
     steps_before = engine.num_steps
     if engine.step_timer is not None:  # --step-timing / NOVAINFER_STEP_TIMING=1
         engine.step_timer.reset()  # time the measured run only, not the warm-up
-    adapters = tempfile.TemporaryDirectory(prefix="novainfer-bench-lora-")
-    loras = _bench_loras(args, engine, len(work.prompts), Path(adapters.name))
-    if any(loras):  # read and checked before the clock starts
-        for lora in {lora for lora in loras if lora is not None}:
-            engine.check_lora(lora)
     _sync(device)
     start = time.perf_counter()
     outputs = llm.generate(work.prompts, params, use_tqdm=False, lora_request=loras)
