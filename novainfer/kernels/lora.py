@@ -21,23 +21,28 @@ import triton.language as tl
 
 
 @triton.jit
+def _segment_tokens(TOKENS, SEG_SLOT, seg, first, end, BLOCK_M: tl.constexpr):
+    """A program's slot, its BLOCK_M token rows from `first` (masked at `end`)."""
+    slot = tl.load(SEG_SLOT + seg).to(tl.int64)
+    rows = first + tl.arange(0, BLOCK_M)
+    row_ok = rows < end
+    tok = tl.load(TOKENS + rows, mask=row_ok, other=0).to(tl.int64)
+    return slot, tok, row_ok
+
+
+@triton.jit
 def _shrink_kernel(
     X, stride_x, A, stride_a_slot, stride_a_row, OUT, stride_out,
     TOKENS, SEG_START, SEG_SLOT, N, K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    seg = tl.program_id(2)
-    start = tl.load(SEG_START + seg)
-    end = tl.load(SEG_START + seg + 1)
+    pid_m, pid_n, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start, end = tl.load(SEG_START + seg), tl.load(SEG_START + seg + 1)
     if start + pid_m * BLOCK_M >= end:
         return
-    slot = tl.load(SEG_SLOT + seg).to(tl.int64)
-    rows = start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < end
-    tok = tl.load(TOKENS + rows, mask=row_ok, other=0).to(tl.int64)
+    slot, tok, row_ok = _segment_tokens(TOKENS, SEG_SLOT, seg, start + pid_m * BLOCK_M, end,
+                                        BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -61,17 +66,12 @@ def _expand_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    seg = tl.program_id(2)
-    start = tl.load(SEG_START + seg)
-    end = tl.load(SEG_START + seg + 1)
+    pid_m, pid_n, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start, end = tl.load(SEG_START + seg), tl.load(SEG_START + seg + 1)
     if start + pid_m * BLOCK_M >= end:
         return
-    slot = tl.load(SEG_SLOT + seg).to(tl.int64)
-    rows = start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < end
-    tok = tl.load(TOKENS + rows, mask=row_ok, other=0).to(tl.int64)
+    slot, tok, row_ok = _segment_tokens(TOKENS, SEG_SLOT, seg, start + pid_m * BLOCK_M, end,
+                                        BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < SIZE
     r = tl.arange(0, BLOCK_R)
