@@ -278,3 +278,52 @@ def test_served_adapters(model_dir, adapters, prompts, tmp_path):
     with pytest.raises(Exception):  # noqa: B017 - the helper fails however startup fails
         Server(model_dir, log, "--lora-modules", f"bad={tmp_path / 'none'}")
     assert "lora_path is not a folder" in log.read_text()
+
+
+def test_fused_qkv_shrink_matches_peft(model_dir, adapters, prompts, expected, monkeypatch):
+    """NOVAINFER_ENABLE_QKV_LORA_FUSION=1: q/k/v multiply by [W_qkv; A of every slot] in one
+    matmul (no shrink), the expand reads each token's slot in place; the fused weight is
+    rebuilt when slots change, not per step."""
+    monkeypatch.setenv("NOVAINFER_ENABLE_QKV_LORA_FUSION", "1")
+    llm = make_llm(model_dir, enable_lora=True, max_loras=2, max_lora_rank=8)
+    qkv = llm.llm_engine.runner.model.model.layers[0].self_attn.qkv_proj
+    assert qkv.lora.fuse and not llm.llm_engine.runner.model.model.layers[0].mlp.down_proj.lora.fuse
+    calls = []
+    real = qkv.lora.run_layer
+    qkv.lora.run_layer = lambda layer, x: calls.append(1) or real(layer, x)
+    pairs, batch, loras = _mixed(adapters, prompts)
+    outs = llm.generate(batch, greedy(), use_tqdm=False, lora_request=loras)
+    for (name, i), tokens in zip(pairs, completion_tokens(outs)):
+        assert tokens == expected[name][i], (name, i)
+    loads = llm.llm_engine.lora.loads
+    assert len(calls) > 2 * loads and qkv.lora.fused_builds <= loads
+
+
+def test_timing_report_with_seed_spelling(model_dir, adapters, prompts, monkeypatch, capsys):
+    monkeypatch.setenv("VLLM_ENABLE_LORA_TIMING", "1")
+    llm = make_llm(model_dir, enable_lora=True, max_loras=2, max_lora_rank=8)
+    timing = llm.llm_engine.runner.worker.lora_timing
+    llm.generate(prompts, greedy(), use_tqdm=False,
+                 lora_request=[adapters["all8"], None, adapters["qv4rs"]])
+    t = timing.totals()
+    assert timing.calls > 0 and all(t[s] > 0 for s in ("qkv", "shrink", "expand", "fused",
+                                                       "fused_expand"))
+    assert t["traditional"] == pytest.approx(t["qkv"] + t["shrink"] + t["expand"])
+    text = timing.report(file=None)
+    for field in ("QKV matmul", "LoRA shrink", "LoRA expand", "fused matmul",
+                  "Overall speedup", "time saved", "Compute stage"):
+        assert field in text
+    capsys.readouterr()
+
+
+def test_switch_spellings(monkeypatch):
+    from novainfer.lora import switches
+
+    monkeypatch.delenv("NOVAINFER_ENABLE_QKV_LORA_FUSION", raising=False)
+    monkeypatch.setenv("VLLM_ENABLE_QKV_LORA_FUSION", "1")
+    assert switches.qkv_fusion()
+    monkeypatch.setenv("NOVAINFER_ENABLE_QKV_LORA_FUSION", "0")  # ours wins
+    assert not switches.qkv_fusion()
+    monkeypatch.delenv("VLLM_ENABLE_LORA_TIMING", raising=False)
+    monkeypatch.delenv("NOVAINFER_ENABLE_LORA_TIMING", raising=False)
+    assert not switches.timing()

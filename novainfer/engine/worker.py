@@ -9,6 +9,7 @@ about requests: that is the driver's job (engine/model_runner.py).
 
 from __future__ import annotations
 
+import atexit
 import gc
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,9 +24,11 @@ from novainfer.engine.step_inputs import HEADER, StepInputs, unpack_step
 from novainfer.layers.attention import AttentionMetadata, get_backend
 from novainfer.layers.linear import CpuPackable, pack_for_cpu
 from novainfer.loader.weights import init_dummy_weights, load_weights
+from novainfer.lora import switches as lora_switches
 from novainfer.lora.adapter import LoRAAdapter, load_adapter
-from novainfer.lora.request import LoRARequest
 from novainfer.lora.layers import attach_lora, load_slot
+from novainfer.lora.request import LoRARequest
+from novainfer.lora.timing import LoRATiming
 from novainfer.models.config import ModelConfig
 from novainfer.models.registry import model_class
 from novainfer.threads import cpu_thread_control
@@ -66,8 +69,14 @@ class ModelWorker:
         self._staging: torch.Tensor | None = None
         self._staged: torch.cuda.Event | None = None  # the last copy out of _staging
         self.model = self._build_model(folder)
-        self.lora = (attach_lora(self.model, config.max_loras, config.max_lora_rank)
-                     if config.enable_lora else None)
+        self.lora = self.lora_timing = None
+        if config.enable_lora:
+            self.lora_timing = LoRATiming(device) if lora_switches.timing() else None
+            self.lora = attach_lora(self.model, config.max_loras, config.max_lora_rank,
+                                    lora_switches.qkv_fusion(), self.lora_timing)
+            if self.lora_timing is not None and tp.rank == 0:
+                timing = self.lora_timing
+                atexit.register(lambda: timing.calls and timing.report())
         self.adapt_cpu_threads = cpu_thread_control(device)  # novainfer/threads.py
         # Every rank must hold the same number of blocks: the driver's block ids index all.
         self.num_blocks = tp.min_over_ranks(self._num_kv_blocks())

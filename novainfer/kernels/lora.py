@@ -6,7 +6,8 @@ every segment (grid axis 2), so there is no loop over adapters on the host, and 
 depends only on the batch size (`max_rows`), not on how tokens split between adapters.
 
     shrink:  out[t, :n]           = x[t] @ A[slot(t), :n].T               (fp32 out)
-    expand:  y[t, y0:y0 + size]  += s[t, s0:s0 + rank] @ B[slot(t), y0:y0 + size, :rank].T
+    expand:  y[t, y0:y0 + size]  += s[t, c:c + rank] @ B[slot(t), y0:y0 + size, :rank].T
+             with c = s0 + slot(t) * slot_stride (0, or the fused QKV matmul's layout)
 
 A is [slots, n, k] and B [slots, out, R], both contiguous in their last dimension. Rows of
 `x`, `out` and `y` not in any segment are neither read nor written. The PyTorch twins (and
@@ -61,7 +62,7 @@ def _shrink_kernel(
 
 @triton.jit
 def _expand_kernel(
-    S, stride_s, s0, B, stride_b_slot, stride_b_row, Y, stride_y, y0,
+    S, stride_s, s0, slot_stride, B, stride_b_slot, stride_b_row, Y, stride_y, y0,
     TOKENS, SEG_START, SEG_SLOT, SIZE, RANK,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -78,7 +79,7 @@ def _expand_kernel(
     r_ok = r < RANK
     b = tl.load(B + slot * stride_b_slot + (y0 + n)[None, :] * stride_b_row + r[:, None],
                 mask=n_ok[None, :] & r_ok[:, None], other=0.0)
-    s = tl.load(S + tok[:, None] * stride_s + s0 + r[None, :],
+    s = tl.load(S + tok[:, None] * stride_s + s0 + slot * slot_stride + r[None, :],
                 mask=row_ok[:, None] & r_ok[None, :], other=0.0)
     update = tl.dot(s.to(b.dtype), b, input_precision=PRECISION)
     y_ptr = Y + tok[:, None] * stride_y + y0 + n[None, :]
@@ -111,9 +112,10 @@ def lora_shrink_triton(x: torch.Tensor, a: torch.Tensor, out: torch.Tensor,
 def lora_expand_triton(shrunk: torch.Tensor, b: torch.Tensor, y: torch.Tensor,
                        tokens: torch.Tensor, seg_start: torch.Tensor, seg_slot: torch.Tensor,
                        max_rows: int, parts: list[tuple[int, int, int]], rank: int,
-                       block_m: int = 16) -> None:
-    """y[t, y0:y0 + size] += shrunk[t, s0:s0 + rank] @ b[slot(t), y0:y0 + size, :rank].T for
-    each part (y0, size, s0); one launch per part (at most three: q, k, v)."""
+                       slot_stride: int = 0, block_m: int = 16) -> None:
+    """y[t, y0:y0 + size] += shrunk[t, c:c + rank] @ b[slot(t), y0:y0 + size, :rank].T, c =
+    s0 + slot(t) * slot_stride, for each part (y0, size, s0); one launch per part (at most
+    three: q, k, v)."""
     segments = seg_slot.shape[0]
     if not segments or not max_rows:
         return
@@ -122,7 +124,8 @@ def lora_expand_triton(shrunk: torch.Tensor, b: torch.Tensor, y: torch.Tensor,
         block_n = max(16, min(128, triton.next_power_of_2(size)))
         grid = (triton.cdiv(max_rows, block_m), triton.cdiv(size, block_n), segments)
         _expand_kernel[grid](
-            shrunk, shrunk.stride(0), s0, b, b.stride(0), b.stride(1), y, y.stride(0), y0,
+            shrunk, shrunk.stride(0), s0, slot_stride, b, b.stride(0), b.stride(1), y, y.stride(0),
+            y0,
             tokens, seg_start, seg_slot, size, rank,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, PRECISION=_precision(b.dtype),
         )

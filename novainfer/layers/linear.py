@@ -104,12 +104,16 @@ class Linear(CpuPackable):
         self.cpu_matmul: CpuMatmul | None = None  # set by pack_for_cpu after loading
         self.lora: nn.Module | None = None  # LoRASlots (lora/layers.py) with enable_lora
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.reduce else self.bias
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """This rank's x @ weight^T (+ bias)."""
         if self.cpu_matmul is not None:
-            y = self.cpu_matmul(x, bias)
-        else:
-            y = F.linear(x, self.weight, bias)
+            return self.cpu_matmul(x, bias)
+        return F.linear(x, self.weight, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lora is not None and self.lora.takes_over():  # fused QKV + LoRA shrink
+            return self.lora.run_layer(self, x)
+        y = self.matmul(x, None if self.reduce else self.bias)
         if self.lora is not None:  # before the all-reduce: a row-parallel update is partial
             y = self.lora(x, y)
         if self.reduce:

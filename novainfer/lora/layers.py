@@ -23,11 +23,15 @@ Triton kernels on CUDA and their PyTorch twins elsewhere.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from novainfer.lora.adapter import LoRAAdapter
 from novainfer.lora.ops import LoRABatch, expand, shrink
+from novainfer.lora.timing import LoRATiming
 from novainfer.models.decoder import PACKED_MODULES
 
 # Adapter projection -> (our module's attribute in its block, block, part of the module).
@@ -47,10 +51,18 @@ class LoRAState:
 
 
 class LoRASlots(nn.Module):
-    def __init__(self, layer: nn.Module, state: LoRAState, max_loras: int, max_rank: int) -> None:
+    def __init__(self, layer: nn.Module, state: LoRAState, max_loras: int, max_rank: int,
+                 fuse: bool = False, timing: LoRATiming | None = None) -> None:
+        """`fuse`: the layer's matmul takes A of every slot along (the fused QKV + shrink
+        matmul); `timing`: time that path against the traditional one on every call."""
         super().__init__()
         weight = layer.weight
         self.state = state
+        self.fuse = fuse
+        self.timing = timing
+        self.version = 0  # bumped when a slot changes: the fused weight is rebuilt then only
+        self._fused: tuple[int, torch.Tensor] | None = None
+        self.fused_builds = 0
         self.rank = max_rank
         self.row_parallel = layer.in_slice is not None
         self.in_slice = layer.in_slice
@@ -66,6 +78,7 @@ class LoRASlots(nn.Module):
     def clear(self, slot: int) -> None:
         self.a[slot].zero_()
         self.b[slot].zero_()
+        self.version += 1
 
     def load(self, slot: int, part: str | int | None, a: torch.Tensor, b: torch.Tensor,
              scaling: float) -> None:
@@ -82,6 +95,7 @@ class LoRASlots(nn.Module):
         rows = slice(index * self.rank, index * self.rank + r)
         self.a[slot, rows] = a.to(self.a.dtype)
         self.b[slot, start : start + size, :r] = (b.double() * scaling).to(self.b.dtype)
+        self.version += 1
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y (the layer's output, before any all-reduce) plus the adapters' updates."""
@@ -92,16 +106,64 @@ class LoRASlots(nn.Module):
         expand(shrunk, self.b, y, batch, self.expand_parts, self.rank)
         return y
 
+    def takes_over(self) -> bool:
+        """Whether the layer's whole forward is `run_layer`'s (the fused or timed path)."""
+        return self.state.batch is not None and (self.fuse or self.timing is not None)
 
-def attach_lora(model: nn.Module, max_loras: int, max_rank: int) -> LoRAState:
-    """Give every targeted linear layer of the decoder its slots; returns the shared state."""
+    def run_layer(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output with the adapters' updates, through the fused matmul (or both
+        paths, timed). For column-parallel layers (q/k/v): no all-reduce to do."""
+        if self.timing is None:
+            return self._fused_path(layer, x)
+        t = self.timing
+        batch = self.state.batch
+        t.calls += 1
+        t.tokens += x.shape[0]
+        with t.stage("qkv"):
+            y = layer.matmul(x, layer.bias)
+        with t.stage("shrink"):
+            shrunk = shrink(x, self.a, batch)
+        with t.stage("expand"):
+            expand(shrunk, self.b, y, batch, self.expand_parts, self.rank)
+        fused = self._fused_path(layer, x, t)
+        return fused if self.fuse else y
+
+    def _fused_path(self, layer: nn.Module, x: torch.Tensor,
+                    t: LoRATiming | None = None) -> torch.Tensor:
+        weight = self.fused_weight(layer)
+        out_features = layer.out_features
+        with t.stage("fused") if t is not None else nullcontext():
+            out = F.linear(x, weight)  # [tokens, out + slots x parts x R]
+        y = out[:, :out_features]
+        y = y + layer.bias if layer.bias is not None else y.contiguous()
+        with t.stage("fused_expand") if t is not None else nullcontext():
+            expand(out[:, out_features:], self.b, y, self.state.batch, self.expand_parts,
+                   self.rank, slot_stride=self.a.shape[1])
+        return y
+
+    def fused_weight(self, layer: nn.Module) -> torch.Tensor:
+        """[W; A of slot 0; A of slot 1; ...], rebuilt only after a slot changed."""
+        if self._fused is None or self._fused[0] != self.version:
+            weight = layer.weight
+            a = self.a.reshape(-1, self.a.shape[-1])
+            self._fused = (self.version, torch.cat([weight, a.to(weight.dtype)]))
+            self.fused_builds += 1
+        return self._fused[1]
+
+
+def attach_lora(model: nn.Module, max_loras: int, max_rank: int, fuse_qkv: bool = False,
+                timing: LoRATiming | None = None) -> LoRAState:
+    """Give every targeted linear layer of the decoder its slots; returns the shared state.
+    `fuse_qkv` / `timing` apply to the q/k/v projection (lora/switches.py)."""
     state = LoRAState()
     for layer in model.model.layers:
         for block in (layer.self_attn, layer.mlp):
             for name in LORA_MODULES:
                 linear = getattr(block, name, None)
                 if linear is not None:
-                    linear.lora = LoRASlots(linear, state, max_loras, max_rank)
+                    qkv = name == "qkv_proj"
+                    linear.lora = LoRASlots(linear, state, max_loras, max_rank,
+                                            fuse=fuse_qkv and qkv, timing=timing if qkv else None)
     return state
 
 

@@ -31,6 +31,7 @@ class LoRAManager:
         self.slots: list[int | None] = [None] * max_loras  # adapter id per device slot
         self.slot_of: dict[int, int] = {}
         self._used: OrderedDict[int, None] = OrderedDict()  # slots, least recently used first
+        self.loads = 0  # adapters copied into a slot so far
 
     def register(self, request: LoRARequest) -> None:
         """Accept the adapter a request names: the id must keep naming one folder, and the
@@ -80,6 +81,7 @@ class LoRAManager:
                 self.slots[slot] = lora_id
                 self.slot_of[lora_id] = slot
                 loads.append((slot, self.adapter(lora_id)))
+                self.loads += 1
             self._used.pop(slot, None)
             self._used[slot] = None
         return loads

@@ -73,19 +73,23 @@ def shrink(x: torch.Tensor, a: torch.Tensor, batch: LoRABatch, triton: bool | No
 
 
 def expand(shrunk: torch.Tensor, b: torch.Tensor, y: torch.Tensor, batch: LoRABatch,
-           parts: list[tuple[int, int, int]], rank: int, triton: bool | None = None) -> None:
-    """y[t, y0:y0 + size] += shrunk[t, s0:s0 + rank] @ b[slot(t), y0:y0 + size, :rank].T for
-    every part (y0, size, s0) and the batch's tokens, in place."""
+           parts: list[tuple[int, int, int]], rank: int, slot_stride: int = 0,
+           triton: bool | None = None) -> None:
+    """y[t, y0:y0 + size] += shrunk[t, c:c + rank] @ b[slot(t), y0:y0 + size, :rank].T with
+    c = s0 + slot(t) * slot_stride, for every part (y0, size, s0) and the batch's tokens, in
+    place. slot_stride 0: `shrink`'s output; parts x R: the fused QKV matmul's, where each
+    token has every slot's shrink and reads its own slot's in place."""
     if use_triton(y) if triton is None else triton:
         from novainfer.kernels.lora import lora_expand_triton
 
         lora_expand_triton(shrunk, b, y, batch.tokens, batch.seg_start, batch.seg_slot,
-                           batch.max_rows, parts, rank)
+                           batch.max_rows, parts, rank, slot_stride)
         return
     for slot, lo, hi in batch.segments:
         rows = batch.tokens[lo:hi]
         s = shrunk[rows].to(b.dtype).float()  # the kernel multiplies in B's dtype
         total = y[rows].float()
         for y0, size, s0 in parts:
-            total[:, y0 : y0 + size] += s[:, s0 : s0 + rank] @ b[slot, y0 : y0 + size, :rank].float().T
+            c = s0 + slot * slot_stride
+            total[:, y0 : y0 + size] += s[:, c : c + rank] @ b[slot, y0 : y0 + size, :rank].float().T
         y[rows] = total.to(y.dtype)
