@@ -6,6 +6,7 @@ where the `gpu` test adds bf16 at a realistic size."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -102,3 +103,19 @@ def test_gpu_bf16_realistic():
     expand(want, b, y_got, batch, parts, 16, triton=True)
     torch.testing.assert_close(y_got.float(), y_want.float(), rtol=2e-2, atol=2e-2)
 
+
+
+def test_fusion_benchmark_smoke(capsys):
+    """benchmarks/lora_fusion.py --quick on the CPU: both paths agree, the table prints."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "lora_fusion.py"
+    spec = importlib.util.spec_from_file_location("novainfer_lora_fusion", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--quick", "--device", "cpu", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "| batch | seq | rank | max_loras | traditional | fused | speedup |" in out
+    rows = json.loads(out.strip().splitlines()[-1])
+    assert len(rows) == 2 and all(r["same_output"] and r["fused_ms"] > 0 for r in rows)

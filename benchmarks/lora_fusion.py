@@ -1,0 +1,122 @@
+"""QKV + LoRA: the traditional path (QKV matmul, shrink, expand) against the fused one (one
+matmul by [W_qkv; A of every slot], expand), op by op, over seed 000's grid.
+
+    python benchmarks/lora_fusion.py                      # the whole grid (a GPU)
+    python benchmarks/lora_fusion.py --quick --device cpu # a smoke run
+
+Grid: batch 1, 4, 8, 16 x sequence 128, 512, 1024, 2048 (tokens = batch x sequence, each
+sequence on one adapter, round-robin) x rank 16, 32, 64, 128 x max_loras 1-8. Shapes
+of the q/k/v projection of --preset (default qwen3-0.6b). Per point: >= 3 warm-ups, then the
+mean and standard deviation of >= 10 timed runs of each path (CUDA events on a GPU), both
+in one run, with the kernels of lora/ops.py (Triton on CUDA; the CUDA C++ kernels do not
+exist yet, so there is no Triton-vs-CUDA column). Prints a table, and JSON with --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from novainfer.layers.linear import QKVLinear
+from novainfer.lora.layers import LoRASlots, LoRAState
+from novainfer.lora.ops import expand, group_by_slot, lora_batch, shrink
+from novainfer.models.config import ModelConfig
+from novainfer.presets import preset_folder
+
+
+def _timer(device: torch.device):
+    def run(fn, warmups: int, runs: int) -> list[float]:
+        for _ in range(warmups):
+            fn()
+        times = []
+        for _ in range(runs):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t = time.perf_counter()
+                fn()
+                times.append(1e3 * (time.perf_counter() - t))
+        return times
+    return run
+
+
+def point(cfg: ModelConfig, batch: int, seq: int, rank: int, loras: int, device, dtype,
+          warmups: int, runs: int) -> dict:
+    torch.manual_seed(0)
+    layer = QKVLinear(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, False)
+    layer = layer.to(device=device, dtype=dtype)
+    torch.nn.init.normal_(layer.weight, std=cfg.hidden_size**-0.5)
+    state = LoRAState()
+    slots = LoRASlots(layer, state, loras, rank, fuse=True)
+    slots.a.normal_(std=cfg.hidden_size**-0.5)
+    slots.b.normal_(std=0.01)
+    tokens = batch * seq
+    token_slots = np.repeat(np.arange(batch) % loras, seq).astype(np.int64)
+    host = group_by_slot(token_slots)
+    state.batch = lora_batch(*(torch.from_numpy(a).to(device) for a in host), host[1], host[2])
+    x = torch.randn(tokens, cfg.hidden_size, device=device, dtype=dtype)
+
+    def traditional():
+        y = layer.matmul(x, None)
+        expand(shrink(x, slots.a, state.batch), slots.b, y, state.batch, slots.expand_parts,
+               rank)
+        return y
+
+    def fused():
+        return slots.run_layer(layer, x)
+
+    same = torch.allclose(traditional().float(), fused().float(), rtol=3e-2, atol=3e-2)
+    timed = _timer(device)
+    t, f = timed(traditional, warmups, runs), timed(fused, warmups, runs)
+    return {"batch": batch, "seq": seq, "tokens": tokens, "rank": rank, "max_loras": loras,
+            "traditional_ms": statistics.mean(t), "traditional_sd": statistics.stdev(t),
+            "fused_ms": statistics.mean(f), "fused_sd": statistics.stdev(f),
+            "speedup": statistics.mean(t) / statistics.mean(f), "same_output": same}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="qwen3-0.6b")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on the CPU")
+    p.add_argument("--warmups", type=int, default=3)
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--quick", action="store_true", help="a few small points (smoke test)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if args.warmups < 3 or args.runs < 10:
+        p.error("the grid is measured with >= 3 warm-ups and >= 10 runs")
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    cfg = ModelConfig.from_folder(preset_folder(args.preset))
+    grid = ([(1, 16, 16, 1), (2, 16, 8, 2)] if args.quick else list(itertools.product(
+        (1, 4, 8, 16), (128, 512, 1024, 2048), (16, 32, 64, 128), range(1, 9))))
+    rows = [point(cfg, b, s, r, n, device, dtype, args.warmups, args.runs) for b, s, r, n in grid]
+    print(f"{args.preset} q/k/v, {device}, {dtype}: ms per call, mean +- sd of {args.runs} runs")
+    print("| batch | seq | rank | max_loras | traditional | fused | speedup |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['seq']} | {r['rank']} | {r['max_loras']} | "
+              f"{r['traditional_ms']:.3f} +- {r['traditional_sd']:.3f} | "
+              f"{r['fused_ms']:.3f} +- {r['fused_sd']:.3f} | {r['speedup']:.2f}x |")
+    if not all(r["same_output"] for r in rows):
+        print("error: the fused path's output differs from the traditional one")
+        return 1
+    if args.json:
+        print(json.dumps(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
