@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -37,13 +38,27 @@ class Workload:
         return sum(m * len(p) + m * (m - 1) // 2 for p, m in zip(self.prompts, self.max_tokens))
 
 
-def make_workload(num_seqs: int, max_input_len: int, max_output_len: int, seed: int = 0) -> Workload:
+DRAW_ORDERS = ("benchpy", "interleaved")
+
+
+def make_workload(num_seqs: int, max_input_len: int, max_output_len: int, seed: int = 0,
+                  draw_order: str = "benchpy") -> Workload:
+    """nano-vLLM's bench.py workload: prompts of 100..max_input_len random ids, outputs of
+    100..max_output_len tokens. `draw_order` "benchpy" draws every prompt, then every
+    max_tokens (bench.py; 133,966 output tokens at the defaults), "interleaved" each
+    request's prompt and max_tokens together (seed 003's runs; 140,084)."""
+    if draw_order not in DRAW_ORDERS:
+        raise ValueError(f"draw_order must be one of {DRAW_ORDERS}, got {draw_order!r}")
     rng = random.Random(seed)
     lo_in, lo_out = min(100, max_input_len), min(100, max_output_len)
-    prompts = [
-        [rng.randint(0, 10000) for _ in range(rng.randint(lo_in, max_input_len))]
-        for _ in range(num_seqs)
-    ]
+
+    def prompt() -> list[int]:
+        return [rng.randint(0, 10000) for _ in range(rng.randint(lo_in, max_input_len))]
+
+    if draw_order == "interleaved":
+        pairs = [(prompt(), rng.randint(lo_out, max_output_len)) for _ in range(num_seqs)]
+        return Workload([p for p, _ in pairs], [m for _, m in pairs])
+    prompts = [prompt() for _ in range(num_seqs)]
     max_tokens = [rng.randint(lo_out, max_output_len) for _ in range(num_seqs)]
     return Workload(prompts, max_tokens)
 
@@ -146,6 +161,13 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="random LoRA adapters of the model's shapes, requests assigned "
                              "round-robin (0: none)")
     parser.add_argument("--lora-rank", type=int, default=16, help="rank of --lora-count adapters")
+    parser.add_argument("--seed", type=int, default=0, help="the workload's random seed")
+    parser.add_argument("--draw-order", choices=DRAW_ORDERS, default="benchpy",
+                        help="benchpy: all prompts, then all lengths (nano-vLLM's bench.py); "
+                             "interleaved: each request's prompt and length together")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="timed runs of the workload (the prefix cache emptied before "
+                             "each); the mean and spread are reported")
     return parser
 
 
@@ -192,7 +214,9 @@ def run(args: argparse.Namespace) -> dict:
     num_seqs = args.num_seqs or (16 if tiny else 256)
     max_in = args.max_input_len or (128 if tiny else 1024)
     max_out = args.max_output_len or (128 if tiny else 1024)
-    work = make_workload(num_seqs, max_in, max_out)
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+    work = make_workload(num_seqs, max_in, max_out, args.seed, args.draw_order)
     preset = args.preset or (None if args.model else "tiny")
     model = args.model or str(preset_folder(preset))
     extra = {"load_format": "dummy", "skip_tokenizer_init": True} if preset else {}
@@ -221,19 +245,24 @@ def run(args: argparse.Namespace) -> dict:
         llm.generate([[1, 2, 3, 4]] * len(used), SamplingParams(max_tokens=8), use_tqdm=False,
                      lora_request=used)
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in work.max_tokens]
-    steps_before = engine.num_steps
     if engine.step_timer is not None:  # --step-timing / NOVAINFER_STEP_TIMING=1
         engine.step_timer.reset()  # time the measured run only, not the warm-up
-    _sync(device)
-    start = time.perf_counter()
-    outputs = llm.generate(work.prompts, params, use_tqdm=False, lora_request=loras)
-    _sync(device)
-    seconds = time.perf_counter() - start
+    round_seconds = []
+    for _ in range(args.rounds):
+        if not llm.reset_prefix_cache():  # each round computes every prompt, as the first
+            raise RuntimeError("the prefix cache could not be emptied between rounds")
+        steps_before = engine.num_steps
+        _sync(device)
+        start = time.perf_counter()
+        outputs = llm.generate(work.prompts, params, use_tqdm=False, lora_request=loras)
+        _sync(device)
+        round_seconds.append(time.perf_counter() - start)
+        produced = sum(len(o.outputs[0].token_ids) for o in outputs)
+        if produced != work.output_tokens:
+            raise RuntimeError(f"produced {produced} tokens, expected {work.output_tokens}")
     adapters.cleanup()
-    steps = engine.num_steps - steps_before
-    produced = sum(len(o.outputs[0].token_ids) for o in outputs)
-    if produced != work.output_tokens:
-        raise RuntimeError(f"produced {produced} tokens, expected {work.output_tokens}")
+    steps = engine.num_steps - steps_before  # of one round
+    seconds = statistics.mean(round_seconds)
     floor = floor_seconds(llm, work, steps, measure_bandwidth(device), measure_matmul(device, engine.runner.dtype))
     result = {
         "model": args.model or preset,
@@ -253,6 +282,9 @@ def run(args: argparse.Namespace) -> dict:
         "steps": steps,
         "seconds": round(seconds, 3),
         "output_tok_s": round(produced / seconds, 1),
+        "rounds_tok_s": [round(produced / t, 1) for t in round_seconds],
+        "seed": args.seed,
+        "draw_order": args.draw_order,
         "floor_s": round(floor["floor_s"], 3),
         "floor_tok_s": round(produced / floor["floor_s"], 1),
         "fraction_of_floor": round(floor["floor_s"] / seconds, 3),
@@ -283,7 +315,10 @@ def print_report(result: dict, as_json: bool) -> None:
     print("configuration: " + ", ".join(f"{k}={result[k]}" for k in keys))
     print(f"total: {result['prompt_tokens']} prompt + {result['output_tokens']} output tokens "
           f"in {result['seconds']:.2f} s")
-    print(f"throughput: {result['output_tok_s']:,.1f} output tok/s")
+    rounds = result["rounds_tok_s"]
+    spread = (f" (mean of {len(rounds)} rounds, sd {statistics.stdev(rounds):,.1f}: "
+              + ", ".join(f"{r:,.1f}" for r in rounds) + ")") if len(rounds) > 1 else ""
+    print(f"throughput: {result['output_tok_s']:,.1f} output tok/s{spread}")
     print(f"floor: {result['floor_s']:.2f} s = {result['floor_tok_s']:,.1f} tok/s "
           f"(KV reads {result['kv_read_TB']} TB + weights {result['weight_read_TB']} TB over "
           f"{result['bandwidth_TBps']} TB/s, matmuls at {result['matmul_TFLOPs']} TFLOP/s); "

@@ -90,6 +90,11 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
 
+    def reset_prefix_cache(self) -> bool:
+        """Empty the prefix cache (as vLLM's); False, and nothing done, while requests hold
+        KV blocks."""
+        return self.llm_engine.block_manager.reset_prefix_cache()
+
     def shutdown(self) -> None:
         """Stop the tensor-parallel worker processes now (otherwise when this object is
         collected, or at exit)."""

@@ -205,6 +205,16 @@ class BlockManager:
                 _adopt(keys, i, self.keys[other])
         _relink(keys, full)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (vLLM's reset_prefix_cache); only while no sequence holds
+        blocks, else False and nothing changes."""
+        if len(self.free) != self.num_blocks:
+            return False
+        self.cached.clear()
+        self.hashes = [None] * self.num_blocks
+        self.keys = [None] * self.num_blocks
+        return True
+
     def free_seq(self, seq: Sequence) -> None:
         # Tail blocks first, so a prefix outlives its suffixes in the eviction order.
         for block in reversed(seq.block_table):
