@@ -17,6 +17,7 @@ DTYPES = {
     "double": torch.float64,
 }
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MAX_LORA_RANK = 512  # vLLM's largest; the expand kernel holds a rank-wide tile
 
 
 @dataclass
@@ -80,6 +81,8 @@ class EngineConfig:
             raise TypeError(f"enable_lora must be a bool, got {type(self.enable_lora).__name__}")
         _positive_int("max_loras", self.max_loras)
         _positive_int("max_lora_rank", self.max_lora_rank)
+        if self.max_lora_rank > MAX_LORA_RANK:
+            raise ValueError(f"max_lora_rank must be <= {MAX_LORA_RANK}, got {self.max_lora_rank}")
         if self.max_cpu_loras is None:
             self.max_cpu_loras = self.max_loras
         _positive_int("max_cpu_loras", self.max_cpu_loras)

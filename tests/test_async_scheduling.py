@@ -218,3 +218,23 @@ def test_async_scheduling_setting_is_checked():
         EngineConfig(device="cpu", async_scheduling="yes")
     assert not EngineConfig(device="cpu").overlaps_steps()
     assert EngineConfig(device="cpu", async_scheduling=True).overlaps_steps()
+
+
+def test_timing_turned_on_mid_flight_records_only_timed_steps(checkpoint):
+    """The step launched before the timer was set is collected untimed (no bogus record);
+    from then on steps run synchronously and are timed."""
+    llm = make_llm(checkpoint("llama"), async_scheduling=True)
+    engine = llm.llm_engine
+    engine.add_request("r", random_prompts([9], seed=55)[0],
+                       SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
+    engine.step()
+    engine.step()
+    assert engine._in_flight is not None
+    timer = engine.enable_step_timing()
+    engine.step()  # collects the step in flight
+    assert engine._in_flight is None and not timer.steps
+    engine.step()
+    assert len(timer.steps) == 1
+    engine.disable_step_timing()
+    while engine.has_unfinished_requests():
+        engine.step()

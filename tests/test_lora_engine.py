@@ -327,3 +327,86 @@ def test_switch_spellings(monkeypatch):
     monkeypatch.delenv("VLLM_ENABLE_LORA_TIMING", raising=False)
     monkeypatch.delenv("NOVAINFER_ENABLE_LORA_TIMING", raising=False)
     assert not switches.timing()
+
+
+def test_adapters_in_use_are_never_read_at_step_time(model_dir, adapters, prompts, expected):
+    """The CPU cache keeps the adapters of requests in the engine past max_cpu_loras, so a
+    step never reads a folder; it shrinks back when they leave."""
+    llm = make_llm(model_dir, enable_lora=True, max_loras=1, max_lora_rank=8, max_cpu_loras=1)
+    manager = llm.llm_engine.lora
+    pairs, batch, loras = _mixed(adapters, prompts)
+    engine = llm.llm_engine
+    for i, (prompt, lora) in enumerate(zip(batch, loras)):
+        engine.add_request(str(i), prompt, greedy(), lora_request=lora)
+    reads = manager.reads
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert manager.reads == reads and len(manager.cpu) == 1 and not manager.live
+    for i, (name, p) in enumerate(pairs):
+        assert list(outs[str(i)].outputs[0].token_ids) == expected[name][p], (name, p)
+
+
+def test_a_failed_slot_load_leaves_no_stale_slot(model_dir, adapters, prompts, expected):
+    llm = make_llm(model_dir, enable_lora=True, max_loras=1, max_lora_rank=8)
+    runner, manager = llm.llm_engine.runner, llm.llm_engine.lora
+    real = runner.load_lora
+    runner.load_lora = lambda slot, adapter: (_ for _ in ()).throw(RuntimeError("copy failed"))
+    with pytest.raises(RuntimeError, match="copy failed"):
+        llm.generate(prompts[:1], greedy(), use_tqdm=False, lora_request=adapters["all8"])
+    assert manager.slots == [None] and not manager.slot_of
+    runner.load_lora = real
+    out = llm.generate(prompts[:1], greedy(), use_tqdm=False, lora_request=adapters["all8"])
+    assert completion_tokens(out) == expected["all8"][:1]
+
+
+def test_tensor_parallel_ranks_get_the_checked_weights(model_dir, adapters, prompts, expected,
+                                                       tmp_path):
+    """The other rank receives rank 0's adapter tensors: the folder may be gone by then."""
+    import shutil
+
+    folder = tmp_path / "moved"
+    shutil.copytree(adapters["mlp2"].lora_path, folder)
+    request = LoRARequest("moved", 7, str(folder))
+    with make_llm(model_dir, enable_lora=True, max_lora_rank=8, tensor_parallel_size=2) as llm:
+        engine = llm.llm_engine
+        engine.add_request("r", prompts[0], greedy(), lora_request=request)
+        shutil.rmtree(folder)
+        while engine.has_unfinished_requests():
+            outs = [o for o in engine.step() if o.finished]
+    assert list(outs[0].outputs[0].token_ids) == expected["mlp2"][0]
+
+
+def test_fused_weight_shares_the_layer_weight(model_dir, adapters, prompts, expected,
+                                              monkeypatch):
+    """Where the weight is a plain tensor (float64 here; CUDA in practice), [W_qkv; A] is one
+    allocation made before the KV cache is sized, the layer's weight a view of it."""
+    monkeypatch.setenv("NOVAINFER_ENABLE_QKV_LORA_FUSION", "1")
+    llm = make_llm(model_dir, dtype="float64", enable_lora=True, max_loras=2, max_lora_rank=8)
+    qkv = llm.llm_engine.runner.model.model.layers[0].self_attn.qkv_proj
+    buffer = qkv.lora.fused_weight(qkv)
+    assert qkv.weight.data_ptr() == buffer.data_ptr() == qkv.lora._buffer.data_ptr()
+    outs = llm.generate(prompts, greedy(), use_tqdm=False,
+                        lora_request=[adapters["all8"], None, adapters["qv4rs"]])
+    assert completion_tokens(outs) == [expected["all8"][0], expected[None][1],
+                                       expected["qv4rs"][2]]
+    assert qkv.lora.fused_builds == 0
+
+
+def test_lora_settings_are_checked(model_dir):
+    from novainfer.config import EngineConfig
+
+    with pytest.raises(ValueError, match="max_lora_rank must be <= 512"):
+        EngineConfig(device="cpu", enable_lora=True, max_lora_rank=1024)
+    with pytest.raises(ValueError, match=r"max_cpu_loras \(1\) must be >= max_loras \(2\)"):
+        EngineConfig(device="cpu", max_loras=2, max_cpu_loras=1)
+
+
+def test_serve_refuses_an_adapter_named_like_the_base_model(capsys):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from novainfer import cli
+
+    code = cli.main(["serve", "--served-model-name", "m", "--lora-modules", "m=/x",
+                     "--device", "cpu"])
+    assert code == 2 and "is the base model's served name" in capsys.readouterr().err

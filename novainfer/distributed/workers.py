@@ -183,13 +183,14 @@ def abort_groups(timeout: float = 10.0) -> None:
     thread.join(timeout)
 
 
-def send_lora(tp: TensorParallel, slot: int, request: Any) -> None:
-    """Tell the other ranks to load an adapter (a LoRARequest: each rank reads the folder
-    and keeps its shard) into a device slot. Only when a slot changes, never per step."""
+def send_lora(tp: TensorParallel, slot: int, adapter: Any) -> None:
+    """Give the other ranks an adapter (rank 0's checked LoRAAdapter, whose tensors travel
+    pickled over the gloo group; each rank keeps its shard) for a device slot. Only when a
+    slot changes, never per step; no rank reads the folder again."""
     head = np.zeros(MESSAGE_HEADER, dtype=np.int64)
     head[0], head[1] = CMD_LORA, slot
     torch.distributed.broadcast(torch.from_numpy(head), src=0, group=tp.control)
-    torch.distributed.broadcast_object_list([request], src=0, group=tp.control)
+    torch.distributed.broadcast_object_list([adapter], src=0, group=tp.control)
 
 
 def receive_step(tp: TensorParallel, worker: Any = None) -> tuple[np.ndarray, np.ndarray] | None:
@@ -199,9 +200,9 @@ def receive_step(tp: TensorParallel, worker: Any = None) -> tuple[np.ndarray, np
     torch.distributed.broadcast(head, src=0, group=tp.control)
     head_np = head.numpy()
     while head_np[0] == CMD_LORA:
-        request = [None]
-        torch.distributed.broadcast_object_list(request, src=0, group=tp.control)
-        worker.load_lora_request(int(head_np[1]), request[0])
+        adapter = [None]
+        torch.distributed.broadcast_object_list(adapter, src=0, group=tp.control)
+        worker.load_lora(int(head_np[1]), adapter[0])
         torch.distributed.broadcast(head, src=0, group=tp.control)
         head_np = head.numpy()
     if head_np[0] == CMD_STOP:

@@ -78,6 +78,7 @@ class StepDelta:
     prompt_logprobs: list[tuple[Sequence, list[PositionLogprobs]]]
     requests: list[tuple[Request, bool]]
     num_new_tokens: list[int]
+    timed: bool = True  # the step timer (if set) timed this step
 
 
 class LLMEngine:
@@ -212,6 +213,8 @@ class LLMEngine:
         ]
         self.requests[request_id] = request
         self._num_synchronous += request.synchronous
+        if lora_id:
+            self.lora.acquire(lora_id)
         for seq in seqs:
             self.scheduler.add(seq)
 
@@ -237,6 +240,9 @@ class LLMEngine:
     def _remove(self, request: Request) -> None:
         del self.requests[request.request_id]
         self._num_synchronous -= request.synchronous
+        lora_id = request.seqs[0].lora_int_id
+        if lora_id:
+            self.lora.release(lora_id)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         request = self.requests.get(request_id)
@@ -312,7 +318,9 @@ class LLMEngine:
         overlap = self.overlap and timer is None and not self._num_synchronous
         if not overlap and self._in_flight is not None:
             step, self._in_flight = self._in_flight, None  # leaving the overlapped mode
-            return self._complete(step, None)
+            delta = self._complete(step, None)
+            delta.timed = False  # launched before the timer was set
+            return delta
         if timer is not None:
             timer.start()
             timer.phase("schedule")
@@ -353,7 +361,11 @@ class LLMEngine:
         """Device slots for the batch's adapters, loading those not in one yet."""
         lora = self.lora
         for slot, adapter in lora.assign({s.lora_int_id for s in batch.seqs if s.lora_int_id}):
-            self.runner.load_lora(slot, adapter, lora.requests[adapter.int_id])
+            try:
+                self.runner.load_lora(slot, adapter)
+            except BaseException:
+                lora.empty_slot(slot)
+                raise
         for seq in batch.seqs:
             seq.lora_slot = lora.slot_of[seq.lora_int_id] if seq.lora_int_id else -1
 
@@ -399,7 +411,7 @@ class LLMEngine:
     def end_step(self, delta: StepDelta) -> None:
         """Close the step's timing (a no-op when step timing is off)."""
         timer = self.step_timer
-        if timer is not None:
+        if timer is not None and delta.timed:
             num_new = delta.num_new_tokens
             timer.stop(sum(num_new), len(num_new), num_new.count(1) == len(num_new))
 

@@ -45,7 +45,6 @@ from novainfer.engine.sequence import Sequence
 from novainfer.engine.step_inputs import HostStep, PromptLogprobRows, StepInputs, pack_step
 from novainfer.engine.worker import ModelWorker
 from novainfer.lora.adapter import LoRAAdapter
-from novainfer.lora.request import LoRARequest
 from novainfer.models.config import ModelConfig
 from novainfer.outputs import PositionLogprobs
 
@@ -153,11 +152,11 @@ class ModelRunner:
     backend = property(lambda self: self.worker.backend)
     num_blocks = property(lambda self: self.worker.num_blocks)
 
-    def load_lora(self, slot: int, adapter: LoRAAdapter, request: LoRARequest) -> None:
+    def load_lora(self, slot: int, adapter: LoRAAdapter) -> None:
         """An adapter into a device slot on every rank (queued before the next step that uses
-        it); the other ranks read it from `request`'s folder."""
+        it); the other ranks get rank 0's checked weights, each keeps its shard."""
         if self.tp.enabled:
-            send_lora(self.tp, slot, request)
+            send_lora(self.tp, slot, adapter)
         self.worker.load_lora(slot, adapter)
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:

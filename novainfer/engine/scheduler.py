@@ -86,6 +86,9 @@ class Scheduler:
         slot_blocked = False
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending:  # preempted while its last token is in flight: not yet
+                skipped.append(self.waiting.popleft())
+                continue
             lora_id = seq.lora_int_id
             if lora_id and adapters is not None and (slot_blocked or (
                     lora_id not in adapters and len(adapters) >= self.max_loras)):

@@ -25,9 +25,8 @@ from novainfer.layers.attention import AttentionMetadata, get_backend
 from novainfer.layers.linear import CpuPackable, pack_for_cpu
 from novainfer.loader.weights import init_dummy_weights, load_weights
 from novainfer.lora import switches as lora_switches
-from novainfer.lora.adapter import LoRAAdapter, load_adapter
+from novainfer.lora.adapter import LoRAAdapter
 from novainfer.lora.layers import attach_lora, load_slot
-from novainfer.lora.request import LoRARequest
 from novainfer.lora.timing import LoRATiming
 from novainfer.models.config import ModelConfig
 from novainfer.models.registry import model_class
@@ -204,11 +203,6 @@ class ModelWorker:
     def load_lora(self, slot: int, adapter: LoRAAdapter | None) -> None:
         """Put an adapter's weights (this rank's shard) in a device slot."""
         load_slot(self.model, slot, adapter)
-
-    def load_lora_request(self, slot: int, request: LoRARequest) -> None:
-        """A rank > 0: read the adapter the driver named (it checked it already)."""
-        adapter = load_adapter(request, self.model_config, self.config.max_lora_rank)
-        self.load_lora(slot, adapter)
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         self.adapt_cpu_threads()

@@ -120,8 +120,9 @@ def lora_expand_triton(shrunk: torch.Tensor, b: torch.Tensor, y: torch.Tensor,
     if not segments or not max_rows:
         return
     block_r = max(16, triton.next_power_of_2(rank))
+    widest = 128 if block_r <= 128 else 32  # a rank-wide B tile stays small in shared memory
     for y0, size, s0 in parts:
-        block_n = max(16, min(128, triton.next_power_of_2(size)))
+        block_n = max(16, min(widest, triton.next_power_of_2(size)))
         grid = (triton.cdiv(max_rows, block_m), triton.cdiv(size, block_n), segments)
         _expand_kernel[grid](
             shrunk, shrunk.stride(0), s0, slot_stride, b, b.stride(0), b.stride(1), y, y.stride(0),

@@ -69,7 +69,19 @@ class LoRASlots(nn.Module):
         # (part name, first output row, rows, first row in the checkpoint tensor)
         self.parts = [(name, s.start, s.size, s.src_start) for name, s in layer.shards.items()]
         kw = {"dtype": weight.dtype, "device": weight.device}
-        self.a = torch.zeros(max_loras, len(self.parts) * max_rank, layer.in_features, **kw)
+        rows = len(self.parts) * max_rank
+        self._buffer: torch.Tensor | None = None
+        if (fuse or timing is not None) and "weight" in layer._parameters:
+            # [W; A of every slot] in one allocation, made before the KV cache is sized: the
+            # layer's weight and A are views of it, so the fused matmul needs no copy.
+            out = layer.out_features
+            buffer = torch.zeros(out + max_loras * rows, layer.in_features, **kw)
+            buffer[:out].copy_(weight)
+            layer.weight = nn.Parameter(buffer[:out], requires_grad=False)
+            self._buffer = buffer
+            self.a = buffer[out:].view(max_loras, rows, layer.in_features)
+        else:  # CPU weights held as packed panels: the fused weight is built when needed
+            self.a = torch.zeros(max_loras, rows, layer.in_features, **kw)
         self.b = torch.zeros(max_loras, layer.out_features, max_rank, **kw)
         # For `expand`: (first output column, columns, first column of the shrunk part).
         self.expand_parts = [(start, size, i * max_rank)
@@ -142,7 +154,10 @@ class LoRASlots(nn.Module):
         return y
 
     def fused_weight(self, layer: nn.Module) -> torch.Tensor:
-        """[W; A of slot 0; A of slot 1; ...], rebuilt only after a slot changed."""
+        """[W; A of slot 0; A of slot 1; ...]: the shared buffer, or (CPU-packed weights) a
+        copy rebuilt only after a slot changed."""
+        if self._buffer is not None:
+            return self._buffer
         if self._fused is None or self._fused[0] != self.version:
             weight = layer.weight
             a = self.a.reshape(-1, self.a.shape[-1])

@@ -80,6 +80,11 @@ def lora_modules(specs: list[str] | None) -> dict:
     return modules
 
 
+def served_name(args: argparse.Namespace) -> str:
+    """The base model's name in requests and responses."""
+    return args.served_model_name or (str(args.model) if args.model else "SmolLM2-135M-Instruct")
+
+
 def default_api_server_count(device: str, cores: int | None = None) -> int:
     """Two frontends where the engine is fast enough to outrun one (a GPU: one frontend
     process falls behind 256 streams on an H200) and the host has cores to spare; else one."""
@@ -131,6 +136,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         args.loras = lora_modules(args.lora_modules)
+        base = served_name(args)
+        if base in args.loras:
+            raise ValueError(f"--lora-modules name {base!r} is the base model's served name")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -232,7 +240,7 @@ def run_frontend(args: argparse.Namespace, inbox: Connection, outbox: Connection
             print(f"error: the engine core failed to start:\n{info}", file=sys.stderr)
         return 1
     api_key = args.api_key or os.environ.get("NOVAINFER_API_KEY") or None
-    name = args.served_model_name or (str(args.model) if args.model else "SmolLM2-135M-Instruct")
+    name = served_name(args)
     metrics = Metrics(name)
     tokenizer = AutoTokenizer.from_pretrained(info["tokenizer"])
     grace = args.shutdown_grace
