@@ -283,11 +283,14 @@ def test_served_adapters(model_dir, adapters, prompts, tmp_path):
 def test_fused_qkv_shrink_matches_peft(model_dir, adapters, prompts, expected, monkeypatch):
     """NOVAINFER_ENABLE_QKV_LORA_FUSION=1: q/k/v multiply by [W_qkv; A of every slot] in one
     matmul (no shrink), the expand reads each token's slot in place; the fused weight is
-    rebuilt when slots change, not per step."""
+    one buffer (the layer's weight and A are views of it; the CPU panels are dropped), never
+    rebuilt: loading a slot writes into it."""
     monkeypatch.setenv("NOVAINFER_ENABLE_QKV_LORA_FUSION", "1")
     llm = make_llm(model_dir, enable_lora=True, max_loras=2, max_lora_rank=8)
     qkv = llm.llm_engine.runner.model.model.layers[0].self_attn.qkv_proj
     assert qkv.lora.fuse and not llm.llm_engine.runner.model.model.layers[0].mlp.down_proj.lora.fuse
+    buffer = qkv.lora.buffer
+    assert qkv.cpu_matmul is None and qkv.weight.data_ptr() == buffer.data_ptr()
     calls = []
     real = qkv.lora.run_layer
     qkv.lora.run_layer = lambda layer, x: calls.append(1) or real(layer, x)
@@ -296,7 +299,8 @@ def test_fused_qkv_shrink_matches_peft(model_dir, adapters, prompts, expected, m
     for (name, i), tokens in zip(pairs, completion_tokens(outs)):
         assert tokens == expected[name][i], (name, i)
     loads = llm.llm_engine.lora.loads
-    assert len(calls) > 2 * loads and qkv.lora.fused_builds <= loads
+    assert len(calls) > 2 * loads and qkv.lora.buffer is buffer
+    assert qkv.lora.a.data_ptr() == buffer[qkv.out_features:].data_ptr()
 
 
 def test_timing_report_with_seed_spelling(model_dir, adapters, prompts, monkeypatch, capsys):
@@ -384,13 +388,13 @@ def test_fused_weight_shares_the_layer_weight(model_dir, adapters, prompts, expe
     monkeypatch.setenv("NOVAINFER_ENABLE_QKV_LORA_FUSION", "1")
     llm = make_llm(model_dir, dtype="float64", enable_lora=True, max_loras=2, max_lora_rank=8)
     qkv = llm.llm_engine.runner.model.model.layers[0].self_attn.qkv_proj
-    buffer = qkv.lora.fused_weight(qkv)
-    assert qkv.weight.data_ptr() == buffer.data_ptr() == qkv.lora._buffer.data_ptr()
+    buffer = qkv.lora.buffer
+    assert qkv.weight.data_ptr() == buffer.data_ptr()
     outs = llm.generate(prompts, greedy(), use_tqdm=False,
                         lora_request=[adapters["all8"], None, adapters["qv4rs"]])
     assert completion_tokens(outs) == [expected["all8"][0], expected[None][1],
                                        expected["qv4rs"][2]]
-    assert qkv.lora.fused_builds == 0
+    assert qkv.lora.buffer is buffer and qkv.weight.data_ptr() == buffer.data_ptr()
 
 
 def test_lora_settings_are_checked(model_dir):

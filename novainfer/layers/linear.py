@@ -63,6 +63,14 @@ class CpuPackable(nn.Module):
             )
         return self.weight.data
 
+    def hold_as_tensor(self, weight: torch.Tensor) -> None:
+        """Hold `weight` (e.g. a view of a larger buffer) as the plain weight tensor, with the
+        default matmul: undoes `pack_for_cpu` for this module (its panels are its own)."""
+        self._parameters.pop("weight_panels", None)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        if hasattr(self, "cpu_matmul"):
+            self.cpu_matmul = None
+
     def hold_as_panels(self, panels: nn.Parameter) -> None:
         """Drop the weight tensor, keep `panels` (pack_linear_weight's layout of it) instead."""
         del self.weight

@@ -23,6 +23,7 @@ Triton kernels on CUDA and their PyTorch twins elsewhere.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import nullcontext
 
 import torch
@@ -56,31 +57,28 @@ class LoRASlots(nn.Module):
         """`fuse`: the layer's matmul takes A of every slot along (the fused QKV + shrink
         matmul); `timing`: time that path against the traditional one on every call."""
         super().__init__()
-        weight = layer.weight
         self.state = state
         self.fuse = fuse
         self.timing = timing
-        self.version = 0  # bumped when a slot changes: the fused weight is rebuilt then only
-        self._fused: tuple[int, torch.Tensor] | None = None
-        self.fused_builds = 0
         self.rank = max_rank
         self.row_parallel = layer.in_slice is not None
         self.in_slice = layer.in_slice
         # (part name, first output row, rows, first row in the checkpoint tensor)
         self.parts = [(name, s.start, s.size, s.src_start) for name, s in layer.shards.items()]
+        weight = layer.weight  # (unpacked from the CPU panels, if the layer holds those)
         kw = {"dtype": weight.dtype, "device": weight.device}
         rows = len(self.parts) * max_rank
-        self._buffer: torch.Tensor | None = None
-        if (fuse or timing is not None) and "weight" in layer._parameters:
+        self.buffer: torch.Tensor | None = None
+        if fuse or timing is not None:
             # [W; A of every slot] in one allocation, made before the KV cache is sized: the
-            # layer's weight and A are views of it, so the fused matmul needs no copy.
+            # layer's weight and A are views of it, so the fused matmul needs no copy and
+            # loading a slot updates it in place.
             out = layer.out_features
-            buffer = torch.zeros(out + max_loras * rows, layer.in_features, **kw)
-            buffer[:out].copy_(weight)
-            layer.weight = nn.Parameter(buffer[:out], requires_grad=False)
-            self._buffer = buffer
-            self.a = buffer[out:].view(max_loras, rows, layer.in_features)
-        else:  # CPU weights held as packed panels: the fused weight is built when needed
+            self.buffer = torch.zeros(out + max_loras * rows, layer.in_features, **kw)
+            self.buffer[:out].copy_(weight)
+            layer.hold_as_tensor(self.buffer[:out])
+            self.a = self.buffer[out:].view(max_loras, rows, layer.in_features)
+        else:
             self.a = torch.zeros(max_loras, rows, layer.in_features, **kw)
         self.b = torch.zeros(max_loras, layer.out_features, max_rank, **kw)
         # For `expand`: (first output column, columns, first column of the shrunk part).
@@ -90,7 +88,6 @@ class LoRASlots(nn.Module):
     def clear(self, slot: int) -> None:
         self.a[slot].zero_()
         self.b[slot].zero_()
-        self.version += 1
 
     def load(self, slot: int, part: str | int | None, a: torch.Tensor, b: torch.Tensor,
              scaling: float) -> None:
@@ -107,7 +104,6 @@ class LoRASlots(nn.Module):
         rows = slice(index * self.rank, index * self.rank + r)
         self.a[slot, rows] = a.to(self.a.dtype)
         self.b[slot, start : start + size, :r] = (b.double() * scaling).to(self.b.dtype)
-        self.version += 1
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y (the layer's output, before any all-reduce) plus the adapters' updates."""
@@ -142,10 +138,9 @@ class LoRASlots(nn.Module):
 
     def _fused_path(self, layer: nn.Module, x: torch.Tensor,
                     t: LoRATiming | None = None) -> torch.Tensor:
-        weight = self.fused_weight(layer)
         out_features = layer.out_features
         with t.stage("fused") if t is not None else nullcontext():
-            out = F.linear(x, weight)  # [tokens, out + slots x parts x R]
+            out = F.linear(x, self.buffer)  # [tokens, out + slots x parts x R]
         y = out[:, :out_features]
         y = y + layer.bias if layer.bias is not None else y.contiguous()
         with t.stage("fused_expand") if t is not None else nullcontext():
@@ -153,46 +148,36 @@ class LoRASlots(nn.Module):
                    self.rank, slot_stride=self.a.shape[1])
         return y
 
-    def fused_weight(self, layer: nn.Module) -> torch.Tensor:
-        """[W; A of slot 0; A of slot 1; ...]: the shared buffer, or (CPU-packed weights) a
-        copy rebuilt only after a slot changed."""
-        if self._buffer is not None:
-            return self._buffer
-        if self._fused is None or self._fused[0] != self.version:
-            weight = layer.weight
-            a = self.a.reshape(-1, self.a.shape[-1])
-            self._fused = (self.version, torch.cat([weight, a.to(weight.dtype)]))
-            self.fused_builds += 1
-        return self._fused[1]
-
 
 def attach_lora(model: nn.Module, max_loras: int, max_rank: int, fuse_qkv: bool = False,
                 timing: LoRATiming | None = None) -> LoRAState:
     """Give every targeted linear layer of the decoder its slots; returns the shared state.
     `fuse_qkv` / `timing` apply to the q/k/v projection (lora/switches.py)."""
     state = LoRAState()
-    for layer in model.model.layers:
-        for block in (layer.self_attn, layer.mlp):
-            for name in LORA_MODULES:
-                linear = getattr(block, name, None)
-                if linear is not None:
-                    qkv = name == "qkv_proj"
-                    linear.lora = LoRASlots(linear, state, max_loras, max_rank,
-                                            fuse=fuse_qkv and qkv, timing=timing if qkv else None)
+    for name, linear in _lora_layers(model):
+        qkv = name == "qkv_proj"
+        linear.lora = LoRASlots(linear, state, max_loras, max_rank, fuse=fuse_qkv and qkv,
+                                timing=timing if qkv else None)
     return state
 
 
 def load_slot(model: nn.Module, slot: int, adapter: LoRAAdapter | None) -> None:
     """Put `adapter` in `slot` of every layer (None: empty the slot)."""
-    for layer in model.model.layers:
-        for block in (layer.self_attn, layer.mlp):
-            for name in LORA_MODULES:
-                linear = getattr(block, name, None)
-                if linear is not None:
-                    linear.lora.clear(slot)
+    for _, linear in _lora_layers(model):
+        linear.lora.clear(slot)
     if adapter is None:
         return
     for (index, proj), (a, b) in adapter.weights.items():
         fused, part = PACKED_MODULES.get(proj, (proj, None))
         block = getattr(model.model.layers[index], _BLOCK[proj])
         getattr(block, fused).lora.load(slot, part, a, b, adapter.scaling)
+
+
+def _lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, layer) of every linear layer LoRA targets, in every decoder layer."""
+    for layer in model.model.layers:
+        for block in (layer.self_attn, layer.mlp):
+            for name in LORA_MODULES:
+                linear = getattr(block, name, None)
+                if linear is not None:
+                    yield name, linear
