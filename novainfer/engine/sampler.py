@@ -255,11 +255,3 @@ def sample_tensors(
         table = logprob_table(raw_logprobs, chosen, ks)
     return Samples(tokens, table, rows, ks)
 
-
-def sample(
-    logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int], generator: torch.Generator
-) -> tuple[list[int], list[PositionLogprobs | None]]:
-    """`sample_tensors`, brought to the host (one sync)."""
-    samples = sample_tensors(logits, seqs, eos_ids, generator)
-    table = samples.logprob_table.tolist() if samples.logprob_table is not None else None
-    return samples.tokens.tolist(), samples.host_logprobs(table)

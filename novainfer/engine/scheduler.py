@@ -54,7 +54,7 @@ class Scheduler:
         running, try_append = self.running, self.block_manager.try_append
         while i < len(running) and budget > 0:
             seq = running[i]
-            total = len(seq.token_ids) + seq.num_pending
+            total = seq.num_tokens
             if seq.num_pending and total >= seq.max_num_tokens:
                 i += 1  # its pending token is its last (length): nothing more to compute
                 continue

@@ -23,7 +23,8 @@ from novainfer.lora.ops import LoRABatch, group_by_slot, lora_batch
 
 # Header fields, in order (int64).
 HEADER = ("num_tokens", "num_seqs", "max_blocks", "num_decodes", "num_sampled",
-          "num_prompt_rows", "max_query_len", "max_seq_len", "num_fills", "share_sampled", "lora_tokens", "lora_segments")
+          "num_prompt_rows", "max_query_len", "max_seq_len", "num_fills", "share_sampled",
+          "lora_tokens", "lora_segments")
 
 
 @dataclass
