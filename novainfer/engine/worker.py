@@ -87,7 +87,7 @@ class ModelWorker:
         if (
             device.type == "cuda"
             and not config.enforce_eager
-            and not config.enable_lora  # the PyTorch LoRA path is not capturable
+            and (not config.enable_lora or lora_switches.capturable())
             and getattr(self.backend, "supports_cuda_graphs", False)
         ):
             # Scratch for the largest decode split count, so replays never see a reallocation.
@@ -97,7 +97,7 @@ class ModelWorker:
             self.graphs = DecodeGraphs(
                 self.model, self.kv_cache, config.max_num_seqs,
                 -(-max_model_len // self.block_size), max_model_len,
-                cfg.hidden_size, self.dtype, device,
+                cfg.hidden_size, self.dtype, device, self.lora, config.max_loras,
             )
 
     def _build_model(self, folder: Path) -> torch.nn.Module:
@@ -209,7 +209,7 @@ class ModelWorker:
         if self.lora is not None:
             self.lora.batch = inputs.lora
         if self.graphs is not None and self.graphs.can_run(inputs.meta):
-            return self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+            return self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta, inputs.lora)
         return self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
 
     def prompt_logits(self, hidden: torch.Tensor, inputs: StepInputs) -> Iterator[torch.Tensor | None]:
