@@ -31,12 +31,16 @@ from novainfer.models.config import ModelConfig
 from novainfer.presets import preset_folder
 
 
-def _timer(device: torch.device):
-    def run(fn, warmups: int, runs: int) -> list[float]:
+def _timer(device: torch.device, nvtx: bool = False):
+    """Times `fn`; with `nvtx`, its last run is in an NVTX range named `name` (for ncu's
+    --nvtx-include, docs/lora.md)."""
+    def run(fn, warmups: int, runs: int, name: str = "") -> list[float]:
         for _ in range(warmups):
             fn()
         times = []
-        for _ in range(runs):
+        for i in range(runs):
+            if nvtx and i == runs - 1:
+                torch.cuda.nvtx.range_push(name)
             if device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -44,6 +48,8 @@ def _timer(device: torch.device):
                 end.record()
                 end.synchronize()
                 times.append(start.elapsed_time(end))
+                if nvtx and i == runs - 1:
+                    torch.cuda.nvtx.range_pop()
             else:
                 t = time.perf_counter()
                 fn()
@@ -53,7 +59,7 @@ def _timer(device: torch.device):
 
 
 def point(cfg: ModelConfig, batch: int, seq: int, rank: int, loras: int, device, dtype,
-          warmups: int, runs: int, impls: list[str]) -> dict:
+          warmups: int, runs: int, impls: list[str], nvtx: bool = False) -> dict:
     torch.manual_seed(0)
     layer = QKVLinear(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, False)
     layer = layer.to(device=device, dtype=dtype)
@@ -79,11 +85,12 @@ def point(cfg: ModelConfig, batch: int, seq: int, rank: int, loras: int, device,
 
     row = {"batch": batch, "seq": seq, "tokens": tokens, "rank": rank, "max_loras": loras,
            "same_output": True}
-    timed = _timer(device)
+    timed = _timer(device, nvtx)
     for impl in impls:
         with using(impl):
             same = torch.allclose(traditional().float(), fused().float(), rtol=3e-2, atol=3e-2)
-            t, f = timed(traditional, warmups, runs), timed(fused, warmups, runs)
+            t = timed(traditional, warmups, runs, f"{impl}-traditional")
+            f = timed(fused, warmups, runs, f"{impl}-fused")
         row["same_output"] &= same
         row[impl] = {"traditional_ms": statistics.mean(t), "traditional_sd": statistics.stdev(t),
                      "fused_ms": statistics.mean(f), "fused_sd": statistics.stdev(f),
@@ -108,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seqs", type=_ints, default=[128, 512, 1024, 2048])
     p.add_argument("--ranks", type=_ints, default=[16, 32, 64, 128])
     p.add_argument("--max-loras", type=_ints, default=list(range(1, 9)))
+    p.add_argument("--impls", default=None, help="on CUDA: cuda,triton (default both)")
+    p.add_argument("--nvtx", action="store_true",
+                   help="mark each path's last run as an NVTX range <impl>-<path> (for ncu)")
     args = p.parse_args(argv)
     if args.warmups < 3 or args.runs < 10:
         p.error("the grid is measured with >= 3 warm-ups and >= 10 runs")
@@ -117,20 +127,22 @@ def main(argv: list[str] | None = None) -> int:
     grid = ([(1, 16, 16, 1), (2, 16, 8, 2)] if args.quick else list(itertools.product(
         args.batches, args.seqs, args.ranks, args.max_loras)))
     impls = ["cuda", "triton"] if device.type == "cuda" else ["torch"]
-    rows = [point(cfg, b, s, r, n, device, dtype, args.warmups, args.runs, impls)
-            for b, s, r, n in grid]
+    impls = args.impls.split(",") if args.impls else impls
     print(f"{args.preset} q/k/v, {device}, {dtype}: ms per call, mean +- sd of {args.runs} runs")
     cols = [f"{i} {path}" for i in impls for path in ("traditional", "fused", "speedup")]
     print("| batch | seq | rank | max_loras | " + " | ".join(cols) + " |")
-    print("|---" * (4 + len(cols)) + "|")
-    for r in rows:
+    print("|---" * (4 + len(cols)) + "|", flush=True)
+    rows = []
+    for b, s, rank, n in grid:  # each row as soon as it is measured
+        r = point(cfg, b, s, rank, n, device, dtype, args.warmups, args.runs, impls, args.nvtx)
+        rows.append(r)
         cells = []
         for i in impls:
             m = r[i]
             cells += [f"{m['traditional_ms']:.3f} +- {m['traditional_sd']:.3f}",
                       f"{m['fused_ms']:.3f} +- {m['fused_sd']:.3f}", f"{m['speedup']:.2f}x"]
         print(f"| {r['batch']} | {r['seq']} | {r['rank']} | {r['max_loras']} | "
-              + " | ".join(cells) + " |")
+              + " | ".join(cells) + " |", flush=True)
     if not all(r["same_output"] for r in rows):
         print("error: the fused path's output differs from the traditional one")
         return 1
