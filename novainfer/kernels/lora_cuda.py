@@ -54,8 +54,7 @@ def lora_expand_cuda(shrunk: torch.Tensor, b: torch.Tensor, y: torch.Tensor,
                      max_rows: int, parts: list[tuple[int, int, int]], rank: int,
                      slot_stride: int = 0) -> None:
     """y[t, y0:y0 + size] += shrunk[t, c:c + rank] @ b[slot(t), y0:y0 + size, :rank].T, c =
-    s0 + slot(t) * slot_stride, for each part (y0, size, s0): one launch per part."""
-    module = load()
-    for y0, size, s0 in parts:
-        module.lora_expand(shrunk, b, y, tokens, seg_start, seg_slot, max_rows, y0, size, s0,
-                           slot_stride, rank)
+    s0 + slot(t) * slot_stride, for each part (y0, size, s0): one launch for all (<= 3)."""
+    y0, size, s0 = (list(column) for column in zip(*parts))
+    load().lora_expand(shrunk, b, y, tokens, seg_start, seg_slot, max_rows, y0, size, s0,
+                       slot_stride, rank)
