@@ -68,9 +68,9 @@ def test_triton_matches_the_pytorch_twins(case):
     batch = _batch(token_slots, DEV)
     want = shrink(x, a, batch, impl="torch")
     got = shrink(x, a, batch, impl="triton")
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    used = batch.tokens  # the shrink's other rows are left unset
+    torch.testing.assert_close(got[used], want[used], rtol=1e-5, atol=1e-5)
     free = [t for t, s in enumerate(token_slots) if s < 0]
-    assert not got[free].any()  # tokens without an adapter: never written
     y_want, y_got = y.clone(), y.clone()
     expand(want, b, y_want, batch, expand_parts, rank, impl="torch")
     expand(want, b, y_got, batch, expand_parts, rank, impl="triton")
@@ -105,7 +105,9 @@ def test_graph_buffers_give_the_same_updates():
     static = LoRABatch(tokens, starts, torch.arange(slots), [], bucket)
     assert starts.tolist()[-1] == batch.tokens.numel()
     want = shrink(x, a, batch, impl="torch")
-    torch.testing.assert_close(shrink(x, a, static, impl="triton"), want, rtol=1e-5, atol=1e-5)
+    used = batch.tokens
+    torch.testing.assert_close(shrink(x, a, static, impl="triton")[used], want[used], rtol=1e-5,
+                               atol=1e-5)
     y_want, y_got = y.clone(), y.clone()
     expand(want, b, y_want, batch, parts, 8, impl="torch")
     expand(want, b, y_got, static, parts, 8, impl="triton")
@@ -126,7 +128,7 @@ def test_gpu_bf16_realistic():
     batch = _batch(token_slots, torch.device("cuda"))
     want = shrink(x, a, batch, impl="torch")
     got = shrink(x, a, batch, impl="triton")
-    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got[batch.tokens], want[batch.tokens], rtol=2e-2, atol=2e-2)
     y_want, y_got = y.clone(), y.clone()
     expand(want, b, y_want, batch, parts, 16, impl="torch")
     expand(want, b, y_got, batch, parts, 16, impl="triton")
@@ -148,9 +150,8 @@ def test_cuda_kernels_match_the_twins(case, dtype):
     tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     want = shrink(x, a, batch, impl="torch")
     got = shrink(x, a, batch, impl="cuda")
-    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(got[batch.tokens], want[batch.tokens], **tol)
     free = [t for t, s in enumerate(token_slots) if s < 0]
-    assert not got[free].any()
     y_want, y_got = y.clone(), y.clone()
     expand(want, b, y_want, batch, expand_parts, rank, impl="torch")
     expand(want, b, y_got, batch, expand_parts, rank, impl="cuda")
@@ -222,7 +223,8 @@ def test_a_failing_cuda_kernel_warns_and_triton_takes_over(kernel_env):
     batch, x, a, b, y, parts = _fp32_case()
     with pytest.warns(RuntimeWarning, match="CUDA LoRA kernel failed.*nvcc: not found"):
         got = shrink(x, a, batch, impl="cuda")
-    torch.testing.assert_close(got, shrink(x, a, batch, impl="torch"), rtol=1e-5, atol=1e-5)
+    want = shrink(x, a, batch, impl="torch")
+    torch.testing.assert_close(got[batch.tokens], want[batch.tokens], rtol=1e-5, atol=1e-5)
     assert ops.choose_impl(_OnCuda()) == "triton"  # for the rest of the process
     y_got, y_want = y.clone(), y.clone()  # a failure midway leaves y as it was, then Triton
     expand(got, b, y_got, batch, parts, 8, impl="cuda")

@@ -136,15 +136,20 @@ def _launch(op: str, impl: str, out: torch.Tensor, args: tuple) -> None:
 
                 reference = before.clone()
                 _kernel(op, "triton")(*(reference if a is out else a for a in args))
-                compare(op, out.float() - before.float(), reference.float() - before.float())
+                rows = args[3]  # the batch's tokens: the only rows either kernel writes
+                got, want = out[rows].float(), reference[rows].float()
+                if op == "expand":  # what each added to y (the shrink's rows start unset)
+                    got, want = got - before[rows].float(), want - before[rows].float()
+                compare(op, got, want)
             return
     _kernel(op, impl)(*args)
 
 
 def shrink(x: torch.Tensor, a: torch.Tensor, batch: LoRABatch, impl: str | None = None
            ) -> torch.Tensor:
-    """[tokens, n] float32: x[t] @ a[slot(t)].T for the batch's tokens (other rows 0)."""
-    out = torch.zeros(x.shape[0], a.shape[1], dtype=torch.float32, device=x.device)
+    """[tokens, n] float32: x[t] @ a[slot(t)].T for the batch's tokens; the other rows are
+    left unset (`expand` reads only the batch's tokens), which saves a fill per layer."""
+    out = torch.empty(x.shape[0], a.shape[1], dtype=torch.float32, device=x.device)
     impl = impl or choose_impl(x)
     if impl != "torch":
         _launch("shrink", impl, out, (x, a, out, batch.tokens, batch.seg_start,
