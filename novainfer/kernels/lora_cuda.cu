@@ -6,8 +6,9 @@
 //     out[t, col0 + n] (+)= sum_k in[t, in0 + slot * in_slot_stride + k] * W[slot, row0 + n, k]
 //
 //   shrink:  in = x,           W = A [slots, n, k],   out = float32, written
-//   expand:  in = the shrunk,  W = B [slots, out, R], out = y, added to (in rounded to B's
-//            dtype first, as the PyTorch twin does)
+//   expand:  in = the shrunk (float32, or B's dtype from the fused QKV matmul), W = B
+//            [slots, out, R], out = y, added to (in rounded to B's dtype first, as the
+//            PyTorch twin does)
 //
 // A block computes BM tokens x BN outputs of one segment, accumulating in fp32 through
 // BK-wide tiles of `in` and W in shared memory. Grid: (row blocks of the longest segment,
@@ -17,6 +18,10 @@
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
 
 namespace {
 
@@ -35,20 +40,44 @@ struct Parts {
   int n_out[3], blocks[3], count;
 };
 
-template <typename in_t, typename w_t, typename out_t, bool ADD>
+// A part's field by a runtime index, without indexing the parameter struct dynamically
+// (which would copy it to local memory).
+template <typename T>
+__device__ __forceinline__ T pick(const T (&field)[3], int p) {
+  return p == 0 ? field[0] : p == 1 ? field[1] : field[2];
+}
+
+// ADD: out += the product (expand), else out = it (shrink). SPLIT: the grid's y axis also
+// splits K (k_split wide each) and the blocks add their partial sums into a zeroed `out`
+// atomically (float32 only): a decode step's shrink has too few blocks to fill the GPU.
+template <typename in_t, typename w_t, typename out_t, bool ADD, bool SPLIT>
 __global__ void __launch_bounds__(THREADS) segmented_matmul(
     const in_t* __restrict__ in, int64_t in_stride, int64_t in_slot_stride,
     const w_t* __restrict__ w, int64_t w_slot_stride, int64_t w_row_stride,
     out_t* __restrict__ out, int64_t out_stride, Parts parts,
     const int64_t* __restrict__ tokens, const int64_t* __restrict__ seg_start,
-    const int64_t* __restrict__ seg_slot, int k_len) {
+    const int64_t* __restrict__ seg_slot, int k_len, int k_split) {
   constexpr int BK = sizeof(w_t) == 2 ? 256 : 128;
+  constexpr int IN_LOADS = BM * BK / THREADS, W_LOADS = BN * BK / THREADS;
   const int64_t start = seg_start[blockIdx.z], end = seg_start[blockIdx.z + 1];
   const int64_t first = start + static_cast<int64_t>(blockIdx.x) * BM;
   if (first >= end) return;
-  int p = 0, yblock = blockIdx.y;
-  while (p + 1 < parts.count && yblock >= parts.blocks[p]) yblock -= parts.blocks[p++];
-  const int n_out = parts.n_out[p], n_first = yblock * BN;
+  int p = 0, yblock = blockIdx.y, k_begin = 0, k_end = k_len;
+  if (SPLIT) {  // y = split * blocks of the (single) part + output block
+    const int split = yblock / parts.blocks[0];
+    yblock -= split * parts.blocks[0];
+    k_begin = split * k_split;
+    k_end = min(k_len, k_begin + k_split);
+  }
+  if (parts.count > 1 && yblock >= parts.blocks[0]) {
+    yblock -= parts.blocks[0];
+    p = 1;
+    if (parts.count > 2 && yblock >= parts.blocks[1]) {
+      yblock -= parts.blocks[1];
+      p = 2;
+    }
+  }
+  const int n_out = pick(parts.n_out, p), n_first = yblock * BN;
   const int64_t slot = seg_slot[blockIdx.z];
 
   __shared__ int64_t tok[BM];
@@ -58,30 +87,43 @@ __global__ void __launch_bounds__(THREADS) segmented_matmul(
   if (tid < BM) tok[tid] = first + tid < end ? tokens[first + tid] : -1;
   __syncthreads();
 
-  const int64_t in_col = parts.in0[p] + slot * in_slot_stride;
-  const w_t* w_part = w + slot * w_slot_stride + (parts.row0[p] + n_first) * w_row_stride;
+  const in_t* in_base = in + pick(parts.in0, p) + slot * in_slot_stride;
+  const w_t* w_part = w + slot * w_slot_stride + (pick(parts.row0, p) + n_first) * w_row_stride;
   const int my_row = tid / COL_THREADS, my_col = tid % COL_THREADS;
   float acc[COLS] = {};
-  for (int k0 = 0; k0 < k_len; k0 += BK) {
-    const int width = min(BK, k_len - k0);
-    for (int i = tid; i < BM * BK; i += THREADS) {
-      const int m = i / BK, k = i % BK;
-      if (k >= width) continue;
-      float v = 0.f;
-      if (tok[m] >= 0) {
-        v = static_cast<float>(in[tok[m] * in_stride + in_col + k0 + k]);
-        if (ADD) v = static_cast<float>(static_cast<w_t>(v));  // the twin's rounding
-      }
-      in_tile[m][k] = v;
+  for (int k0 = k_begin; k0 < k_end; k0 += BK) {
+    const int width = min(BK, k_end - k0);
+    // Every load of the slice first (predicated, unrolled: their latencies overlap), then
+    // the stores to shared memory.
+    float in_regs[IN_LOADS];
+    w_t w_regs[W_LOADS];
+#pragma unroll
+    for (int j = 0; j < IN_LOADS; ++j) {
+      const int i = tid + j * THREADS, m = i / BK, k = i % BK;
+      const int64_t t = tok[m];
+      in_regs[j] = t >= 0 && k < width ? static_cast<float>(in_base[t * in_stride + k0 + k])
+                                       : 0.f;
     }
-    for (int i = tid; i < BN * BK; i += THREADS) {
-      const int n = i / BK, k = i % BK;
-      if (k >= width) continue;
-      w_tile[n][k] = n_first + n < n_out ? w_part[n * w_row_stride + k0 + k]
-                                         : static_cast<w_t>(0.f);
+#pragma unroll
+    for (int j = 0; j < W_LOADS; ++j) {
+      const int i = tid + j * THREADS, n = i / BK, k = i % BK;
+      w_regs[j] = n_first + n < n_out && k < width ? w_part[n * w_row_stride + k0 + k]
+                                                   : static_cast<w_t>(0.f);
+    }
+#pragma unroll
+    for (int j = 0; j < IN_LOADS; ++j) {
+      const int i = tid + j * THREADS;
+      // expand: the twin rounds the shrunk values to B's dtype first
+      in_tile[i / BK][i % BK] = ADD ? static_cast<float>(static_cast<w_t>(in_regs[j]))
+                                    : in_regs[j];
+    }
+#pragma unroll
+    for (int j = 0; j < W_LOADS; ++j) {
+      const int i = tid + j * THREADS;
+      w_tile[i / BK][i % BK] = w_regs[j];
     }
     __syncthreads();
-#pragma unroll 4
+#pragma unroll 8
     for (int k = 0; k < width; ++k) {
       const float v = in_tile[my_row][k];
 #pragma unroll
@@ -92,12 +134,16 @@ __global__ void __launch_bounds__(THREADS) segmented_matmul(
   }
   const int64_t t = tok[my_row];
   if (t < 0) return;
+  out_t* dst = out + t * out_stride + pick(parts.col0, p);
 #pragma unroll
   for (int j = 0; j < COLS; ++j) {
     const int n = n_first + my_col + j * COL_THREADS;
     if (n >= n_out) continue;
-    out_t* dst = out + t * out_stride + parts.col0[p] + n;
-    *dst = static_cast<out_t>(ADD ? static_cast<float>(*dst) + acc[j] : acc[j]);
+    if constexpr (SPLIT) {
+      atomicAdd(reinterpret_cast<float*>(dst + n), acc[j]);
+    } else {
+      dst[n] = static_cast<out_t>(ADD ? static_cast<float>(dst[n]) + acc[j] : acc[j]);
+    }
   }
 }
 
@@ -150,14 +196,30 @@ void lora_shrink(torch::Tensor x, torch::Tensor a, torch::Tensor out, torch::Ten
   auto stream = at::cuda::getCurrentCUDAStream();
   Parts parts{};
   const int y_blocks = add_part(parts, 0, 0, 0, n);
+  // Split K over more blocks until the grid covers the GPU about twice (a decode step's
+  // few tokens make few blocks, each with a long K loop); a slice is a multiple of 256.
+  const int64_t blocks = (max_rows + BM - 1) / BM * y_blocks * segments;
+  const int64_t target = 2 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t slices = (k + 255) / 256;
+  const int64_t splits = std::max<int64_t>(1, std::min(slices, (target + blocks - 1) / blocks));
+  const int k_split = static_cast<int>((slices + splits - 1) / splits * 256);
+  const int used = static_cast<int>((k + k_split - 1) / k_split);
+  if (used > 1) out.zero_();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_shrink", [&] {
-    segmented_matmul<scalar_t, scalar_t, float, false>
-        <<<grid(max_rows, y_blocks, segments), THREADS, 0, stream>>>(
-            x.data_ptr<scalar_t>(), x.stride(0), 0,
-            a.data_ptr<scalar_t>(), a.stride(0), a.stride(1),
-            out.data_ptr<float>(), out.stride(0), parts,
-            tokens.data_ptr<int64_t>(), seg_start.data_ptr<int64_t>(),
-            seg_slot.data_ptr<int64_t>(), static_cast<int>(k));
+    const auto launch = [&](auto split) {
+      segmented_matmul<scalar_t, scalar_t, float, false, decltype(split)::value>
+          <<<grid(max_rows, y_blocks * used, segments), THREADS, 0, stream>>>(
+              x.data_ptr<scalar_t>(), x.stride(0), 0,
+              a.data_ptr<scalar_t>(), a.stride(0), a.stride(1),
+              out.data_ptr<float>(), out.stride(0), parts,
+              tokens.data_ptr<int64_t>(), seg_start.data_ptr<int64_t>(),
+              seg_slot.data_ptr<int64_t>(), static_cast<int>(k), k_split);
+    };
+    if (used > 1) {
+      launch(std::true_type{});
+    } else {
+      launch(std::false_type{});
+    }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -173,7 +235,8 @@ void lora_expand(torch::Tensor shrunk, torch::Tensor b, torch::Tensor y, torch::
   check(b, "b", 3);
   check(y, "y", 2);
   check_segments(tokens, seg_start, seg_slot);
-  TORCH_CHECK(shrunk.scalar_type() == torch::kFloat32, "shrunk must be float32");
+  TORCH_CHECK(shrunk.scalar_type() == torch::kFloat32 || shrunk.scalar_type() == b.scalar_type(),
+              "shrunk must be float32 or b's dtype");
   TORCH_CHECK(y.scalar_type() == b.scalar_type(), "y must have b's dtype");
   TORCH_CHECK(y0.size() == size.size() && s0.size() == size.size() && size.size() >= 1 &&
               size.size() <= 3, "expand takes one to three parts (y0, size, s0)");
@@ -189,14 +252,23 @@ void lora_expand(torch::Tensor shrunk, torch::Tensor b, torch::Tensor y, torch::
   if (!segments || !max_rows || !y_blocks || !rank) return;
   const c10::cuda::CUDAGuard guard(y.device());
   auto stream = at::cuda::getCurrentCUDAStream();
+  const bool float_in = shrunk.scalar_type() == torch::kFloat32;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "lora_expand", [&] {
-    segmented_matmul<float, scalar_t, scalar_t, true>
-        <<<grid(max_rows, y_blocks, segments), THREADS, 0, stream>>>(
-            shrunk.data_ptr<float>(), shrunk.stride(0), slot_stride,
-            b.data_ptr<scalar_t>(), b.stride(0), b.stride(1),
-            y.data_ptr<scalar_t>(), y.stride(0), parts,
-            tokens.data_ptr<int64_t>(), seg_start.data_ptr<int64_t>(),
-            seg_slot.data_ptr<int64_t>(), static_cast<int>(rank));
+    const auto launch = [&](auto* in) {
+      using in_t = std::remove_const_t<std::remove_pointer_t<decltype(in)>>;
+      segmented_matmul<in_t, scalar_t, scalar_t, true, false>
+          <<<grid(max_rows, y_blocks, segments), THREADS, 0, stream>>>(
+              in, shrunk.stride(0), slot_stride,
+              b.data_ptr<scalar_t>(), b.stride(0), b.stride(1),
+              y.data_ptr<scalar_t>(), y.stride(0), parts,
+              tokens.data_ptr<int64_t>(), seg_start.data_ptr<int64_t>(),
+              seg_slot.data_ptr<int64_t>(), static_cast<int>(rank), static_cast<int>(rank));
+    };
+    if (float_in) {
+      launch(shrunk.data_ptr<float>());
+    } else {
+      launch(shrunk.data_ptr<scalar_t>());
+    }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
