@@ -25,12 +25,15 @@
 
 namespace {
 
-// A block: BM tokens x BN outputs of one segment, through BK-wide slices of K (BK = 256
-// for 2-byte weights, 128 for float32, to stay within 48 KiB of shared memory): few,
-// long iterations with many independent loads each, since LoRA's matmuls are skinny (the
-// shrink has a few dozen outputs, the expand a rank of 16-128) and latency-bound.
-constexpr int BM = 16, BN = 32, THREADS = 256;
-constexpr int COL_THREADS = THREADS / BM, COLS = BN / COL_THREADS;  // 16 threads x 2 outputs
+// A block: BM tokens x BN outputs of one segment, through BK-wide slices of K, 16 threads
+// per token row, each with BN / 16 outputs. LoRA's matmuls are skinny, so the two ops get
+// different tiles: the shrink (a few dozen outputs, K = the hidden size) BN = 32 and long
+// slices (BK = 256 for 2-byte weights, 128 for float32: few iterations, many loads in
+// flight each); the expand (thousands of outputs, K = the rank) BN = 128, BK = 32.
+constexpr int BM = 16, THREADS = 256, COL_THREADS = THREADS / BM;
+constexpr int SHRINK_BN = 32, EXPAND_BN = 128, EXPAND_BK = 32;
+template <typename w_t>
+constexpr int shrink_bk() { return sizeof(w_t) == 2 ? 256 : 128; }
 
 // Up to three parts (q, k, v) of an expand in one launch: part p writes out columns
 // [col0[p], col0[p] + n_out[p]) from in columns in0[p] + slot * in_slot_stride, W rows
@@ -50,14 +53,14 @@ __device__ __forceinline__ T pick(const T (&field)[3], int p) {
 // ADD: out += the product (expand), else out = it (shrink). SPLIT: the grid's y axis also
 // splits K (k_split wide each) and the blocks add their partial sums into a zeroed `out`
 // atomically (float32 only): a decode step's shrink has too few blocks to fill the GPU.
-template <typename in_t, typename w_t, typename out_t, bool ADD, bool SPLIT>
+template <typename in_t, typename w_t, typename out_t, bool ADD, bool SPLIT, int BN, int BK>
 __global__ void __launch_bounds__(THREADS) segmented_matmul(
     const in_t* __restrict__ in, int64_t in_stride, int64_t in_slot_stride,
     const w_t* __restrict__ w, int64_t w_slot_stride, int64_t w_row_stride,
     out_t* __restrict__ out, int64_t out_stride, Parts parts,
     const int64_t* __restrict__ tokens, const int64_t* __restrict__ seg_start,
     const int64_t* __restrict__ seg_slot, int k_len, int k_split) {
-  constexpr int BK = sizeof(w_t) == 2 ? 256 : 128;
+  constexpr int COLS = BN / COL_THREADS;
   constexpr int IN_LOADS = BM * BK / THREADS, W_LOADS = BN * BK / THREADS;
   const int64_t start = seg_start[blockIdx.z], end = seg_start[blockIdx.z + 1];
   const int64_t first = start + static_cast<int64_t>(blockIdx.x) * BM;
@@ -163,13 +166,13 @@ void check_segments(const torch::Tensor& tokens, const torch::Tensor& seg_start,
               "seg_start must have one entry more than seg_slot");
 }
 
-int add_part(Parts& parts, int64_t in0, int64_t row0, int64_t col0, int64_t n_out) {
+int add_part(Parts& parts, int64_t in0, int64_t row0, int64_t col0, int64_t n_out, int bn) {
   const int p = parts.count++;
   parts.in0[p] = in0;
   parts.row0[p] = row0;
   parts.col0[p] = col0;
   parts.n_out[p] = static_cast<int>(n_out);
-  parts.blocks[p] = static_cast<int>((n_out + BN - 1) / BN);
+  parts.blocks[p] = static_cast<int>((n_out + bn - 1) / bn);
   return parts.blocks[p];
 }
 
@@ -195,9 +198,9 @@ void lora_shrink(torch::Tensor x, torch::Tensor a, torch::Tensor out, torch::Ten
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   Parts parts{};
-  const int y_blocks = add_part(parts, 0, 0, 0, n);
+  const int y_blocks = add_part(parts, 0, 0, 0, n, SHRINK_BN);
   // Split K over more blocks until the grid covers the GPU about twice (a decode step's
-  // few tokens make few blocks, each with a long K loop); a slice is a multiple of 256.
+  // few tokens make few blocks, each with a long K loop); a split is a multiple of 256.
   const int64_t blocks = (max_rows + BM - 1) / BM * y_blocks * segments;
   const int64_t target = 2 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t slices = (k + 255) / 256;
@@ -207,7 +210,8 @@ void lora_shrink(torch::Tensor x, torch::Tensor a, torch::Tensor out, torch::Ten
   if (used > 1) out.zero_();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_shrink", [&] {
     const auto launch = [&](auto split) {
-      segmented_matmul<scalar_t, scalar_t, float, false, decltype(split)::value>
+      segmented_matmul<scalar_t, scalar_t, float, false, decltype(split)::value, SHRINK_BN,
+                       shrink_bk<scalar_t>()>
           <<<grid(max_rows, y_blocks * used, segments), THREADS, 0, stream>>>(
               x.data_ptr<scalar_t>(), x.stride(0), 0,
               a.data_ptr<scalar_t>(), a.stride(0), a.stride(1),
@@ -246,7 +250,7 @@ void lora_expand(torch::Tensor shrunk, torch::Tensor b, torch::Tensor y, torch::
   for (size_t i = 0; i < size.size(); ++i) {
     TORCH_CHECK(y0[i] + size[i] <= b.size(1) && y0[i] + size[i] <= y.size(1),
                 "output columns out of range");
-    if (size[i]) y_blocks += add_part(parts, s0[i], y0[i], y0[i], size[i]);
+    if (size[i]) y_blocks += add_part(parts, s0[i], y0[i], y0[i], size[i], EXPAND_BN);
   }
   const int64_t segments = seg_slot.numel();
   if (!segments || !max_rows || !y_blocks || !rank) return;
@@ -256,7 +260,7 @@ void lora_expand(torch::Tensor shrunk, torch::Tensor b, torch::Tensor y, torch::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "lora_expand", [&] {
     const auto launch = [&](auto* in) {
       using in_t = std::remove_const_t<std::remove_pointer_t<decltype(in)>>;
-      segmented_matmul<in_t, scalar_t, scalar_t, true, false>
+      segmented_matmul<in_t, scalar_t, scalar_t, true, false, EXPAND_BN, EXPAND_BK>
           <<<grid(max_rows, y_blocks, segments), THREADS, 0, stream>>>(
               in, shrunk.stride(0), slot_stride,
               b.data_ptr<scalar_t>(), b.stride(0), b.stride(1),
