@@ -152,10 +152,16 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--compare", choices=["hf"], default=None,
                         help="also run transformers' continuous batching on the same workload")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    from novainfer.cli import add_async_scheduling_arg, add_lora_arg, add_tensor_parallel_arg
+    from novainfer.cli import (
+        add_async_scheduling_arg,
+        add_kv_cache_args,
+        add_lora_arg,
+        add_tensor_parallel_arg,
+    )
 
     add_tensor_parallel_arg(parser)
     add_async_scheduling_arg(parser)
+    add_kv_cache_args(parser)
     add_lora_arg(parser)
     parser.add_argument("--lora-count", type=int, default=0,
                         help="random LoRA adapters of the model's shapes, requests assigned "
@@ -232,6 +238,8 @@ def run(args: argparse.Namespace) -> dict:
         enforce_eager=args.enforce_eager,
         tensor_parallel_size=args.tensor_parallel_size,
         async_scheduling=args.async_scheduling,
+        kv_cache_dtype=args.kv_cache_dtype,
+        calculate_kv_scales=args.calculate_kv_scales,
         **extra,
         **_lora_engine_args(args),
     )
