@@ -7,8 +7,10 @@ Accuracy rule (see docs/performance.md, "fp8 KV cache"): the fp8 engine reads th
 engine's greedy continuation back as a prompt (prompt_logprobs), so every position is judged
 on the same prefix instead of a whole continuation being lost to one early flip. The tiny
 random checkpoints are a harsh case (flat distributions, small top-1/top-2 margins):
-measured 82-95% top-1 agreement per checkpoint and at most ~0.75 nats on a token's
-logprob; the bounds below leave a margin over those figures.
+measured top-1 agreement 95.3% (llama), 93.0% (qwen3), 82.0% (qwen2), |logprob error| mean
+0.085-0.14 and max 0.42-0.66 nats. Their sensitivity, not the kernels, sets those figures:
+rounding the K/V to bf16 instead (2^-9 relative error against e4m3's 2^-4) gives 99-100%
+and a mean of 0.006-0.008 nats, the same ~16x ratio. The bounds below leave a margin.
 """
 
 from __future__ import annotations
@@ -39,17 +41,17 @@ def _teacher_forced(llm, full):
     return llm.generate(full, params, use_tqdm=False)
 
 
-@pytest.mark.parametrize("name", sorted(BOUNDS))
-def test_greedy_agreement_and_logprobs_vs_model_dtype_cache(checkpoint, name):
-    folder = checkpoint(name)
+def _agreement(folder, **engine) -> tuple[float, float, float]:
+    """(top-1 agreement, max and mean |logprob error|) of the fp8 engine (calibrated scales)
+    on the model-dtype engine's greedy continuations of the test prompts."""
     prompts = random_prompts(PROMPT_LENGTHS, seed=1)
     greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    ref_llm = make_llm(folder)
+    ref_llm = make_llm(folder, **engine)
     full = [p + t for p, t in zip(prompts, completion_tokens(
         ref_llm.generate(prompts, greedy, use_tqdm=False)))]
     ref = _teacher_forced(ref_llm, full)
     del ref_llm
-    fp8 = make_llm(folder, kv_cache_dtype="fp8", calculate_kv_scales=True)
+    fp8 = make_llm(folder, kv_cache_dtype="fp8", calculate_kv_scales=True, **engine)
     got = _teacher_forced(fp8, full)
     agree, errs = [], []
     for o, r, f, p in zip(got, ref, full, prompts):
@@ -58,14 +60,32 @@ def test_greedy_agreement_and_logprobs_vs_model_dtype_cache(checkpoint, name):
             agree.append(top == f[pos])
             errs.append(abs(o.prompt_logprobs[pos][f[pos]].logprob
                             - r.prompt_logprobs[pos][f[pos]].logprob))
-    rate, mean = sum(agree) / len(agree), sum(errs) / len(errs)
-    print(f"{name}: top-1 agreement {rate:.3f}, logprob error max {max(errs):.3f} mean {mean:.3f}")
+    return sum(agree) / len(agree), max(errs), sum(errs) / len(errs)
+
+
+def _check(name: str, rate: float, max_err: float, mean: float, slack: float = 0.0) -> None:
+    print(f"{name}: top-1 agreement {rate:.3f}, logprob error max {max_err:.3f} mean {mean:.3f}")
     min_rate, max_mean = BOUNDS[name]
-    assert rate >= min_rate, f"{name}: top-1 agreement {rate:.3f}"
-    assert max(errs) <= MAX_LOGPROB_ERR and mean <= max_mean, (
-        f"{name}: logprob error max {max(errs):.3f}, mean {sum(errs) / len(errs):.3f}")
-    # the test can fail: an fp8 cache is not the fp32 one
-    assert max(errs) > 1e-4
+    assert rate >= min_rate - slack, f"{name}: top-1 agreement {rate:.3f}"
+    assert max_err <= MAX_LOGPROB_ERR + slack and mean <= max_mean + slack, (
+        f"{name}: logprob error max {max_err:.3f}, mean {mean:.3f}")
+    assert max_err > 1e-4  # the test can fail: an fp8 cache is not the model-dtype one
+
+
+@pytest.mark.parametrize("name", sorted(BOUNDS))
+def test_greedy_agreement_and_logprobs_vs_model_dtype_cache(checkpoint, name):
+    _check(name, *_agreement(checkpoint(name)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_gpu_bf16_triton_agreement_vs_bf16_cache(checkpoint, name):
+    """The same rule on the GPU path: bf16 model, Triton kernels, fp8 vs bf16 cache (the
+    bf16 reference adds its own noise: 0.05 of slack)."""
+    engine = {"device": "cuda", "dtype": "bfloat16", "max_model_len": 512, "max_num_seqs": 16,
+              "num_kv_blocks": 512, "attention_backend": "triton"}
+    _check(name, *_agreement(checkpoint(name), **engine), slack=0.05)
 
 
 def test_calculate_kv_scales_sets_them_once(checkpoint):
