@@ -1,151 +1,227 @@
 // LoRA shrink and expand for a batch whose tokens use different adapters (CUDA C++), the
 // twins of kernels/lora.py's Triton kernels: same arguments, same grouping of tokens.
 //
-// Both ops are one segmented matmul: for the tokens of segment s (all of slot seg_slot[s]),
+//   shrink:  out[t, n]              = x[t] . A[slot, n]                      (out float32)
+//   expand:  y[t, y0 + n]          += s[t, c + r] . B[slot, y0 + n, r]  over r < rank
+//            with c = s0 + slot * slot_stride; s float32 or B's dtype, rounded to B's dtype
+//            first, as the PyTorch twin does
 //
-//     out[t, col0 + n] (+)= sum_k in[t, in0 + slot * in_slot_stride + k] * W[slot, row0 + n, k]
-//
-//   shrink:  in = x,           W = A [slots, n, k],   out = float32, written
-//   expand:  in = the shrunk (float32, or B's dtype from the fused QKV matmul), W = B
-//            [slots, out, R], out = y, added to (in rounded to B's dtype first, as the
-//            PyTorch twin does)
-//
-// A block computes BM tokens x BN outputs of one segment, accumulating in fp32 through
-// BK-wide tiles of `in` and W in shared memory. Grid: (row blocks of the longest segment,
-// output blocks of every part, segments); a block past its segment's end returns at once. Everything runs
-// on the current stream, so the ops can be captured in a CUDA graph.
+// LoRA's matmuls are skinny (a shrink has a few dozen outputs over K = the hidden size, an
+// expand thousands of outputs over K = the rank), so both are written like batched GEMVs:
+// a warp takes TOKENS tokens of one segment (all of one slot) and
+//   shrink: 8 outputs; each lane reads 8 consecutive k of x and of A's rows per 256-wide
+//           slice (16-byte loads; a ragged end element by element), keeps TOKENS x 8
+//           partial sums, and the warp adds them up with shuffles at the end;
+//   expand: 256 consecutive outputs, 8 per lane; each lane reads its rows of B, 8 ranks at
+//           a time, and the (broadcast) shrunk values of its tokens; it then updates its 8
+//           outputs of each token with one 16-byte read-modify-write.
+// Grid: (warp groups over the longest segment's tokens, output groups [of every part],
+// segments); a warp past its segment's end returns at once. Unaligned rows take scalar
+// loads (VEC = false). Everything runs on the current stream (CUDA-graph capturable).
 
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include <algorithm>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
 namespace {
 
-// A block: BM tokens x BN outputs of one segment, through BK-wide slices of K, 16 threads
-// per token row, each with BN / 16 outputs. LoRA's matmuls are skinny, so the two ops get
-// different tiles: the shrink (a few dozen outputs, K = the hidden size) BN = 32 and long
-// slices (BK = 256 for 2-byte weights, 128 for float32: few iterations, many loads in
-// flight each); the expand (thousands of outputs, K = the rank) BN = 128, BK = 32.
-constexpr int BM = 16, THREADS = 256, COL_THREADS = THREADS / BM;
-constexpr int SHRINK_BN = 32, EXPAND_BN = 128, EXPAND_BK = 32;
-template <typename w_t>
-constexpr int shrink_bk() { return sizeof(w_t) == 2 ? 256 : 128; }
+constexpr int WARPS = 8, THREADS = WARPS * 32, TOKENS = 4;
+constexpr int SHRINK_N = 8;          // outputs per warp (shrink)
+constexpr int EXPAND_N = 32 * 8;     // outputs per warp (expand)
 
-// Up to three parts (q, k, v) of an expand in one launch: part p writes out columns
-// [col0[p], col0[p] + n_out[p]) from in columns in0[p] + slot * in_slot_stride, W rows
-// row0[p] + n; its blocks follow the previous parts' along the grid's y axis.
+// Up to three parts (q, k, v) of an expand in one launch: part p reads s columns
+// in0[p] + slot * slot_stride, B rows / y columns from row0[p], n_out[p] of them; its output
+// groups follow the previous parts' along the grid's y axis.
 struct Parts {
-  int64_t in0[3], row0[3], col0[3];
-  int n_out[3], blocks[3], count;
+  int64_t in0[3], row0[3];
+  int n_out[3], groups[3], count;
 };
 
-// A part's field by a runtime index, without indexing the parameter struct dynamically
-// (which would copy it to local memory).
 template <typename T>
 __device__ __forceinline__ T pick(const T (&field)[3], int p) {
   return p == 0 ? field[0] : p == 1 ? field[1] : field[2];
 }
 
-// ADD: out += the product (expand), else out = it (shrink). SPLIT: the grid's y axis also
-// splits K (k_split wide each) and the blocks add their partial sums into a zeroed `out`
-// atomically (float32 only): a decode step's shrink has too few blocks to fill the GPU.
-template <typename in_t, typename w_t, typename out_t, bool ADD, bool SPLIT, int BN, int BK>
-__global__ void __launch_bounds__(THREADS) segmented_matmul(
-    const in_t* __restrict__ in, int64_t in_stride, int64_t in_slot_stride,
-    const w_t* __restrict__ w, int64_t w_slot_stride, int64_t w_row_stride,
-    out_t* __restrict__ out, int64_t out_stride, Parts parts,
-    const int64_t* __restrict__ tokens, const int64_t* __restrict__ seg_start,
-    const int64_t* __restrict__ seg_slot, int k_len, int k_split) {
-  constexpr int COLS = BN / COL_THREADS;
-  constexpr int IN_LOADS = BM * BK / THREADS, W_LOADS = BN * BK / THREADS;
-  const int64_t start = seg_start[blockIdx.z], end = seg_start[blockIdx.z + 1];
-  const int64_t first = start + static_cast<int64_t>(blockIdx.x) * BM;
-  if (first >= end) return;
-  int p = 0, yblock = blockIdx.y, k_begin = 0, k_end = k_len;
-  if (SPLIT) {  // y = split * blocks of the (single) part + output block
-    const int split = yblock / parts.blocks[0];
-    yblock -= split * parts.blocks[0];
-    k_begin = split * k_split;
-    k_end = min(k_len, k_begin + k_split);
+// 8 consecutive elements as floats (16-byte loads when VEC, else one at a time).
+template <typename T, bool VEC>
+__device__ __forceinline__ void load8(const T* src, float (&dst)[8]) {
+  if constexpr (VEC) {
+    constexpr int PER = 16 / sizeof(T);  // elements per 16-byte load
+#pragma unroll
+    for (int h = 0; h < 8 / PER; ++h) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(src + h * PER);
+      const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < PER; ++i) dst[h * PER + i] = static_cast<float>(v[i]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) dst[i] = static_cast<float>(src[i]);
   }
-  if (parts.count > 1 && yblock >= parts.blocks[0]) {
-    yblock -= parts.blocks[0];
+}
+
+// The first `count` (<= 8) elements, zeros after them.
+template <typename T, bool VEC>
+__device__ __forceinline__ void load_n(const T* src, float (&dst)[8], int count) {
+  if (VEC && count == 8) {
+    load8<T, true>(src, dst);
+    return;
+  }
+#pragma unroll
+  for (int e = 0; e < 8; ++e) dst[e] = e < count ? static_cast<float>(src[e]) : 0.f;
+}
+
+template <typename T, bool VEC>
+__device__ __forceinline__ void store8(T* dst, const float (&src)[8]) {
+  if constexpr (VEC) {
+    constexpr int PER = 16 / sizeof(T);
+#pragma unroll
+    for (int h = 0; h < 8 / PER; ++h) {
+      uint4 raw;
+      T* v = reinterpret_cast<T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < PER; ++i) v[i] = static_cast<T>(src[h * PER + i]);
+      *reinterpret_cast<uint4*>(dst + h * PER) = raw;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) dst[i] = static_cast<T>(src[i]);
+  }
+}
+
+// The warp's segment, its first token row, and this warp's token ids (-1: none); false when
+// the warp has nothing to do.
+__device__ __forceinline__ bool warp_tokens(const int64_t* tokens, const int64_t* seg_start,
+                                            int64_t (&tok)[TOKENS]) {
+  const int64_t start = seg_start[blockIdx.z], end = seg_start[blockIdx.z + 1];
+  const int warp = threadIdx.x / 32;
+  const int64_t first = start + (static_cast<int64_t>(blockIdx.x) * WARPS + warp) * TOKENS;
+  if (first >= end) return false;
+#pragma unroll
+  for (int i = 0; i < TOKENS; ++i) tok[i] = first + i < end ? tokens[first + i] : -1;
+  return true;
+}
+
+// x [tokens, k] (rows x_stride apart), a [slots, n, k] -> out [tokens, n] float32.
+template <typename scalar_t, bool VEC>
+__global__ void __launch_bounds__(THREADS) shrink_kernel(
+    const scalar_t* __restrict__ x, int64_t x_stride, const scalar_t* __restrict__ a,
+    int64_t a_slot_stride, int64_t a_row_stride, float* __restrict__ out, int64_t out_stride,
+    const int64_t* __restrict__ tokens, const int64_t* __restrict__ seg_start,
+    const int64_t* __restrict__ seg_slot, int n_out, int k_len) {
+  int64_t tok[TOKENS];
+  if (!warp_tokens(tokens, seg_start, tok)) return;
+  const int lane = threadIdx.x % 32;
+  const int n_first = blockIdx.y * SHRINK_N;
+  const scalar_t* a_rows = a + seg_slot[blockIdx.z] * a_slot_stride + n_first * a_row_stride;
+  float acc[TOKENS][SHRINK_N] = {};
+  for (int k = lane * 8; k < k_len; k += 256) {
+    const int count = min(8, k_len - k);
+    float xs[TOKENS][8];
+#pragma unroll
+    for (int i = 0; i < TOKENS; ++i) {
+      if (tok[i] >= 0) {
+        load_n<scalar_t, VEC>(x + tok[i] * x_stride + k, xs[i], count);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) xs[i][e] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < SHRINK_N; ++j) {
+      if (n_first + j >= n_out) break;
+      float as[8];
+      load_n<scalar_t, VEC>(a_rows + j * a_row_stride + k, as, count);
+#pragma unroll
+      for (int i = 0; i < TOKENS; ++i)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[i][j] += xs[i][e] * as[e];
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < TOKENS; ++i)
+#pragma unroll
+    for (int j = 0; j < SHRINK_N; ++j)
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1)
+        acc[i][j] += __shfl_xor_sync(0xffffffffu, acc[i][j], off);
+  // Lane i * SHRINK_N + j writes token i's output j (TOKENS x SHRINK_N = 32 lanes).
+#pragma unroll
+  for (int i = 0; i < TOKENS; ++i)
+#pragma unroll
+    for (int j = 0; j < SHRINK_N; ++j)
+      if (lane == i * SHRINK_N + j && tok[i] >= 0 && n_first + j < n_out)
+        out[tok[i] * out_stride + n_first + j] = acc[i][j];
+}
+
+// s [tokens, ...] (float32 or B's dtype), b [slots, out, R], y [tokens, out] += s . b.
+template <typename in_t, typename scalar_t, bool VEC>
+__global__ void __launch_bounds__(THREADS) expand_kernel(
+    const in_t* __restrict__ s, int64_t s_stride, int64_t slot_stride,
+    const scalar_t* __restrict__ b, int64_t b_slot_stride, int64_t b_row_stride,
+    scalar_t* __restrict__ y, int64_t y_stride, Parts parts,
+    const int64_t* __restrict__ tokens, const int64_t* __restrict__ seg_start,
+    const int64_t* __restrict__ seg_slot, int rank) {
+  int64_t tok[TOKENS];
+  if (!warp_tokens(tokens, seg_start, tok)) return;
+  int p = 0, group = blockIdx.y;
+  if (parts.count > 1 && group >= parts.groups[0]) {
+    group -= parts.groups[0];
     p = 1;
-    if (parts.count > 2 && yblock >= parts.blocks[1]) {
-      yblock -= parts.blocks[1];
+    if (parts.count > 2 && group >= parts.groups[1]) {
+      group -= parts.groups[1];
       p = 2;
     }
   }
-  const int n_out = pick(parts.n_out, p), n_first = yblock * BN;
-  const int64_t slot = seg_slot[blockIdx.z];
-
-  __shared__ int64_t tok[BM];
-  __shared__ float in_tile[BM][BK + 1];
-  __shared__ w_t w_tile[BN][BK + 2];
-  const int tid = threadIdx.x;
-  if (tid < BM) tok[tid] = first + tid < end ? tokens[first + tid] : -1;
-  __syncthreads();
-
-  const in_t* in_base = in + pick(parts.in0, p) + slot * in_slot_stride;
-  const w_t* w_part = w + slot * w_slot_stride + (pick(parts.row0, p) + n_first) * w_row_stride;
-  const int my_row = tid / COL_THREADS, my_col = tid % COL_THREADS;
-  float acc[COLS] = {};
-  for (int k0 = k_begin; k0 < k_end; k0 += BK) {
-    const int width = min(BK, k_end - k0);
-    // Every load of the slice first (predicated, unrolled: their latencies overlap), then
-    // the stores to shared memory.
-    float in_regs[IN_LOADS];
-    w_t w_regs[W_LOADS];
+  const int lane = threadIdx.x % 32;
+  const int n0 = group * EXPAND_N + lane * 8;  // this lane's 8 outputs of the part
+  const int n_out = pick(parts.n_out, p);
+  const int64_t slot = seg_slot[blockIdx.z], row0 = pick(parts.row0, p);
+  const in_t* s_cols = s + pick(parts.in0, p) + slot * slot_stride;
+  const scalar_t* b_rows = b + slot * b_slot_stride + (row0 + n0) * b_row_stride;
+  const int rows = n0 < n_out ? min(8, n_out - n0) : 0;
+  float acc[TOKENS][8] = {};
+  for (int r0 = 0; r0 < rank; r0 += 8) {
+    const int width = min(8, rank - r0);
+    float sv[TOKENS][8];
 #pragma unroll
-    for (int j = 0; j < IN_LOADS; ++j) {
-      const int i = tid + j * THREADS, m = i / BK, k = i % BK;
-      const int64_t t = tok[m];
-      in_regs[j] = t >= 0 && k < width ? static_cast<float>(in_base[t * in_stride + k0 + k])
-                                       : 0.f;
-    }
+    for (int i = 0; i < TOKENS; ++i)
 #pragma unroll
-    for (int j = 0; j < W_LOADS; ++j) {
-      const int i = tid + j * THREADS, n = i / BK, k = i % BK;
-      w_regs[j] = n_first + n < n_out && k < width ? w_part[n * w_row_stride + k0 + k]
-                                                   : static_cast<w_t>(0.f);
-    }
+      for (int e = 0; e < 8; ++e)
+        sv[i][e] = tok[i] >= 0 && e < width
+                       ? static_cast<float>(static_cast<scalar_t>(
+                             static_cast<float>(s_cols[tok[i] * s_stride + r0 + e])))
+                       : 0.f;
 #pragma unroll
-    for (int j = 0; j < IN_LOADS; ++j) {
-      const int i = tid + j * THREADS;
-      // expand: the twin rounds the shrunk values to B's dtype first
-      in_tile[i / BK][i % BK] = ADD ? static_cast<float>(static_cast<w_t>(in_regs[j]))
-                                    : in_regs[j];
-    }
+    for (int j = 0; j < 8; ++j) {
+      if (j >= rows) break;
+      float bv[8];
+      load_n<scalar_t, VEC>(b_rows + j * b_row_stride + r0, bv, width);
 #pragma unroll
-    for (int j = 0; j < W_LOADS; ++j) {
-      const int i = tid + j * THREADS;
-      w_tile[i / BK][i % BK] = w_regs[j];
-    }
-    __syncthreads();
-#pragma unroll 8
-    for (int k = 0; k < width; ++k) {
-      const float v = in_tile[my_row][k];
+      for (int i = 0; i < TOKENS; ++i)
 #pragma unroll
-      for (int j = 0; j < COLS; ++j)
-        acc[j] += v * static_cast<float>(w_tile[my_col + j * COL_THREADS][k]);
+        for (int e = 0; e < 8; ++e) acc[i][j] += sv[i][e] * bv[e];
     }
-    __syncthreads();
   }
-  const int64_t t = tok[my_row];
-  if (t < 0) return;
-  out_t* dst = out + t * out_stride + pick(parts.col0, p);
+  if (!rows) return;
 #pragma unroll
-  for (int j = 0; j < COLS; ++j) {
-    const int n = n_first + my_col + j * COL_THREADS;
-    if (n >= n_out) continue;
-    if constexpr (SPLIT) {
-      atomicAdd(reinterpret_cast<float*>(dst + n), acc[j]);
+  for (int i = 0; i < TOKENS; ++i) {
+    if (tok[i] < 0) continue;
+    scalar_t* dst = y + tok[i] * y_stride + row0 + n0;
+    if (VEC && rows == 8) {
+      float yv[8];
+      load8<scalar_t, true>(dst, yv);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) yv[e] += acc[i][e];
+      store8<scalar_t, true>(dst, yv);
     } else {
-      dst[n] = static_cast<out_t>(ADD ? static_cast<float>(dst[n]) + acc[j] : acc[j]);
+#pragma unroll
+      for (int e = 0; e < 8; ++e)
+        if (e < rows) dst[e] = static_cast<scalar_t>(static_cast<float>(dst[e]) + acc[i][e]);
     }
   }
 }
@@ -166,18 +242,12 @@ void check_segments(const torch::Tensor& tokens, const torch::Tensor& seg_start,
               "seg_start must have one entry more than seg_slot");
 }
 
-int add_part(Parts& parts, int64_t in0, int64_t row0, int64_t col0, int64_t n_out, int bn) {
-  const int p = parts.count++;
-  parts.in0[p] = in0;
-  parts.row0[p] = row0;
-  parts.col0[p] = col0;
-  parts.n_out[p] = static_cast<int>(n_out);
-  parts.blocks[p] = static_cast<int>((n_out + bn - 1) / bn);
-  return parts.blocks[p];
-}
+bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
-dim3 grid(int64_t max_rows, int y_blocks, int64_t segments) {
-  return dim3((max_rows + BM - 1) / BM, y_blocks, segments);
+dim3 grid(int64_t max_rows, int64_t groups, int64_t segments) {
+  const int64_t warps = (max_rows + TOKENS - 1) / TOKENS;
+  return dim3(static_cast<unsigned>((warps + WARPS - 1) / WARPS), static_cast<unsigned>(groups),
+              static_cast<unsigned>(segments));
 }
 
 }  // namespace
@@ -197,29 +267,19 @@ void lora_shrink(torch::Tensor x, torch::Tensor a, torch::Tensor out, torch::Ten
   if (!segments || !max_rows || !n) return;
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = at::cuda::getCurrentCUDAStream();
-  Parts parts{};
-  const int y_blocks = add_part(parts, 0, 0, 0, n, SHRINK_BN);
-  // Split K over more blocks until the grid covers the GPU about twice (a decode step's
-  // few tokens make few blocks, each with a long K loop); a split is a multiple of 256.
-  const int64_t blocks = (max_rows + BM - 1) / BM * y_blocks * segments;
-  const int64_t target = 2 * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t slices = (k + 255) / 256;
-  const int64_t splits = std::max<int64_t>(1, std::min(slices, (target + blocks - 1) / blocks));
-  const int k_split = static_cast<int>((slices + splits - 1) / splits * 256);
-  const int used = static_cast<int>((k + k_split - 1) / k_split);
-  if (used > 1) out.zero_();
+  const dim3 blocks = grid(max_rows, (n + SHRINK_N - 1) / SHRINK_N, segments);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_shrink", [&] {
-    const auto launch = [&](auto split) {
-      segmented_matmul<scalar_t, scalar_t, float, false, decltype(split)::value, SHRINK_BN,
-                       shrink_bk<scalar_t>()>
-          <<<grid(max_rows, y_blocks * used, segments), THREADS, 0, stream>>>(
-              x.data_ptr<scalar_t>(), x.stride(0), 0,
-              a.data_ptr<scalar_t>(), a.stride(0), a.stride(1),
-              out.data_ptr<float>(), out.stride(0), parts,
-              tokens.data_ptr<int64_t>(), seg_start.data_ptr<int64_t>(),
-              seg_slot.data_ptr<int64_t>(), static_cast<int>(k), k_split);
+    const int per = 16 / sizeof(scalar_t);
+    const bool vec = aligned16(x.data_ptr()) && aligned16(a.data_ptr()) &&
+                     x.stride(0) % per == 0 && a.stride(0) % per == 0 && a.stride(1) % per == 0;
+    const auto launch = [&](auto v) {
+      shrink_kernel<scalar_t, decltype(v)::value><<<blocks, THREADS, 0, stream>>>(
+          x.data_ptr<scalar_t>(), x.stride(0), a.data_ptr<scalar_t>(), a.stride(0),
+          a.stride(1), out.data_ptr<float>(), out.stride(0), tokens.data_ptr<int64_t>(),
+          seg_start.data_ptr<int64_t>(), seg_slot.data_ptr<int64_t>(), static_cast<int>(n),
+          static_cast<int>(k));
     };
-    if (used > 1) {
+    if (vec) {
       launch(std::true_type{});
     } else {
       launch(std::false_type{});
@@ -246,32 +306,45 @@ void lora_expand(torch::Tensor shrunk, torch::Tensor b, torch::Tensor y, torch::
               size.size() <= 3, "expand takes one to three parts (y0, size, s0)");
   TORCH_CHECK(rank <= b.size(2), "rank out of range");
   Parts parts{};
-  int y_blocks = 0;
+  int64_t groups = 0;
+  bool columns_aligned = true;
   for (size_t i = 0; i < size.size(); ++i) {
     TORCH_CHECK(y0[i] + size[i] <= b.size(1) && y0[i] + size[i] <= y.size(1),
                 "output columns out of range");
-    if (size[i]) y_blocks += add_part(parts, s0[i], y0[i], y0[i], size[i], EXPAND_BN);
+    if (!size[i]) continue;
+    const int p = parts.count++;
+    parts.in0[p] = s0[i];
+    parts.row0[p] = y0[i];
+    parts.n_out[p] = static_cast<int>(size[i]);
+    parts.groups[p] = static_cast<int>((size[i] + EXPAND_N - 1) / EXPAND_N);
+    groups += parts.groups[p];
+    columns_aligned = columns_aligned && y0[i] % 8 == 0;
   }
   const int64_t segments = seg_slot.numel();
-  if (!segments || !max_rows || !y_blocks || !rank) return;
+  if (!segments || !max_rows || !groups || !rank) return;
   const c10::cuda::CUDAGuard guard(y.device());
   auto stream = at::cuda::getCurrentCUDAStream();
+  const dim3 blocks = grid(max_rows, groups, segments);
   const bool float_in = shrunk.scalar_type() == torch::kFloat32;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "lora_expand", [&] {
-    const auto launch = [&](auto* in) {
+    const int per = 16 / sizeof(scalar_t);
+    const bool vec = columns_aligned && aligned16(b.data_ptr()) && aligned16(y.data_ptr()) &&
+                     b.stride(0) % per == 0 && b.stride(1) % per == 0 && y.stride(0) % per == 0;
+    const auto launch = [&](auto* in, auto v) {
       using in_t = std::remove_const_t<std::remove_pointer_t<decltype(in)>>;
-      segmented_matmul<in_t, scalar_t, scalar_t, true, false, EXPAND_BN, EXPAND_BK>
-          <<<grid(max_rows, y_blocks, segments), THREADS, 0, stream>>>(
-              in, shrunk.stride(0), slot_stride,
-              b.data_ptr<scalar_t>(), b.stride(0), b.stride(1),
-              y.data_ptr<scalar_t>(), y.stride(0), parts,
-              tokens.data_ptr<int64_t>(), seg_start.data_ptr<int64_t>(),
-              seg_slot.data_ptr<int64_t>(), static_cast<int>(rank), static_cast<int>(rank));
+      expand_kernel<in_t, scalar_t, decltype(v)::value><<<blocks, THREADS, 0, stream>>>(
+          in, shrunk.stride(0), slot_stride, b.data_ptr<scalar_t>(), b.stride(0), b.stride(1),
+          y.data_ptr<scalar_t>(), y.stride(0), parts, tokens.data_ptr<int64_t>(),
+          seg_start.data_ptr<int64_t>(), seg_slot.data_ptr<int64_t>(), static_cast<int>(rank));
     };
-    if (float_in) {
-      launch(shrunk.data_ptr<float>());
+    if (float_in && vec) {
+      launch(shrunk.data_ptr<float>(), std::true_type{});
+    } else if (float_in) {
+      launch(shrunk.data_ptr<float>(), std::false_type{});
+    } else if (vec) {
+      launch(shrunk.data_ptr<scalar_t>(), std::true_type{});
     } else {
-      launch(shrunk.data_ptr<scalar_t>());
+      launch(shrunk.data_ptr<scalar_t>(), std::false_type{});
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
