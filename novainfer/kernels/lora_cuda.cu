@@ -11,12 +11,14 @@
 // a warp takes TOKENS tokens of one segment (all of one slot) and
 //   shrink: 8 outputs; each lane reads 8 consecutive k of x and of A's rows per 256-wide
 //           slice (16-byte loads; a ragged end element by element), keeps TOKENS x 8
-//           partial sums, and the warp adds them up with shuffles at the end;
+//           partial sums, and the warp adds them up with shuffles at the end; the warps
+//           of a block split K and meet in shared memory;
 //   expand: 256 consecutive outputs, 8 per lane; each lane reads its rows of B, 8 ranks at
 //           a time, and the (broadcast) shrunk values of its tokens; it then updates its 8
 //           outputs of each token with one 16-byte read-modify-write.
-// Grid: (warp groups over the longest segment's tokens, output groups [of every part],
-// segments); a warp past its segment's end returns at once. Unaligned rows take scalar
+// Grid: (token groups of the longest segment, output groups [of every part], segments);
+// a group past its segment's end returns at once. All loads of a slice are issued before
+// their arithmetic (ncu: the interleaved version stalled on every load). Unaligned rows take scalar
 // loads (VEC = false). Everything runs on the current stream (CUDA-graph capturable).
 
 #include <torch/extension.h>
@@ -29,9 +31,10 @@
 
 namespace {
 
-constexpr int WARPS = 8, THREADS = WARPS * 32, TOKENS = 4;
-constexpr int SHRINK_N = 8;          // outputs per warp (shrink)
-constexpr int EXPAND_N = 32 * 8;     // outputs per warp (expand)
+constexpr int TOKENS = 4;                      // tokens per warp
+constexpr int SHRINK_N = 8, SHRINK_WARPS = 4;  // shrink: outputs per block, warps splitting K
+constexpr int EXPAND_N = 32 * 8, EXPAND_WARPS = 8;  // expand: outputs per warp, warps per block
+static_assert(TOKENS * SHRINK_N == 32, "the shrink's reduction gives each lane one output");
 
 // Up to three parts (q, k, v) of an expand in one launch: part p reads s columns
 // in0[p] + slot * slot_stride, B rows / y columns from row0[p], n_out[p] of them; its output
@@ -93,81 +96,102 @@ __device__ __forceinline__ void store8(T* dst, const float (&src)[8]) {
   }
 }
 
-// The warp's segment, its first token row, and this warp's token ids (-1: none); false when
-// the warp has nothing to do.
-__device__ __forceinline__ bool warp_tokens(const int64_t* tokens, const int64_t* seg_start,
-                                            int64_t (&tok)[TOKENS]) {
+// The first token row of this thread's group (TOKENS rows from `first` of this block's
+// segment) and its token ids (-1: none); false when the group is past the segment's end.
+__device__ __forceinline__ bool group_tokens(const int64_t* tokens, const int64_t* seg_start,
+                                             int64_t group, int64_t (&tok)[TOKENS]) {
   const int64_t start = seg_start[blockIdx.z], end = seg_start[blockIdx.z + 1];
-  const int warp = threadIdx.x / 32;
-  const int64_t first = start + (static_cast<int64_t>(blockIdx.x) * WARPS + warp) * TOKENS;
+  const int64_t first = start + group * TOKENS;
   if (first >= end) return false;
 #pragma unroll
   for (int i = 0; i < TOKENS; ++i) tok[i] = first + i < end ? tokens[first + i] : -1;
   return true;
 }
 
-// x [tokens, k] (rows x_stride apart), a [slots, n, k] -> out [tokens, n] float32.
+// 32 values per lane in, lane l out with the warp's sum of value l: each of five steps
+// sends half of what a lane holds to its partner and keeps the other half (31 shuffles).
+template <int OFF>
+__device__ __forceinline__ void reduce_step(float (&v)[32], int lane) {
+  const bool upper = lane & OFF;
+#pragma unroll
+  for (int i = 0; i < OFF; ++i) {
+    const float keep = upper ? v[i + OFF] : v[i];
+    const float send = upper ? v[i] : v[i + OFF];
+    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, OFF);
+  }
+}
+
+__device__ __forceinline__ float warp_transpose_sum(float (&v)[32], int lane) {
+  reduce_step<16>(v, lane);
+  reduce_step<8>(v, lane);
+  reduce_step<4>(v, lane);
+  reduce_step<2>(v, lane);
+  reduce_step<1>(v, lane);
+  return v[0];
+}
+
+// x [tokens, k] (rows x_stride apart), a [slots, n, k] -> out [tokens, n] float32. A block:
+// TOKENS tokens x SHRINK_N outputs; its SHRINK_WARPS warps split K (warp w: the 256-wide
+// slices w, w + SHRINK_WARPS, ...), and their partial sums meet in shared memory, added
+// in a fixed order (deterministic).
 template <typename scalar_t, bool VEC>
-__global__ void __launch_bounds__(THREADS) shrink_kernel(
+__global__ void __launch_bounds__(SHRINK_WARPS * 32) shrink_kernel(
     const scalar_t* __restrict__ x, int64_t x_stride, const scalar_t* __restrict__ a,
     int64_t a_slot_stride, int64_t a_row_stride, float* __restrict__ out, int64_t out_stride,
     const int64_t* __restrict__ tokens, const int64_t* __restrict__ seg_start,
     const int64_t* __restrict__ seg_slot, int n_out, int k_len) {
   int64_t tok[TOKENS];
-  if (!warp_tokens(tokens, seg_start, tok)) return;
-  const int lane = threadIdx.x % 32;
+  if (!group_tokens(tokens, seg_start, blockIdx.x, tok)) return;  // the whole block
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int n_first = blockIdx.y * SHRINK_N;
   const scalar_t* a_rows = a + seg_slot[blockIdx.z] * a_slot_stride + n_first * a_row_stride;
-  float acc[TOKENS][SHRINK_N] = {};
-  for (int k = lane * 8; k < k_len; k += 256) {
+  float acc[TOKENS * SHRINK_N] = {};  // [token i][output j] at i * SHRINK_N + j
+  for (int k = warp * 256 + lane * 8; k < k_len; k += SHRINK_WARPS * 256) {
     const int count = min(8, k_len - k);
-    float xs[TOKENS][8];
+    // Every load of the slice first, then the arithmetic: their latencies overlap.
+    float xs[TOKENS][8], as[SHRINK_N][8];
 #pragma unroll
-    for (int i = 0; i < TOKENS; ++i) {
-      if (tok[i] >= 0) {
-        load_n<scalar_t, VEC>(x + tok[i] * x_stride + k, xs[i], count);
-      } else {
+    for (int i = 0; i < TOKENS; ++i)
+      load_n<scalar_t, VEC>(x + (tok[i] >= 0 ? tok[i] : 0) * x_stride + k, xs[i],
+                            tok[i] >= 0 ? count : 0);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) xs[i][e] = 0.f;
-      }
-    }
+    for (int j = 0; j < SHRINK_N; ++j)
+      load_n<scalar_t, VEC>(a_rows + j * a_row_stride + k, as[j],
+                            n_first + j < n_out ? count : 0);
 #pragma unroll
-    for (int j = 0; j < SHRINK_N; ++j) {
-      if (n_first + j >= n_out) break;
-      float as[8];
-      load_n<scalar_t, VEC>(a_rows + j * a_row_stride + k, as, count);
+    for (int i = 0; i < TOKENS; ++i)
 #pragma unroll
-      for (int i = 0; i < TOKENS; ++i)
+      for (int j = 0; j < SHRINK_N; ++j)
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[i][j] += xs[i][e] * as[e];
-    }
+        for (int e = 0; e < 8; ++e) acc[i * SHRINK_N + j] += xs[i][e] * as[j][e];
   }
+  __shared__ float partial[SHRINK_WARPS][32];
+  partial[warp][lane] = warp_transpose_sum(acc, lane);  // lane l: token l / 8, output l % 8
+  __syncthreads();
+  if (warp) return;
+  float total = 0.f;
 #pragma unroll
-  for (int i = 0; i < TOKENS; ++i)
+  for (int w = 0; w < SHRINK_WARPS; ++w) total += partial[w][lane];
+  const int i = lane / SHRINK_N, j = lane % SHRINK_N;
+  int64_t t = tok[0];
 #pragma unroll
-    for (int j = 0; j < SHRINK_N; ++j)
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1)
-        acc[i][j] += __shfl_xor_sync(0xffffffffu, acc[i][j], off);
-  // Lane i * SHRINK_N + j writes token i's output j (TOKENS x SHRINK_N = 32 lanes).
-#pragma unroll
-  for (int i = 0; i < TOKENS; ++i)
-#pragma unroll
-    for (int j = 0; j < SHRINK_N; ++j)
-      if (lane == i * SHRINK_N + j && tok[i] >= 0 && n_first + j < n_out)
-        out[tok[i] * out_stride + n_first + j] = acc[i][j];
+  for (int q = 1; q < TOKENS; ++q)
+    if (i == q) t = tok[q];
+  if (t >= 0 && n_first + j < n_out) out[t * out_stride + n_first + j] = total;
 }
 
-// s [tokens, ...] (float32 or B's dtype), b [slots, out, R], y [tokens, out] += s . b.
+// s [tokens, ...] (float32 or B's dtype), b [slots, out, R], y [tokens, out] += s . b. A
+// warp: TOKENS tokens x EXPAND_N outputs (8 per lane); a block: EXPAND_WARPS token groups.
 template <typename in_t, typename scalar_t, bool VEC>
-__global__ void __launch_bounds__(THREADS) expand_kernel(
+__global__ void __launch_bounds__(EXPAND_WARPS * 32) expand_kernel(
     const in_t* __restrict__ s, int64_t s_stride, int64_t slot_stride,
     const scalar_t* __restrict__ b, int64_t b_slot_stride, int64_t b_row_stride,
     scalar_t* __restrict__ y, int64_t y_stride, Parts parts,
     const int64_t* __restrict__ tokens, const int64_t* __restrict__ seg_start,
     const int64_t* __restrict__ seg_slot, int rank) {
   int64_t tok[TOKENS];
-  if (!warp_tokens(tokens, seg_start, tok)) return;
+  const int64_t group_id = static_cast<int64_t>(blockIdx.x) * EXPAND_WARPS + threadIdx.x / 32;
+  if (!group_tokens(tokens, seg_start, group_id, tok)) return;  // this warp
   int p = 0, group = blockIdx.y;
   if (parts.count > 1 && group >= parts.groups[0]) {
     group -= parts.groups[0];
@@ -182,12 +206,12 @@ __global__ void __launch_bounds__(THREADS) expand_kernel(
   const int n_out = pick(parts.n_out, p);
   const int64_t slot = seg_slot[blockIdx.z], row0 = pick(parts.row0, p);
   const in_t* s_cols = s + pick(parts.in0, p) + slot * slot_stride;
-  const scalar_t* b_rows = b + slot * b_slot_stride + (row0 + n0) * b_row_stride;
   const int rows = n0 < n_out ? min(8, n_out - n0) : 0;
+  const scalar_t* b_rows = b + slot * b_slot_stride + (row0 + (rows ? n0 : 0)) * b_row_stride;
   float acc[TOKENS][8] = {};
   for (int r0 = 0; r0 < rank; r0 += 8) {
     const int width = min(8, rank - r0);
-    float sv[TOKENS][8];
+    float sv[TOKENS][8], bv[8][8];
 #pragma unroll
     for (int i = 0; i < TOKENS; ++i)
 #pragma unroll
@@ -197,15 +221,15 @@ __global__ void __launch_bounds__(THREADS) expand_kernel(
                              static_cast<float>(s_cols[tok[i] * s_stride + r0 + e])))
                        : 0.f;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      if (j >= rows) break;
-      float bv[8];
-      load_n<scalar_t, VEC>(b_rows + j * b_row_stride + r0, bv, width);
+    for (int j = 0; j < 8; ++j)
+      load_n<scalar_t, VEC>(b_rows + (j < rows ? j : 0) * b_row_stride + r0, bv[j],
+                            j < rows ? width : 0);
 #pragma unroll
-      for (int i = 0; i < TOKENS; ++i)
+    for (int i = 0; i < TOKENS; ++i)
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[i][j] += sv[i][e] * bv[e];
-    }
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[i][j] += sv[i][e] * bv[j][e];
   }
   if (!rows) return;
 #pragma unroll
@@ -244,10 +268,11 @@ void check_segments(const torch::Tensor& tokens, const torch::Tensor& seg_start,
 
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
-dim3 grid(int64_t max_rows, int64_t groups, int64_t segments) {
-  const int64_t warps = (max_rows + TOKENS - 1) / TOKENS;
-  return dim3(static_cast<unsigned>((warps + WARPS - 1) / WARPS), static_cast<unsigned>(groups),
-              static_cast<unsigned>(segments));
+// (token groups of the longest segment / groups_per_block, output groups, segments)
+dim3 grid(int64_t max_rows, int64_t groups_per_block, int64_t groups, int64_t segments) {
+  const int64_t token_groups = (max_rows + TOKENS - 1) / TOKENS;
+  return dim3(static_cast<unsigned>((token_groups + groups_per_block - 1) / groups_per_block),
+              static_cast<unsigned>(groups), static_cast<unsigned>(segments));
 }
 
 }  // namespace
@@ -267,13 +292,13 @@ void lora_shrink(torch::Tensor x, torch::Tensor a, torch::Tensor out, torch::Ten
   if (!segments || !max_rows || !n) return;
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = at::cuda::getCurrentCUDAStream();
-  const dim3 blocks = grid(max_rows, (n + SHRINK_N - 1) / SHRINK_N, segments);
+  const dim3 blocks = grid(max_rows, 1, (n + SHRINK_N - 1) / SHRINK_N, segments);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_shrink", [&] {
     const int per = 16 / sizeof(scalar_t);
     const bool vec = aligned16(x.data_ptr()) && aligned16(a.data_ptr()) &&
                      x.stride(0) % per == 0 && a.stride(0) % per == 0 && a.stride(1) % per == 0;
     const auto launch = [&](auto v) {
-      shrink_kernel<scalar_t, decltype(v)::value><<<blocks, THREADS, 0, stream>>>(
+      shrink_kernel<scalar_t, decltype(v)::value><<<blocks, SHRINK_WARPS * 32, 0, stream>>>(
           x.data_ptr<scalar_t>(), x.stride(0), a.data_ptr<scalar_t>(), a.stride(0),
           a.stride(1), out.data_ptr<float>(), out.stride(0), tokens.data_ptr<int64_t>(),
           seg_start.data_ptr<int64_t>(), seg_slot.data_ptr<int64_t>(), static_cast<int>(n),
@@ -324,7 +349,7 @@ void lora_expand(torch::Tensor shrunk, torch::Tensor b, torch::Tensor y, torch::
   if (!segments || !max_rows || !groups || !rank) return;
   const c10::cuda::CUDAGuard guard(y.device());
   auto stream = at::cuda::getCurrentCUDAStream();
-  const dim3 blocks = grid(max_rows, groups, segments);
+  const dim3 blocks = grid(max_rows, EXPAND_WARPS, groups, segments);
   const bool float_in = shrunk.scalar_type() == torch::kFloat32;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "lora_expand", [&] {
     const int per = 16 / sizeof(scalar_t);
@@ -332,7 +357,7 @@ void lora_expand(torch::Tensor shrunk, torch::Tensor b, torch::Tensor y, torch::
                      b.stride(0) % per == 0 && b.stride(1) % per == 0 && y.stride(0) % per == 0;
     const auto launch = [&](auto* in, auto v) {
       using in_t = std::remove_const_t<std::remove_pointer_t<decltype(in)>>;
-      expand_kernel<in_t, scalar_t, decltype(v)::value><<<blocks, THREADS, 0, stream>>>(
+      expand_kernel<in_t, scalar_t, decltype(v)::value><<<blocks, EXPAND_WARPS * 32, 0, stream>>>(
           in, shrunk.stride(0), slot_stride, b.data_ptr<scalar_t>(), b.stride(0), b.stride(1),
           y.data_ptr<scalar_t>(), y.stride(0), parts, tokens.data_ptr<int64_t>(),
           seg_start.data_ptr<int64_t>(), seg_slot.data_ptr<int64_t>(), static_cast<int>(rank));
