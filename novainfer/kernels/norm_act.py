@@ -1,0 +1,141 @@
+"""Triton kernels for the decoder's small element-wise ops: RMSNorm, residual add + RMSNorm in
+one pass, and SiLU-and-mul. Their twins are the PyTorch functions in layers/norm.py and
+layers/activation.py (`.reference`), whose rounding they repeat step for step: the sum
+x + residual rounded to the activations' dtype, statistics in fp32, the normalised value
+rounded to the activations' dtype before the weight multiplies it; silu(gate) rounded before
+it multiplies up.
+
+Each launch allocates only its outputs and never reads a value back to the host, so the ops
+can be captured in CUDA graphs. The grids depend on the row count only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Rows of a small hidden size (q/k norms: head_dim 128) share a program, so tiny rows do not
+# each pay a whole program's start-up.
+_ROW_ELEMS = 2048
+
+
+@triton.jit
+def _rms_norm_kernel(
+    X, R, W, OUT, SUM,
+    n_rows, n_cols, heads, eps,
+    stride_xt, stride_xh, stride_rt, stride_rh,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Row r of the input is token r // heads, head r % heads: a [tokens, heads, dim] view
+    # whose heads are contiguous (the q/k slices of the qkv output) needs no copy.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (cols[None, :] < n_cols)
+    rows64 = rows.to(tl.int64)
+    tok, head = rows64 // heads, rows64 % heads
+    x_off = (tok * stride_xt + head * stride_xh)[:, None] + cols[None, :]
+    x = tl.load(X + x_off, mask=mask, other=0.0)
+    out_off = rows64[:, None] * n_cols + cols[None, :]
+    if HAS_RESIDUAL:
+        r_off = (tok * stride_rt + head * stride_rh)[:, None] + cols[None, :]
+        r = tl.load(R + r_off, mask=mask, other=0.0)
+        x = x + r  # in the activations' dtype, as `x + residual`
+        tl.store(SUM + out_off, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=1) / n_cols + eps)
+    normed = (xf * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    tl.store(OUT + out_off, (w[None, :] * normed).to(OUT.dtype.element_ty), mask=mask)
+
+
+def _rows_view(x: torch.Tensor) -> tuple[int, int, int, int]:
+    """(rows, heads, token stride, head stride) of x seen as rows of its last dimension.
+    2-D inputs may be row-strided; 3-D ones need contiguous rows inside a token."""
+    if x.stride(-1) != 1 or x.dim() > 3:
+        raise ValueError(f"expected a row-major 2-D or 3-D tensor, got shape {tuple(x.shape)} "
+                         f"strides {x.stride()}")
+    if x.dim() == 1:
+        return 1, 1, 0, 0
+    if x.dim() == 2:
+        return x.shape[0], 1, x.stride(0), 0
+    return x.shape[0] * x.shape[1], x.shape[1], x.stride(0), x.stride(1)
+
+
+def _launch_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    n = x.shape[-1]
+    if weight.shape != (n,):
+        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({n},)")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    rows, heads, sxt, sxh = _rows_view(x)
+    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    total, srt, srh = None, 0, 0
+    if residual is not None:
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} does not match "
+                             f"x {tuple(x.shape)} {x.dtype}")
+        if residual.stride(-1) != 1:
+            residual = residual.contiguous()
+        _, _, srt, srh = _rows_view(residual)
+        total = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if rows == 0:
+        return out, total
+    block_n = triton.next_power_of_2(n)
+    block_r = max(1, min(16, _ROW_ELEMS // block_n))
+    warps = 1 if block_r * block_n <= 512 else (4 if block_r * block_n <= 4096 else 8)
+    _rms_norm_kernel[(triton.cdiv(rows, block_r),)](
+        x, residual if residual is not None else x, weight, out,
+        total if total is not None else out,
+        rows, n, heads, eps, sxt, sxh, srt, srh,
+        HAS_RESIDUAL=residual is not None, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
+    )
+    return out, total
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * RMSNorm(x) over the last dimension; x: [..., n] (2-D, or 3-D with contiguous
+    rows), weight: [n]. A new contiguous tensor of x's shape."""
+    return _launch_norm(x, None, weight, eps)[0]
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * RMSNorm(x + residual), x + residual) in one pass over x and residual."""
+    out, total = _launch_norm(x, residual, weight, eps)
+    return out, total
+
+
+@triton.jit
+def _silu_and_mul_kernel(GU, OUT, n_cols, stride_row, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    gate = tl.load(GU + row * stride_row + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(GU + row * stride_row + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(OUT.dtype.element_ty).to(tl.float32)
+    tl.store(OUT + row * n_cols + cols, (act * up).to(OUT.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate | up] along the last dimension: [rows, 2 n] (rows may
+    be strided) -> [rows, n], a new tensor."""
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"gate_up's last dimension must be even, got {gate_up.shape[-1]}")
+    n = gate_up.shape[-1] // 2
+    flat = gate_up if gate_up.dim() == 2 and gate_up.stride(-1) == 1 else gate_up.reshape(-1, 2 * n)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    out = torch.empty(*gate_up.shape[:-1], n, dtype=gate_up.dtype, device=gate_up.device)
+    rows = flat.shape[0]
+    if rows == 0 or n == 0:
+        return out
+    block = min(1024, triton.next_power_of_2(n))
+    _silu_and_mul_kernel[(rows, triton.cdiv(n, block))](
+        flat, out, n, flat.stride(0), BLOCK=block, num_warps=4 if block >= 512 else 1,
+    )
+    return out
