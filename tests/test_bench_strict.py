@@ -132,3 +132,16 @@ def test_gpu_a_real_triton_compile_and_a_new_segment_are_caught():
                and "_fresh_kernel" in v for v in violations), violations
     assert not any(v.startswith("timed round 2") for v in violations), violations
     assert any(v.startswith("timed round 3 of 3: allocated device memory") for v in violations)
+
+
+def test_warm_up_fills_the_largest_steps(checkpoint):
+    """The CUDA bench's extra warm-up: one prefill of the whole token budget (distinct
+    prompts, no prefix sharing) and one decode step of max_num_seqs rows."""
+    from conftest import make_llm
+
+    llm = make_llm(checkpoint("llama"), kv_cache_memory=8 << 20, max_num_seqs=8,
+                   max_num_batched_tokens=64)
+    engine = llm.llm_engine
+    before = engine.num_steps
+    bench.warm_up_largest_steps(llm, 8, 64, engine.max_model_len)
+    assert engine.num_steps - before == 2  # 8 x 8 prompt tokens in one step, then 8 decodes
