@@ -113,7 +113,7 @@ COMPARISONS: dict[str, Comparison] = {
 # hidden size, intermediate size, (q heads, head_dim) of the q/k norm or None.
 FUSED_MODELS = {"qwen3-0.6b": (1024, 3072, (16, 128)), "llama3-8b": (4096, 14336, None)}
 FUSED_VARIANTS = ("eager", "compile", "triton")
-FUSED_OPS = ("add_rms_norm", "rms_norm", "qk_rms_norm", "silu_and_mul")
+FUSED_OPS = ("add_rms_norm", "rms_norm", "qk_rms_norm", "qk_norm_rope", "silu_and_mul")
 
 
 def fused_op_calls(op: str, rows: int, model: str, device: torch.device, dtype: torch.dtype,
@@ -130,13 +130,15 @@ def fused_op_calls(op: str, rows: int, model: str, device: torch.device, dtype: 
     def rnd(*shape):
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
-    if op == "qk_rms_norm":
+    if op in ("qk_rms_norm", "qk_norm_rope"):
         if qk is None:
             return None
         heads, head_dim = qk
         qkv = rnd(rows, (heads + 2 * (heads // 2)) * head_dim)  # q is a view, as in the model
-        args, fn = (qkv[:, : heads * head_dim].view(rows, heads, head_dim), rnd(head_dim),
-                    1e-6), norm.rms_norm
+        q = qkv[:, : heads * head_dim].view(rows, heads, head_dim)
+        if op == "qk_norm_rope":
+            return _qk_norm_rope_calls(qkv, q, heads, head_dim, rows, device, variants)
+        args, fn = (q, rnd(head_dim), 1e-6), norm.rms_norm
     elif op == "silu_and_mul":
         args, fn = (rnd(rows, 2 * inter),), activation.silu_and_mul
     elif op == "rms_norm":
@@ -150,6 +152,31 @@ def fused_op_calls(op: str, rows: int, model: str, device: torch.device, dtype: 
     for name in variants:
         impl = impls[name]()
         calls[name] = lambda impl=impl: impl(*args)
+    return calls
+
+
+def _qk_norm_rope_calls(qkv, q, heads, head_dim, rows, device, variants):
+    """q/k norm + rotary: the three ops (eager; each compiled, as the model runs them under
+    compile) against the one Triton launch."""
+    from novainfer.layers import norm, rotary
+    from novainfer.layers.fusion import triton_op
+
+    k = qkv[:, heads * head_dim : heads * head_dim * 3 // 2].view(rows, heads // 2, head_dim)
+    rope = rotary.RotaryEmbedding(head_dim, 4096, 1e6, {}).to(device)
+    pos = torch.randint(0, 4096, (rows,), device=device)
+    w = torch.ones(head_dim, device=device, dtype=q.dtype)
+    args = (q, k, pos, w, w, 1e-6, rope.cos, rope.sin)
+    calls = {}
+    if "eager" in variants:
+        calls["eager"] = lambda: rotary.qk_norm_rope_reference(*args)
+    if "compile" in variants:
+        c_norm = torch.compile(norm.rms_norm.reference, dynamic=True, fullgraph=True)
+        c_rope = torch.compile(rotary.apply_rope.reference, dynamic=True, fullgraph=True)
+        calls["compile"] = lambda: c_rope(c_norm(q, w, 1e-6), c_norm(k, w, 1e-6), pos,
+                                          rope.cos, rope.sin)
+    if "triton" in variants:
+        fused = triton_op("qk_norm_rope")
+        calls["triton"] = lambda: fused(*args)
     return calls
 
 

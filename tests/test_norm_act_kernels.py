@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from novainfer.kernels import norm_act
-from novainfer.layers import activation, fusion, norm
+from novainfer.layers import activation, fusion, norm, rotary
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEV = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")
@@ -145,7 +145,54 @@ def test_fused_ops_switch_values():
         assert callable(fusion.triton_op(op.triton_name))
 
 
+def _qk_inputs(tokens, heads, kv_heads, d, dtype, device=DEV, max_pos=4096, seed=0):
+    g = torch.Generator().manual_seed(seed + tokens)
+    qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * d, generator=g) * 2).to(dtype).to(device)
+    q = qkv[:, : heads * d].view(tokens, heads, d)  # strided views, as in the model
+    k = qkv[:, heads * d : (heads + kv_heads) * d].view(tokens, kv_heads, d)
+    qw = (1 + 0.3 * torch.randn(d, generator=g)).to(dtype).to(device)
+    kw = (1 + 0.3 * torch.randn(d, generator=g)).to(dtype).to(device)
+    rope = rotary.RotaryEmbedding(d, max_pos, 1e6, {}).to(device)
+    pos = torch.randint(0, max_pos, (tokens,), generator=g).to(device)
+    return q, k, pos, qw, kw, rope
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tokens,heads,kv_heads,d", [(1, 16, 8, 128), (9, 4, 2, 64),
+                                                     (33, 3, 1, 32), (5, 6, 2, 48)])
+def test_qk_norm_rope_matches_reference(dtype, tokens, heads, kv_heads, d):
+    q, k, pos, qw, kw, rope = _qk_inputs(tokens, heads, kv_heads, d, dtype)
+    got_q, got_k = norm_act.qk_norm_rope(q, k, pos, qw, kw, 1e-6, rope.cos, rope.sin)
+    want_q, want_k = rotary.qk_norm_rope_reference(q, k, pos, qw, kw, 1e-6, rope.cos, rope.sin)
+    _close(got_q, want_q, dtype)
+    _close(got_k, want_k, dtype)
+
+
+def test_qk_norm_rope_off_cuda_is_the_three_ops(monkeypatch):
+    """Off CUDA (or with compile) the model's q/k path is today's: norm, norm, rope."""
+    monkeypatch.setattr(fusion, "FUSED_OPS", "triton")
+    q, k, pos, qw, kw, rope = _qk_inputs(7, 4, 2, 64, torch.float32, torch.device("cpu"))
+    got = rotary.qk_norm_rope(q, k, pos, qw, kw, 1e-6, rope.cos, rope.sin)
+    want = rotary.qk_norm_rope_reference(q, k, pos, qw, kw, 1e-6, rope.cos, rope.sin)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="q/k norm weights"):
+        norm_act.qk_norm_rope(q, k, pos, qw[:32], kw, 1e-6, rope.cos, rope.sin)
+
+
 # ----------------------------------------------------------------------------- GPU
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 256, 4096])
+def test_gpu_bf16_qk_norm_rope_matches_reference(tokens):
+    q, k, pos, qw, kw, rope = _qk_inputs(tokens, 16, 8, 128, torch.bfloat16,
+                                         torch.device("cuda"), max_pos=40960)
+    got = norm_act.qk_norm_rope(q, k, pos, qw, kw, 1e-6, rope.cos, rope.sin)
+    want = rotary.qk_norm_rope_reference(q, k, pos, qw, kw, 1e-6, rope.cos, rope.sin)
+    for a, b in zip(got, want):
+        _close(a, b, torch.bfloat16)
 
 
 @gpu
@@ -180,9 +227,12 @@ def test_gpu_ops_capture_in_a_cuda_graph():
     x, res, w = _inputs(64, 1024, torch.bfloat16, torch.device("cuda"))
     gate_up = torch.randn(64, 2 * 3072, device="cuda", dtype=torch.bfloat16)
 
+    q, k, pos, qw, kw, rope = _qk_inputs(64, 16, 8, 128, torch.bfloat16, torch.device("cuda"))
+
     def step():
         out, total = norm_act.add_rms_norm(x, res, w, 1e-6)
-        return out, total, norm_act.rms_norm(total, w, 1e-6), norm_act.silu_and_mul(gate_up)
+        return (out, total, norm_act.rms_norm(total, w, 1e-6), norm_act.silu_and_mul(gate_up),
+                *norm_act.qk_norm_rope(q, k, pos, qw, kw, 1e-6, rope.cos, rope.sin))
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -197,6 +247,8 @@ def test_gpu_ops_capture_in_a_cuda_graph():
         x.copy_(torch.randn(x.shape, generator=g))
         res.copy_(torch.randn(res.shape, generator=g))
         gate_up.copy_(torch.randn(gate_up.shape, generator=g))
+        q.copy_(torch.randn(q.shape, generator=g))
+        pos.copy_(torch.randint(0, 4096, pos.shape, generator=g))
         before = torch.cuda.memory_stats()["allocation.all.allocated"]
         graph.replay()
         torch.cuda.synchronize()

@@ -258,13 +258,13 @@ def test_ab_fused_ops_table(tmp_path, monkeypatch):
     assert ab.main(["fused-ops", "--batch", "1,3", "--repeats", "4", "--warmup", "1",
                     "--device", "cpu", "--variants", "eager,triton", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "fused-ops.json").read_text())
-    assert len(result["cells"]) == 2 * (4 + 3)  # 4 ops for qwen3, 3 for llama (no q/k norm)
+    assert len(result["cells"]) == 2 * (5 + 3)  # 5 ops for qwen3, 3 for llama (no q/k norm)
     assert {c["op"] for c in result["cells"] if c["model"] == "llama3-8b"} == {
         "add_rms_norm", "rms_norm", "silu_and_mul"}
     cell = result["cells"][0]
     assert cell["eager_ms"] == pytest.approx(2.0) and cell["triton_sd_ms"] == 0.0
     md = (tmp_path / "fused-ops.md").read_text()
     assert "| add_rms_norm | qwen3-0.6b | 1 | 2.0000 ± 0.0000 | 1.0000 ± 0.0000 | 2.00x |" in md
-    assert "triton vs eager: mean speedup 2.00x" in md and "in 0 of 14 cells" in md
+    assert "triton vs eager: mean speedup 2.00x" in md and "in 0 of 16 cells" in md
     with pytest.raises(SystemExit, match="unknown variant or model"):
         ab.main(["fused-ops", "--variants", "jit", "--device", "cpu", "--out", str(tmp_path)])

@@ -1,9 +1,10 @@
 """Triton kernels for the decoder's small element-wise ops: RMSNorm, residual add + RMSNorm in
-one pass, and SiLU-and-mul. Their twins are the PyTorch functions in layers/norm.py and
-layers/activation.py (`.reference`), whose rounding they repeat step for step: the sum
+one pass, SiLU-and-mul, and Qwen3's q/k RMSNorm + rotary embedding in one pass. Their twins
+are the PyTorch functions in layers/norm.py, layers/activation.py and layers/rotary.py
+(`.reference`, `qk_norm_rope_reference`), whose rounding they repeat step for step: the sum
 x + residual rounded to the activations' dtype, statistics in fp32, the normalised value
 rounded to the activations' dtype before the weight multiplies it; silu(gate) rounded before
-it multiplies up.
+it multiplies up; each rotary product and their sum rounded.
 
 Each launch allocates only its outputs and never reads a value back to the host, so the ops
 can be captured in CUDA graphs. Only the grids depend on the row count, so one compiled
@@ -142,3 +143,86 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         flat, out, n, flat.stride(0), BLOCK=block, num_warps=4 if block >= 512 else 1,
     )
     return out
+
+
+@triton.jit
+def _norm_rope_heads(X, OUT, W, tok, stride_t, stride_h, c1, c2, s1, s2, eps,
+                     H: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK_HALF: tl.constexpr):
+    """RMSNorm then rotary of one token's H heads, each split in its two halves (x1, x2):
+    out1 = x1 cos - x2 sin, out2 = x2 cos + x1 sin, every product and sum rounded to the
+    dtype as the PyTorch twin does."""
+    heads = tl.arange(0, BLOCK_H)
+    cols = tl.arange(0, BLOCK_HALF)
+    mask = (heads[:, None] < H) & (cols[None, :] < HALF)
+    src = X + tok * stride_t + heads[:, None] * stride_h + cols[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.math.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)
+    dt = OUT.dtype.element_ty
+    w1 = tl.load(W + cols, mask=cols < HALF, other=0.0).to(tl.float32)
+    w2 = tl.load(W + HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)
+    n1 = (w1[None, :] * (x1 * rstd[:, None]).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    n2 = (w2[None, :] * (x2 * rstd[:, None]).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    o1 = (n1 * c1[None, :]).to(dt).to(tl.float32) + (-n2 * s1[None, :]).to(dt).to(tl.float32)
+    o2 = (n2 * c2[None, :]).to(dt).to(tl.float32) + (n1 * s2[None, :]).to(dt).to(tl.float32)
+    dst = OUT + tok * (H * 2 * HALF) + heads[:, None] * (2 * HALF) + cols[None, :]
+    tl.store(dst, o1.to(dt), mask=mask)
+    tl.store(dst + HALF, o2.to(dt), mask=mask)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    Q, K, QO, KO, QW, KW, POS, COS, SIN,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_cos, eps,
+    HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    pos = tl.load(POS + tok).to(tl.int64)
+    cols = tl.arange(0, BLOCK_HALF)
+    m = cols < HALF
+    dt = QO.dtype.element_ty
+    row = pos * stride_cos
+    # cos[positions].to(q.dtype): the fp32 table rounded to the activations' dtype
+    c1 = tl.load(COS + row + cols, mask=m, other=0.0).to(dt).to(tl.float32)
+    c2 = tl.load(COS + row + HALF + cols, mask=m, other=0.0).to(dt).to(tl.float32)
+    s1 = tl.load(SIN + row + cols, mask=m, other=0.0).to(dt).to(tl.float32)
+    s2 = tl.load(SIN + row + HALF + cols, mask=m, other=0.0).to(dt).to(tl.float32)
+    _norm_rope_heads(Q, QO, QW, tok, stride_qt, stride_qh, c1, c2, s1, s2, eps,
+                     HQ, HALF, BLOCK_HQ, BLOCK_HALF)
+    _norm_rope_heads(K, KO, KW, tok, stride_kt, stride_kh, c1, c2, s1, s2, eps,
+                     HK, HALF, BLOCK_HK, BLOCK_HALF)
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                 q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                 cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3's q/k RMSNorm and the rotary embedding in one launch: q [tokens, heads, d] and
+    k [tokens, kv_heads, d] (views of the qkv output; each head contiguous), positions
+    [tokens], cos/sin [max_positions, d] fp32 tables. New contiguous q and k."""
+    tokens, hq, d = q.shape
+    hk = k.shape[1]
+    if d % 2 or k.shape != (tokens, hk, d) or k.dtype != q.dtype:
+        raise ValueError(f"q {tuple(q.shape)} {q.dtype} and k {tuple(k.shape)} {k.dtype} must "
+                         "share tokens, head_dim (even) and dtype")
+    if q_weight.shape != (d,) or k_weight.shape != (d,) or \
+            q_weight.dtype != q.dtype or k_weight.dtype != q.dtype:
+        raise ValueError(f"q/k norm weights must be ({d},) in {q.dtype}")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if tokens == 0:
+        return q_out, k_out
+    half = d // 2
+    _qk_norm_rope_kernel[(tokens,)](
+        q, k, q_out, k_out, q_weight, k_weight, positions, cos, sin,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), eps,
+        HQ=hq, HK=hk, HALF=half, BLOCK_HQ=triton.next_power_of_2(hq),
+        BLOCK_HK=triton.next_power_of_2(hk), BLOCK_HALF=triton.next_power_of_2(half),
+        num_warps=4 if hq * d >= 1024 else 1,
+    )
+    return q_out, k_out

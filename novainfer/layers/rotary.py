@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from novainfer.kernels import cpu_native
+from novainfer.layers import fusion
 from novainfer.layers.fusion import fused
+from novainfer.layers.norm import rms_norm
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any]) -> torch.Tensor:
@@ -65,3 +67,25 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def qk_norm_rope(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor,
+    k_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of q and k (Qwen3's q/k norm), then the rotary embedding. One Triton launch
+    under NOVAINFER_FUSED_OPS=triton on CUDA; otherwise the three ops (compiled, C or
+    plain PyTorch as each decides)."""
+    if fusion.FUSED_OPS == "triton" and q.is_cuda and not fusion.PLAIN_PYTORCH:
+        return fusion.triton_op("qk_norm_rope")(q, k, positions, q_weight, k_weight, eps, cos,
+                                                sin)
+    return apply_rope(rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps), positions, cos, sin)
+
+
+def qk_norm_rope_reference(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor,
+    k_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain PyTorch twin of qk_norm_rope, for tests."""
+    return apply_rope.reference(rms_norm.reference(q, q_weight, eps),
+                                rms_norm.reference(k, k_weight, eps), positions, cos, sin)
