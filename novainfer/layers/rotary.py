@@ -69,17 +69,20 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
+def fused_qk_norm_rope_applies(q: torch.Tensor) -> bool:
+    """Whether the q/k norms and the rotary embedding run as one Triton launch
+    (qk_norm_rope): NOVAINFER_FUSED_OPS=triton, on CUDA. Otherwise the model calls its
+    q_norm, k_norm and rotary modules (compiled, C or plain PyTorch as each decides)."""
+    return fusion.FUSED_OPS == "triton" and q.is_cuda and not fusion.PLAIN_PYTORCH
+
+
 def qk_norm_rope(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor,
     k_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm of q and k (Qwen3's q/k norm), then the rotary embedding. One Triton launch
-    under NOVAINFER_FUSED_OPS=triton on CUDA; otherwise the three ops (compiled, C or
-    plain PyTorch as each decides)."""
-    if fusion.FUSED_OPS == "triton" and q.is_cuda and not fusion.PLAIN_PYTORCH:
-        return fusion.triton_op("qk_norm_rope")(q, k, positions, q_weight, k_weight, eps, cos,
-                                                sin)
-    return apply_rope(rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps), positions, cos, sin)
+    """RMSNorm of q and k (Qwen3's q/k norm), then the rotary embedding, in one Triton launch
+    (kernels/norm_act.py); `qk_norm_rope_reference` is its twin."""
+    return fusion.triton_op("qk_norm_rope")(q, k, positions, q_weight, k_weight, eps, cos, sin)
 
 
 def qk_norm_rope_reference(
