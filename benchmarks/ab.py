@@ -116,6 +116,17 @@ FUSED_VARIANTS = ("eager", "compile", "triton")
 FUSED_OPS = ("add_rms_norm", "rms_norm", "qk_rms_norm", "qk_norm_rope", "silu_and_mul")
 
 
+_COMPILED: dict[Callable, Callable] = {}
+
+
+def _compiled(fn: Callable) -> Callable:
+    """torch.compile(fn) as layers/fusion.py makes it, once per function: every batch size
+    reuses it, as the engine does."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _COMPILED[fn]
+
+
 def fused_op_calls(op: str, rows: int, model: str, device: torch.device, dtype: torch.dtype,
                    variants: list[str]) -> dict[str, Callable[[], object]] | None:
     """One no-argument call per variant of `op` on `rows` tokens of `model`'s shapes: eager
@@ -146,7 +157,7 @@ def fused_op_calls(op: str, rows: int, model: str, device: torch.device, dtype: 
     else:
         args, fn = (rnd(rows, hidden), rnd(rows, hidden), rnd(hidden), 1e-6), norm.add_rms_norm
     impls = {"eager": lambda: fn.reference}
-    impls["compile"] = lambda: torch.compile(fn.reference, dynamic=True, fullgraph=True)
+    impls["compile"] = lambda: _compiled(fn.reference)
     impls["triton"] = lambda: triton_op(fn.triton_name)
     calls = {}
     for name in variants:
@@ -170,8 +181,7 @@ def _qk_norm_rope_calls(qkv, q, heads, head_dim, rows, device, variants):
     if "eager" in variants:
         calls["eager"] = lambda: rotary.qk_norm_rope_reference(*args)
     if "compile" in variants:
-        c_norm = torch.compile(norm.rms_norm.reference, dynamic=True, fullgraph=True)
-        c_rope = torch.compile(rotary.apply_rope.reference, dynamic=True, fullgraph=True)
+        c_norm, c_rope = _compiled(norm.rms_norm.reference), _compiled(rotary.apply_rope.reference)
         calls["compile"] = lambda: c_rope(c_norm(q, w, 1e-6), c_norm(k, w, 1e-6), pos,
                                           rope.cos, rope.sin)
     if "triton" in variants:
