@@ -3,11 +3,11 @@
 On CUDA, NOVAINFER_FUSED_OPS (read once, at import) picks how: `compile` (the default) has
 torch.compile compile each wrapped function (dynamic shapes, so one kernel serves every batch
 size) the first time it sees a CUDA tensor; `triton` calls the function's hand-written Triton
-twin (novainfer/kernels/norm_act.py) where it has one, torch.compile where it has not. On the CPU, float32 calls go to the
-function's C twin (novainfer/kernels/cpu_elementwise.c) when that library could be built.
-Everything else runs the plain PyTorch code, which is also the reference both are tested
-against. Set NOVAINFER_NO_COMPILE=1 (before the process starts) to run the plain PyTorch
-code everywhere.
+twin (novainfer/kernels/norm_act.py) where it has one, torch.compile where it has not. On the
+CPU, float32 calls go to the function's C twin (novainfer/kernels/cpu_elementwise.c) when
+that library could be built. Everything else runs the plain PyTorch code, which is also the
+reference all of them are tested against. Set NOVAINFER_NO_COMPILE=1 (before the process
+starts) to run the plain PyTorch code everywhere.
 """
 
 from __future__ import annotations
