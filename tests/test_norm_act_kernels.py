@@ -218,6 +218,32 @@ def test_gpu_bf16_silu_and_mul_matches_reference(rows, size):
 
 @gpu
 @pytest.mark.gpu
+def test_gpu_new_batch_sizes_compile_nothing():
+    """Only the grid depends on the row count: once each op ran at one size, sizes that
+    hit Triton's integer specialisations (1, multiples of 16) compile nothing new."""
+    from novainfer.bench_strict import CompileWatch
+
+    cuda = torch.device("cuda")
+
+    def run_all(rows):
+        x, res, w = _inputs(rows, 1024, torch.bfloat16, cuda)
+        norm_act.add_rms_norm(x, res, w, 1e-6)
+        norm_act.rms_norm(x, w, 1e-6)
+        norm_act.silu_and_mul(torch.cat([x, res], dim=-1))
+        q, k, pos, qw, kw, rope = _qk_inputs(rows, 16, 8, 128, torch.bfloat16, cuda)
+        norm_act.qk_norm_rope(q, k, pos, qw, kw, 1e-6, rope.cos, rope.sin)
+        norm_act.rms_norm(q, qw, 1e-6)
+
+    run_all(5)
+    with CompileWatch() as watch:
+        for rows in (1, 2, 16, 17, 32, 512, 4099):
+            run_all(rows)
+        torch.cuda.synchronize()
+    assert watch.events == []
+
+
+@gpu
+@pytest.mark.gpu
 def test_gpu_ops_capture_in_a_cuda_graph():
     """Captured once, replayed on new inputs: the same results as eager calls, and no memory
     allocated by a replay."""
