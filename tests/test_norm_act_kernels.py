@@ -282,7 +282,7 @@ def test_gpu_ops_capture_in_a_cuda_graph():
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["qwen3", "llama"])
+@pytest.mark.parametrize("name", ["qwen3"])  # every fused op, q/k norm + rope included
 def test_gpu_model_with_triton_ops(checkpoint, monkeypatch, name):
     """The whole model under NOVAINFER_FUSED_OPS=triton: fp32 greedy tokens (CUDA graphs)
     equal transformers'; bf16 last-position logits stay within 1e-2 of the plain PyTorch
