@@ -7,9 +7,10 @@ matmul by [W_qkv; A of every slot], expand), op by op, over seed 000's grid.
 Grid: batch 1, 4, 8, 16 x sequence 128, 512, 1024, 2048 (tokens = batch x sequence, each
 sequence on one adapter, round-robin) x rank 16, 32, 64, 128 x max_loras 1-8. Shapes
 of the q/k/v projection of --preset (default qwen3-0.6b). Per point: >= 3 warm-ups, then the
-mean and standard deviation of >= 10 timed runs of each path (CUDA events on a GPU), both
-in one run, with the kernels of lora/ops.py (Triton on CUDA; the CUDA C++ kernels do not
-exist yet, so there is no Triton-vs-CUDA column). Prints a table, and JSON with --json.
+mean and standard deviation of >= 10 timed runs of each path (CUDA events on a GPU), all
+in one run: on CUDA with both LoRA kernels of lora/ops.py (the CUDA C++ ones and Triton)
+side by side, on the CPU with the PyTorch twins. Prints a table, and JSON with --json.
+`--max-loras 1,4,8` (or `--ranks`, `--batches`, `--seqs`) measures part of the grid.
 """
 
 from __future__ import annotations
@@ -25,17 +26,21 @@ import torch
 
 from novainfer.layers.linear import QKVLinear
 from novainfer.lora.layers import LoRASlots, LoRAState
-from novainfer.lora.ops import expand, group_by_slot, lora_batch, shrink
+from novainfer.lora.ops import expand, group_by_slot, lora_batch, shrink, using
 from novainfer.models.config import ModelConfig
 from novainfer.presets import preset_folder
 
 
-def _timer(device: torch.device):
-    def run(fn, warmups: int, runs: int) -> list[float]:
+def _timer(device: torch.device, nvtx: bool = False):
+    """Times `fn`; with `nvtx`, its last run is in an NVTX range named `name` (for ncu's
+    --nvtx-include, docs/lora.md)."""
+    def run(fn, warmups: int, runs: int, name: str = "") -> list[float]:
         for _ in range(warmups):
             fn()
         times = []
-        for _ in range(runs):
+        for i in range(runs):
+            if nvtx and i == runs - 1:
+                torch.cuda.nvtx.range_push(name)
             if device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -43,6 +48,8 @@ def _timer(device: torch.device):
                 end.record()
                 end.synchronize()
                 times.append(start.elapsed_time(end))
+                if nvtx and i == runs - 1:
+                    torch.cuda.nvtx.range_pop()
             else:
                 t = time.perf_counter()
                 fn()
@@ -52,7 +59,7 @@ def _timer(device: torch.device):
 
 
 def point(cfg: ModelConfig, batch: int, seq: int, rank: int, loras: int, device, dtype,
-          warmups: int, runs: int) -> dict:
+          warmups: int, runs: int, impls: list[str], nvtx: bool = False) -> dict:
     torch.manual_seed(0)
     layer = QKVLinear(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, False)
     layer = layer.to(device=device, dtype=dtype)
@@ -76,13 +83,23 @@ def point(cfg: ModelConfig, batch: int, seq: int, rank: int, loras: int, device,
     def fused():
         return slots.run_layer(layer, x)
 
-    same = torch.allclose(traditional().float(), fused().float(), rtol=3e-2, atol=3e-2)
-    timed = _timer(device)
-    t, f = timed(traditional, warmups, runs), timed(fused, warmups, runs)
-    return {"batch": batch, "seq": seq, "tokens": tokens, "rank": rank, "max_loras": loras,
-            "traditional_ms": statistics.mean(t), "traditional_sd": statistics.stdev(t),
-            "fused_ms": statistics.mean(f), "fused_sd": statistics.stdev(f),
-            "speedup": statistics.mean(t) / statistics.mean(f), "same_output": same}
+    row = {"batch": batch, "seq": seq, "tokens": tokens, "rank": rank, "max_loras": loras,
+           "same_output": True}
+    timed = _timer(device, nvtx)
+    for impl in impls:
+        with using(impl):
+            same = torch.allclose(traditional().float(), fused().float(), rtol=3e-2, atol=3e-2)
+            t = timed(traditional, warmups, runs, f"{impl}-traditional")
+            f = timed(fused, warmups, runs, f"{impl}-fused")
+        row["same_output"] &= same
+        row[impl] = {"traditional_ms": statistics.mean(t), "traditional_sd": statistics.stdev(t),
+                     "fused_ms": statistics.mean(f), "fused_sd": statistics.stdev(f),
+                     "speedup": statistics.mean(t) / statistics.mean(f)}
+    return row
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="a few small points (smoke test)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--batches", type=_ints, default=[1, 4, 8, 16])
+    p.add_argument("--seqs", type=_ints, default=[128, 512, 1024, 2048])
+    p.add_argument("--ranks", type=_ints, default=[16, 32, 64, 128])
+    p.add_argument("--max-loras", type=_ints, default=list(range(1, 9)))
+    p.add_argument("--impls", default=None, help="on CUDA: cuda,triton (default both)")
+    p.add_argument("--nvtx", action="store_true",
+                   help="mark each path's last run as an NVTX range <impl>-<path> (for ncu)")
     args = p.parse_args(argv)
     if args.warmups < 3 or args.runs < 10:
         p.error("the grid is measured with >= 3 warm-ups and >= 10 runs")
@@ -101,15 +125,24 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     cfg = ModelConfig.from_folder(preset_folder(args.preset))
     grid = ([(1, 16, 16, 1), (2, 16, 8, 2)] if args.quick else list(itertools.product(
-        (1, 4, 8, 16), (128, 512, 1024, 2048), (16, 32, 64, 128), range(1, 9))))
-    rows = [point(cfg, b, s, r, n, device, dtype, args.warmups, args.runs) for b, s, r, n in grid]
+        args.batches, args.seqs, args.ranks, args.max_loras)))
+    impls = ["cuda", "triton"] if device.type == "cuda" else ["torch"]
+    impls = args.impls.split(",") if args.impls else impls
     print(f"{args.preset} q/k/v, {device}, {dtype}: ms per call, mean +- sd of {args.runs} runs")
-    print("| batch | seq | rank | max_loras | traditional | fused | speedup |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
+    cols = [f"{i} {path}" for i in impls for path in ("traditional", "fused", "speedup")]
+    print("| batch | seq | rank | max_loras | " + " | ".join(cols) + " |")
+    print("|---" * (4 + len(cols)) + "|", flush=True)
+    rows = []
+    for b, s, rank, n in grid:  # each row as soon as it is measured
+        r = point(cfg, b, s, rank, n, device, dtype, args.warmups, args.runs, impls, args.nvtx)
+        rows.append(r)
+        cells = []
+        for i in impls:
+            m = r[i]
+            cells += [f"{m['traditional_ms']:.3f} +- {m['traditional_sd']:.3f}",
+                      f"{m['fused_ms']:.3f} +- {m['fused_sd']:.3f}", f"{m['speedup']:.2f}x"]
         print(f"| {r['batch']} | {r['seq']} | {r['rank']} | {r['max_loras']} | "
-              f"{r['traditional_ms']:.3f} +- {r['traditional_sd']:.3f} | "
-              f"{r['fused_ms']:.3f} +- {r['fused_sd']:.3f} | {r['speedup']:.2f}x |")
+              + " | ".join(cells) + " |", flush=True)
     if not all(r["same_output"] for r in rows):
         print("error: the fused path's output differs from the traditional one")
         return 1

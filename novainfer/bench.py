@@ -109,7 +109,7 @@ def floor_seconds(llm, work: Workload, steps: int, bandwidth: float, flops: floa
     shard, its KV heads) over one device's bandwidth: the N devices' floor."""
     runner = llm.llm_engine.runner
     cfg = runner.model_config
-    elem = torch.empty((), dtype=runner.dtype).element_size()
+    elem = runner.kv_cache.element_size()  # 1 byte with an fp8 cache
     kv_per_token = cfg.num_layers * 2 * runner.worker.num_kv_heads * cfg.head_dim * elem
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     embed = cfg.vocab_size * cfg.hidden_size // runner.tp.size
@@ -155,10 +155,16 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--compare", choices=["hf"], default=None,
                         help="also run transformers' continuous batching on the same workload")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    from novainfer.cli import add_async_scheduling_arg, add_lora_arg, add_tensor_parallel_arg
+    from novainfer.cli import (
+        add_async_scheduling_arg,
+        add_kv_cache_args,
+        add_lora_arg,
+        add_tensor_parallel_arg,
+    )
 
     add_tensor_parallel_arg(parser)
     add_async_scheduling_arg(parser)
+    add_kv_cache_args(parser)
     add_lora_arg(parser)
     parser.add_argument("--lora-count", type=int, default=0,
                         help="random LoRA adapters of the model's shapes, requests assigned "
@@ -255,6 +261,8 @@ def run(args: argparse.Namespace) -> dict:
         enforce_eager=args.enforce_eager,
         tensor_parallel_size=args.tensor_parallel_size,
         async_scheduling=args.async_scheduling,
+        kv_cache_dtype=args.kv_cache_dtype,
+        calculate_kv_scales=args.calculate_kv_scales,
         **extra,
         **_lora_engine_args(args),
     )
@@ -298,6 +306,7 @@ def run(args: argparse.Namespace) -> dict:
         "model": args.model or preset,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(engine.runner.dtype).replace("torch.", ""),
+        "kv_cache_dtype": str(engine.runner.kv_cache.dtype).replace("torch.", ""),
         "attention_backend": engine.runner.backend.name,
         "cuda_graphs": engine.runner.graphs is not None,
         "num_seqs": num_seqs,
@@ -341,7 +350,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def print_report(result: dict, as_json: bool) -> None:
-    keys = ["model", "device", "dtype", "attention_backend", "cuda_graphs", "num_seqs",
+    keys = ["model", "device", "dtype", "kv_cache_dtype", "attention_backend", "cuda_graphs", "num_seqs",
             "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_blocks",
             "tensor_parallel_size", "lora_adapters", "steps"]
     print("configuration: " + ", ".join(f"{k}={result[k]}" for k in keys))

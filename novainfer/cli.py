@@ -50,10 +50,20 @@ def add_async_scheduling_arg(parser: argparse.ArgumentParser) -> None:
                         const=False, help="one step at a time (the default on the CPU)")
 
 
+def add_kv_cache_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kv-cache-dtype", default="auto",
+                        help="auto (the model's dtype), fp8 or fp8_e4m3 (e4m3 with a K and a V "
+                             "scale per layer: half the bytes of bf16, twice the blocks)")
+    parser.add_argument("--calculate-kv-scales", action="store_true",
+                        help="fp8: set the scales from the first prefill (amax / 448) instead "
+                             "of 1.0")
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
     add_tensor_parallel_arg(parser)
     add_async_scheduling_arg(parser)
+    add_kv_cache_args(parser)
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16, float64")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--max-model-len", type=int, default=None,
@@ -166,7 +176,8 @@ def _make_llm(args: argparse.Namespace, **extra: Any):
     return LLM(args.model, dtype=args.dtype, device=args.device,
                max_model_len=args.max_model_len, seed=args.seed,
                tensor_parallel_size=args.tensor_parallel_size,
-               async_scheduling=args.async_scheduling, **extra)
+               async_scheduling=args.async_scheduling, kv_cache_dtype=args.kv_cache_dtype,
+               calculate_kv_scales=args.calculate_kv_scales, **extra)
 
 
 def _params(args: argparse.Namespace):

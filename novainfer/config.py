@@ -17,6 +17,8 @@ DTYPES = {
     "double": torch.float64,
 }
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# vLLM's names: "auto" is the model's dtype; "fp8" is e4m3 (kernels/fp8.py).
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 MAX_LORA_RANK = 512  # vLLM's largest; the expand kernel holds a rank-wide tile
 
 
@@ -31,6 +33,10 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     block_size: int = 16
     enable_prefix_caching: bool = True
+    # "auto" (the model's dtype), "fp8" or "fp8_e4m3": an e4m3 cache with a K and a V scale per
+    # layer, 1.0 unless calculate_kv_scales sets them from the first prefill (amax / 448).
+    kv_cache_dtype: str = "auto"
+    calculate_kv_scales: bool = False
     gpu_memory_utilization: float = 0.9
     kv_cache_memory: int | None = None  # bytes; bounds the KV cache on the CPU
     num_kv_blocks: int | None = None  # explicit block count, overrides memory-based sizing
@@ -60,6 +66,15 @@ class EngineConfig:
             _positive_int("max_model_len", self.max_model_len)
         if self.max_num_batched_tokens is not None:
             _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
+        if not isinstance(self.kv_cache_dtype, str) or self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}, "
+                f"got {self.kv_cache_dtype!r}"
+            )
+        if not isinstance(self.calculate_kv_scales, bool):
+            raise TypeError(
+                f"calculate_kv_scales must be a bool, got {type(self.calculate_kv_scales).__name__}"
+            )
         if self.block_size not in BLOCK_SIZES:
             raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {self.block_size!r}")
         if not isinstance(self.gpu_memory_utilization, (int, float)) or not (
@@ -119,6 +134,10 @@ class EngineConfig:
         if self.async_scheduling is None:
             return self.torch_device().type == "cuda"
         return self.async_scheduling
+
+    def kv_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's element type: the model's dtype unless kv_cache_dtype asks for fp8."""
+        return KV_CACHE_DTYPES[self.kv_cache_dtype] or model_dtype
 
     def torch_dtype(self, device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:
         if isinstance(self.dtype, torch.dtype):

@@ -133,7 +133,7 @@ def test_engine_through_the_kernels_matches_peft(model_dir, adapters, prompts, e
     pytest.importorskip("triton")
     from novainfer.lora import ops
 
-    monkeypatch.setattr(ops, "use_triton", lambda x: True)
+    monkeypatch.setattr(ops, "_forced", "triton")
     llm = make_llm(model_dir, enable_lora=True, max_loras=3, max_lora_rank=8)
     pairs, batch, loras = _mixed(adapters, prompts)
     outs = llm.generate(batch, greedy(), use_tqdm=False, lora_request=loras)
@@ -414,3 +414,35 @@ def test_serve_refuses_an_adapter_named_like_the_base_model(capsys):
     code = cli.main(["serve", "--served-model-name", "m", "--lora-modules", "m=/x",
                      "--device", "cpu"])
     assert code == 2 and "is the base model's served name" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fusion", ["0", "1"])
+def test_cuda_graphs_with_adapters_match_peft(model_dir, adapters, prompts, expected, fusion,
+                                               monkeypatch):
+    """On a GPU in fp32, with CUDA graphs on (and the CUDA C++ kernels): adapters and the
+    base mixed in one batch give PEFT's tokens, and the decode steps ran as graph replays,
+    the LoRA ones included."""
+    from novainfer.engine.cuda_graphs import DecodeGraphs
+
+    monkeypatch.setenv("NOVAINFER_ENABLE_QKV_LORA_FUSION", fusion)
+    replays = {False: 0, True: 0}
+    run = DecodeGraphs.run
+
+    def counting(self, *args):
+        replays[args[3] is not None if len(args) > 3 else False] += 1
+        return run(self, *args)
+
+    monkeypatch.setattr(DecodeGraphs, "run", counting)
+    llm = make_llm(model_dir, device="cuda", enable_lora=True, max_loras=3, max_lora_rank=8,
+                   max_model_len=256)
+    pairs, batch, loras = _mixed(adapters, prompts)
+    outs = llm.generate(batch, greedy(), use_tqdm=False, lora_request=loras)
+    for (name, i), tokens in zip(pairs, completion_tokens(outs)):
+        assert tokens == expected[name][i], (name, i)
+    assert replays[True] >= MAX_TOKENS - 2, replays
+    # The base alone afterwards runs the graphs without LoRA.
+    base = llm.generate(prompts, greedy(), use_tqdm=False)
+    assert completion_tokens(base) == expected[None]
+    assert replays[False] >= MAX_TOKENS - 2, replays

@@ -1,8 +1,10 @@
-"""The Triton LoRA shrink and expand kernels against their PyTorch twins (lora/ops.py) on
-random inputs: tokens of several adapters interleaved, tokens without one (never touched),
-a rank below the slots' R, sizes that are not multiples of the blocks, a single token,
-fused parts (q/k/v). Interpreted on the CPU in fp32 (TRITON_INTERPRET=1); compiled on a GPU,
-where the `gpu` test adds bf16 at a realistic size."""
+"""The Triton and CUDA C++ LoRA shrink and expand kernels against their PyTorch twins
+(lora/ops.py) on random inputs: tokens of several adapters interleaved, tokens without one
+(never touched), a rank below the slots' R, sizes that are not multiples of the blocks, a
+single token, fused parts (q/k/v), wide ranks. Triton is interpreted on the CPU in fp32
+(TRITON_INTERPRET=1); on a GPU the `gpu` tests compile both kernels and add bf16 at a
+realistic size. The choice between them (switches, the fallback to Triton when the CUDA
+kernel fails) and validation mode are tested on the CPU with stand-ins for the CUDA kernel."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
+from novainfer.lora import ops, switches
 from novainfer.lora.ops import expand, group_by_slot, lora_batch, shrink
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -54,6 +57,7 @@ CASES = [  # tokens, adapters used, in, parts, R, rank
     (70, 2, 48, [40, 40], 32, 5),  # gate/up, odd sizes
     (19, 4, 17, [33], 16, 3),
 ]
+WIDE = [(33, 2, 96, [40, 24], 256, 200), (5, 1, 64, [72], 512, 512)]  # the CUDA tests add these
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"t{c[0]}-a{c[1]}-k{c[2]}" for c in CASES])
@@ -62,14 +66,14 @@ def test_triton_matches_the_pytorch_twins(case):
     token_slots, x, a, b, y, expand_parts = _case(tokens, used, k, parts, max_rank, rank,
                                                   torch.float32, DEV, seed=tokens)
     batch = _batch(token_slots, DEV)
-    want = shrink(x, a, batch, triton=False)
-    got = shrink(x, a, batch, triton=True)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    want = shrink(x, a, batch, impl="torch")
+    got = shrink(x, a, batch, impl="triton")
+    used = batch.tokens  # the shrink's other rows are left unset
+    torch.testing.assert_close(got[used], want[used], rtol=1e-5, atol=1e-5)
     free = [t for t, s in enumerate(token_slots) if s < 0]
-    assert not got[free].any()  # tokens without an adapter: never written
     y_want, y_got = y.clone(), y.clone()
-    expand(want, b, y_want, batch, expand_parts, rank, triton=False)
-    expand(want, b, y_got, batch, expand_parts, rank, triton=True)
+    expand(want, b, y_want, batch, expand_parts, rank, impl="torch")
+    expand(want, b, y_got, batch, expand_parts, rank, impl="triton")
     torch.testing.assert_close(y_got, y_want, rtol=1e-5, atol=1e-5)
     assert torch.equal(y_got[free], y[free])
     # The twins against the plain formula, token by token.
@@ -81,6 +85,33 @@ def test_triton_matches_the_pytorch_twins(case):
             delta = (x[t] @ part_a.T) @ b[slot, y0 : y0 + size, :rank].T
             torch.testing.assert_close(y_want[t, y0 : y0 + size], y[t, y0 : y0 + size] + delta,
                                        rtol=1e-4, atol=1e-4)
+
+
+def test_graph_buffers_give_the_same_updates():
+    """The static layout a CUDA graph replays (lora tokens in a buffer longer than the step,
+    one segment per slot, empty ones included, the grid sized by the bucket) gives the same
+    shrink and expand as the step's own LoRABatch."""
+    from novainfer.engine.cuda_graphs import segment_per_slot
+    from novainfer.lora.ops import LoRABatch
+
+    token_slots, x, a, b, y, parts = _case(37, 3, 80, [64, 16, 16], 16, 8, torch.float32, DEV,
+                                           seed=11)
+    batch = _batch(token_slots, DEV)
+    slots, bucket = a.shape[0], 48  # one slot no token uses; a bucket larger than the step
+    tokens = torch.full((bucket,), 7, dtype=torch.long)  # stale entries past the step
+    starts = torch.full((slots + 1,), 99, dtype=torch.long)
+    starts[0] = 0
+    segment_per_slot(batch, tokens, starts, torch.zeros(slots, dtype=torch.long))
+    static = LoRABatch(tokens, starts, torch.arange(slots), [], bucket)
+    assert starts.tolist()[-1] == batch.tokens.numel()
+    want = shrink(x, a, batch, impl="torch")
+    used = batch.tokens
+    torch.testing.assert_close(shrink(x, a, static, impl="triton")[used], want[used], rtol=1e-5,
+                               atol=1e-5)
+    y_want, y_got = y.clone(), y.clone()
+    expand(want, b, y_want, batch, parts, 8, impl="torch")
+    expand(want, b, y_got, static, parts, 8, impl="triton")
+    torch.testing.assert_close(y_got, y_want, rtol=1e-5, atol=1e-5)
 
 
 def test_no_token_uses_an_adapter():
@@ -95,13 +126,158 @@ def test_gpu_bf16_realistic():
     token_slots, x, a, b, y, parts = _case(256, 4, 1024, [2048, 1024, 1024], 16, 16,
                                            torch.bfloat16, torch.device("cuda"), seed=5)
     batch = _batch(token_slots, torch.device("cuda"))
-    want = shrink(x, a, batch, triton=False)
-    got = shrink(x, a, batch, triton=True)
-    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    want = shrink(x, a, batch, impl="torch")
+    got = shrink(x, a, batch, impl="triton")
+    torch.testing.assert_close(got[batch.tokens], want[batch.tokens], rtol=2e-2, atol=2e-2)
     y_want, y_got = y.clone(), y.clone()
-    expand(want, b, y_want, batch, parts, 16, triton=False)
-    expand(want, b, y_got, batch, parts, 16, triton=True)
+    expand(want, b, y_want, batch, parts, 16, impl="torch")
+    expand(want, b, y_got, batch, parts, 16, impl="triton")
     torch.testing.assert_close(y_got.float(), y_want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", CASES + WIDE, ids=[f"t{c[0]}-a{c[1]}-r{c[5]}" for c in CASES + WIDE])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_kernels_match_the_twins(case, dtype):
+    """The CUDA C++ kernels (compiled here with nvcc) against the twins: fp32 within
+    summation order, bf16 within its rounding; untouched rows stay untouched."""
+    tokens, used, k, parts, max_rank, rank = case
+    dev = torch.device("cuda")
+    token_slots, x, a, b, y, expand_parts = _case(tokens, used, k, parts, max_rank, rank,
+                                                  dtype, dev, seed=tokens + 1)
+    batch = _batch(token_slots, dev)
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    want = shrink(x, a, batch, impl="torch")
+    got = shrink(x, a, batch, impl="cuda")
+    torch.testing.assert_close(got[batch.tokens], want[batch.tokens], **tol)
+    free = [t for t, s in enumerate(token_slots) if s < 0]
+    y_want, y_got = y.clone(), y.clone()
+    expand(want, b, y_want, batch, expand_parts, rank, impl="torch")
+    expand(want, b, y_got, batch, expand_parts, rank, impl="cuda")
+    torch.testing.assert_close(y_got.float(), y_want.float(), **tol)
+    assert torch.equal(y_got[free], y[free])
+    assert ops._cuda_failure is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_validation_command_passes_on_gpu(capsys):
+    from novainfer.lora import validate
+
+    assert validate.main(["--preset", "qwen3-0.6b"]) == 0
+    assert "CUDA matches Triton" in capsys.readouterr().out
+
+
+@pytest.fixture
+def kernel_env(monkeypatch):
+    """Clean kernel switches and no recorded CUDA failure, before and after."""
+    for name in ("FORCE_TRITON_LORA", "VALIDATE_LORA"):
+        for prefix in ("NOVAINFER_", "VLLM_"):
+            monkeypatch.delenv(prefix + name, raising=False)
+    monkeypatch.setattr(ops, "_cuda_failure", None)
+    switches.lora_settings.cache_clear()
+    yield monkeypatch
+    switches.lora_settings.cache_clear()
+
+
+class _OnCuda:
+    is_cuda = True
+
+
+def test_using_overrides_the_choice(kernel_env):
+    with ops.using("triton"):
+        assert ops.choose_impl(torch.zeros(1)) == "triton"
+        with ops.using("cuda"):
+            assert ops.choose_impl(torch.zeros(1)) == "cuda"
+        assert ops.choose_impl(torch.zeros(1)) == "triton"
+    assert ops.choose_impl(torch.zeros(1)) == "torch"
+    with pytest.raises(ValueError, match="impl must be"), ops.using("cutlass"):
+        pass
+
+
+def test_kernel_choice_follows_the_switches(kernel_env):
+    assert ops.choose_impl(torch.zeros(1)) == "torch"
+    assert ops.choose_impl(_OnCuda()) == "cuda"
+    kernel_env.setenv("VLLM_FORCE_TRITON_LORA", "1")  # seed 000's spelling
+    switches.lora_settings.cache_clear()
+    assert ops.choose_impl(_OnCuda()) == "triton"
+    kernel_env.setenv("NOVAINFER_FORCE_TRITON_LORA", "0")  # ours wins over the alias
+    switches.lora_settings.cache_clear()
+    assert ops.choose_impl(_OnCuda()) == "cuda"
+
+
+def _fp32_case():
+    token_slots, x, a, b, y, parts = _case(37, 3, 80, [64, 16, 16], 16, 8, torch.float32, DEV,
+                                           seed=3)
+    return _batch(token_slots, DEV), x, a, b, y, parts
+
+
+def test_a_failing_cuda_kernel_warns_and_triton_takes_over(kernel_env):
+    from novainfer.kernels import lora_cuda
+
+    def broken(*args):
+        raise RuntimeError("nvcc: not found")
+
+    kernel_env.setattr(lora_cuda, "load", broken)
+    batch, x, a, b, y, parts = _fp32_case()
+    with pytest.warns(RuntimeWarning, match="CUDA LoRA kernel failed.*nvcc: not found"):
+        got = shrink(x, a, batch, impl="cuda")
+    want = shrink(x, a, batch, impl="torch")
+    torch.testing.assert_close(got[batch.tokens], want[batch.tokens], rtol=1e-5, atol=1e-5)
+    assert ops.choose_impl(_OnCuda()) == "triton"  # for the rest of the process
+    y_got, y_want = y.clone(), y.clone()  # a failure midway leaves y as it was, then Triton
+    expand(got, b, y_got, batch, parts, 8, impl="cuda")
+    expand(got, b, y_want, batch, parts, 8, impl="torch")
+    torch.testing.assert_close(y_got, y_want, rtol=1e-5, atol=1e-5)
+
+
+def _stand_in(op: str, error: float = 0.0, nan: bool = False):
+    """A CUDA kernel stand-in: Triton's result, off by `error` on the first token written."""
+    from novainfer.kernels import lora as lora_triton
+
+    def run(*args):
+        getattr(lora_triton, f"lora_{op}_triton")(*args)
+        out, first = args[2], int(args[3][0])
+        out[first, 0] += float("nan") if nan else error
+
+    return run
+
+
+@pytest.mark.parametrize("op", ["shrink", "expand"])
+def test_validation_mode_compares_cuda_with_triton(kernel_env, op):
+    from novainfer.kernels import lora_cuda
+
+    kernel_env.setenv("NOVAINFER_VALIDATE_LORA", "1")
+    switches.lora_settings.cache_clear()
+    batch, x, a, b, y, parts = _fp32_case()
+    shrunk = shrink(x, a, batch, impl="torch")
+
+    def call():
+        if op == "shrink":
+            return shrink(x, a, batch, impl="cuda")
+        out = y.clone()
+        expand(shrunk, b, out, batch, parts, 8, impl="cuda")
+        return out
+
+    kernel_env.setattr(lora_cuda, f"lora_{op}_cuda", _stand_in(op))
+    call()  # agrees: no error
+    kernel_env.setattr(lora_cuda, f"lora_{op}_cuda", _stand_in(op, error=5.0))
+    with pytest.raises(ops.LoRAValidationError, match=f"LoRA {op}: .*largest difference 5"):
+        call()
+    kernel_env.setattr(lora_cuda, f"lora_{op}_cuda", _stand_in(op, nan=True))
+    with pytest.raises(ops.LoRAValidationError, match="NaN or Inf"):
+        call()
+    assert ops._cuda_failure is None  # a disagreement is an error, not a fallback
+
+
+def test_validation_command_needs_a_gpu(capsys):
+    from novainfer.lora import validate
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the message without a GPU")
+    assert validate.main([]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
 
 
 
@@ -116,6 +292,6 @@ def test_fusion_benchmark_smoke(capsys):
     spec.loader.exec_module(bench)
     assert bench.main(["--quick", "--device", "cpu", "--json"]) == 0
     out = capsys.readouterr().out
-    assert "| batch | seq | rank | max_loras | traditional | fused | speedup |" in out
+    assert "| batch | seq | rank | max_loras | torch traditional | torch fused | torch speedup |" in out
     rows = json.loads(out.strip().splitlines()[-1])
-    assert len(rows) == 2 and all(r["same_output"] and r["fused_ms"] > 0 for r in rows)
+    assert len(rows) == 2 and all(r["same_output"] and r["torch"]["fused_ms"] > 0 for r in rows)

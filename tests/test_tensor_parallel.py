@@ -122,7 +122,7 @@ def test_each_shape_check_names_both_numbers(field, value, size, match):
 
 def test_allreduce_setting_is_checked_before_any_rank_starts(checkpoint, monkeypatch):
     monkeypatch.setenv("NOVAINFER_ALLREDUCE", "fast")
-    with pytest.raises(ValueError, match="NOVAINFER_ALLREDUCE must be 'nccl' or 'peer'"):
+    with pytest.raises(ValueError, match="NOVAINFER_ALLREDUCE must be 'auto', 'nccl' or 'peer'"):
         make_llm(checkpoint("llama"), dtype="float32", tensor_parallel_size=2)
 
 

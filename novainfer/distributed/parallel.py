@@ -36,6 +36,12 @@ class TensorParallel:
                     torch.distributed.all_reduce(x, group=self.group)
         return x
 
+    def all_reduce_max(self, x: torch.Tensor) -> torch.Tensor:
+        """The elementwise max of x over the ranks, in place (the fp8 KV scales, once)."""
+        if self.size > 1:
+            torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return x
+
     def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor | None:
         """Rank 0: the ranks' x concatenated along the last dim (rank order); others: None."""
         if self.size == 1:

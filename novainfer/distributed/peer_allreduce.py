@@ -18,13 +18,14 @@ the dead peers' pads cleared, from the host through the copy engine, which the s
 kernels do not block) until the stream drains; the step's results are garbage and are
 discarded with the error.
 
-Opt-in: `NOVAINFER_ALLREDUCE=peer` (default `nccl`; every rank must see the same setting,
-and spawned workers inherit it). Measured on 2 x H200 (2026-11-30): 7-11 us against NCCL's
-18-20 us up to 512 KiB, 20 against 39 us at 2 MiB, equal at 8 MiB, results bit-identical to
-NCCL's; llama3-8b `bench` at N=2 9,800 against 8,951 tok/s (synchronous steps, one call),
-13,716 against 13,359 with asynchronous scheduling (two calls). Its GPU tests (results
-against NCCL's, a worker killed mid-step) pass; it stays opt-in because only the first
-tensor-parallel engine of a process can use it (below).
+`NOVAINFER_ALLREDUCE`: `auto` (the default) takes the peer path wherever it can work (GPUs
+of one host with peer access, the first tensor-parallel engine of a process: see below) and
+NCCL elsewhere, silently; `peer` asks for it (and says so on stderr when it cannot be had);
+`nccl` never takes it. Every rank must see the same setting; spawned workers inherit it.
+Measured on 2 x H200 (2026-11-30): 7-11 us against NCCL's 18-20 us up to 512 KiB, 20
+against 39 us at 2 MiB, equal at 8 MiB, results bit-identical to NCCL's; llama3-8b `bench`
+at N=2 13,620 against 13,190 tok/s with NCCL (asynchronous scheduling, same call), which
+made it the default. Its GPU tests (results against NCCL's, a worker killed mid-step) pass.
 Whether every rank could allocate its buffer is agreed over the control group before the
 collective setup, so a rank that cannot never leaves another waiting.
 """
@@ -52,9 +53,9 @@ _REGISTERED: set[str] = set()
 
 
 def setting() -> str:
-    value = os.environ.get(ENV, "nccl").strip().lower() or "nccl"
-    if value not in ("nccl", "peer"):
-        raise ValueError(f"{ENV} must be 'nccl' or 'peer', got {value!r}")
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in ("auto", "nccl", "peer"):
+        raise ValueError(f"{ENV} must be 'auto', 'nccl' or 'peer', got {value!r}")
     return value
 
 
@@ -102,10 +103,10 @@ class PeerAllReduce:
 
 
 def create(group, control, device: torch.device) -> PeerAllReduce | None:
-    """Every rank's PeerAllReduce over `group` (NCCL, one GPU each) when NOVAINFER_ALLREDUCE
-    is `peer`, or None on every rank when it is not, or any rank lacks symmetric memory or
-    peer access, or this process already set it up for a group of that name (see above)."""
-    if setting() != "peer" or device.type != "cuda":
+    """Every rank's PeerAllReduce over `group` (NCCL, one GPU each) unless NOVAINFER_ALLREDUCE
+    is `nccl`; None on every rank when it is, or any rank lacks symmetric memory or peer
+    access, or this process already set it up for a group of that name (see above)."""
+    if setting() == "nccl" or device.type != "cuda":
         return None
     buffer = _allocate(device, group)
     if not min_over(int(buffer is not None), control):
@@ -126,8 +127,9 @@ def _allocate(device: torch.device, group) -> torch.Tensor | None:
     happens here: the ranks agree on the outcome after)."""
     size = torch.distributed.get_world_size(group)
     if group.group_name in _REGISTERED:
-        sys.stderr.write(f"novainfer: {ENV}=peer serves the first tensor-parallel engine of a "
-                         "process; this one uses NCCL\n")
+        if setting() == "peer":
+            sys.stderr.write(f"novainfer: {ENV}=peer serves the first tensor-parallel engine "
+                             "of a process; this one uses NCCL\n")
         return None
     try:
         import torch.distributed._symmetric_memory as symm

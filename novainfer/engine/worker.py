@@ -29,6 +29,7 @@ from novainfer.lora.adapter import LoRAAdapter
 from novainfer.lora.layers import attach_lora, load_slot
 from novainfer.lora.timing import LoRATiming
 from novainfer.models.config import ModelConfig
+from novainfer.models.decoder import SelfAttention
 from novainfer.models.registry import model_class
 from novainfer.threads import cpu_thread_control
 
@@ -52,6 +53,7 @@ class ModelWorker:
         self.tp = tp
         self.device = device
         self.dtype = config.torch_dtype(device, model_config.torch_dtype)
+        self.kv_dtype = config.kv_torch_dtype(self.dtype)  # an fp8 cache: 1 byte per element
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         cfg = model_config
@@ -59,7 +61,7 @@ class ModelWorker:
         self.num_kv_heads, _ = kv_heads_per_rank(cfg.num_kv_heads, tp.size)
         self.backend = get_backend(
             config.attention_backend, device, cfg.head_dim, block_size=self.block_size,
-            dtype=self.dtype,
+            dtype=self.dtype, kv_cache_dtype=self.kv_dtype,
         )
         # The last step's sampled ids on this device: the next step's pending input tokens
         # (asynchronous scheduling) are read from here. Rank 0 sets it after sampling; the
@@ -68,6 +70,9 @@ class ModelWorker:
         self._staging: torch.Tensor | None = None
         self._staged: torch.cuda.Event | None = None  # the last copy out of _staging
         self.model = self._build_model(folder)
+        self.kv_scales = self._attach_kv_scales()
+        # calculate_kv_scales: the first step sets the scales, then they stay fixed.
+        self.calibrating = self.kv_scales is not None and config.calculate_kv_scales
         self.lora = self.lora_timing = None
         if config.enable_lora:
             self.lora_timing = LoRATiming(device) if lora_switches.timing() else None
@@ -81,13 +86,13 @@ class ModelWorker:
         self.num_blocks = tp.min_over_ranks(self._num_kv_blocks())
         self.kv_cache = torch.zeros(
             cfg.num_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads, cfg.head_dim,
-            dtype=self.dtype, device=device,
+            dtype=self.kv_dtype, device=device,
         )
         self.graphs: DecodeGraphs | None = None
         if (
             device.type == "cuda"
             and not config.enforce_eager
-            and not config.enable_lora  # the PyTorch LoRA path is not capturable
+            and (not config.enable_lora or lora_switches.capturable())
             and getattr(self.backend, "supports_cuda_graphs", False)
         ):
             # Scratch for the largest decode split count, so replays never see a reallocation.
@@ -97,7 +102,7 @@ class ModelWorker:
             self.graphs = DecodeGraphs(
                 self.model, self.kv_cache, config.max_num_seqs,
                 -(-max_model_len // self.block_size), max_model_len,
-                cfg.hidden_size, self.dtype, device,
+                cfg.hidden_size, self.dtype, device, self.lora, config.max_loras,
             )
 
     def _build_model(self, folder: Path) -> torch.nn.Module:
@@ -118,11 +123,22 @@ class ModelWorker:
             pack_cpu_weights(model)
         return model
 
+    def _attach_kv_scales(self) -> torch.Tensor | None:
+        """An fp8 cache's per-layer K and V scales: one float32 [layers, 2] tensor of ones on
+        the device (CUDA graphs read it in place), each attention layer holding its row."""
+        if self.kv_dtype == self.dtype:
+            return None
+        layers = [m for m in self.model.modules() if isinstance(m, SelfAttention)]
+        scales = torch.ones(len(layers), 2, dtype=torch.float32, device=self.device)
+        for layer, row in zip(layers, scales):
+            layer.kv_scales = row
+        return scales
+
     # -- KV cache size ------------------------------------------------------------------------
 
     def kv_bytes_per_block(self) -> int:
         cfg = self.model_config
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
         return cfg.num_layers * 2 * self.block_size * self.num_kv_heads * cfg.head_dim * elem
 
     def _num_kv_blocks(self) -> int:
@@ -151,7 +167,7 @@ class ModelWorker:
         probe_blocks = -(-tokens // self.block_size)
         probe = torch.zeros(
             cfg.num_layers, 2, probe_blocks, self.block_size, self.num_kv_heads, cfg.head_dim,
-            dtype=self.dtype, device=self.device,
+            dtype=self.kv_dtype, device=self.device,
         )
         meta = AttentionMetadata(
             slot_mapping=torch.arange(tokens, device=self.device),
@@ -208,9 +224,19 @@ class ModelWorker:
         self.adapt_cpu_threads()
         if self.lora is not None:
             self.lora.batch = inputs.lora
+        if self.calibrating:
+            return self._calibrate(inputs)
         if self.graphs is not None and self.graphs.can_run(inputs.meta):
-            return self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+            return self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta, inputs.lora)
         return self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
+
+    def _calibrate(self, inputs: StepInputs) -> torch.Tensor:
+        """The first step, eager (never a CUDA graph): every layer sets its scales from the
+        K/V it stores (the max over the ranks, models/decoder.py), then they stay fixed."""
+        inputs.meta.calibrate_kv_scales = True
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
+        self.calibrating = False
+        return hidden
 
     def prompt_logits(self, hidden: torch.Tensor, inputs: StepInputs) -> Iterator[torch.Tensor | None]:
         """Logits of the prompt-logprob rows, PROMPT_LOGPROBS_ROWS at a time (rank 0; the

@@ -17,6 +17,15 @@ def check_head_dim(head_dim: int) -> None:
         )
 
 
+def check_kv_dtype(q: torch.Tensor, kv_cache: torch.Tensor, kv_scales: torch.Tensor | None) -> bool:
+    """Whether the cache is fp8 (e4m3, read with kv_scales); otherwise it must be q's dtype."""
+    if kv_cache.dtype == torch.float8_e4m3fn:
+        assert kv_scales is not None and kv_scales.dtype == torch.float32, "fp8 needs kv_scales"
+        return True
+    assert kv_cache.dtype == q.dtype, (kv_cache.dtype, q.dtype)
+    return False
+
+
 def scale_log2(scale: float) -> float:
     """Softmax scale folded with log2(e), so the kernels can use exp2."""
     return float(scale) * LOG2E

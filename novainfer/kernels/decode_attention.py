@@ -19,13 +19,21 @@ import torch
 import triton
 import triton.language as tl
 
-from novainfer.kernels._common import cdiv, check_head_dim, kv_tile, next_pow2, scale_log2, use_ieee
+from novainfer.kernels._common import (
+    cdiv,
+    check_head_dim,
+    check_kv_dtype,
+    kv_tile,
+    next_pow2,
+    scale_log2,
+    use_ieee,
+)
 
 
 # Step-varying arguments are not specialised (see kernels/prefill_attention.py).
-@triton.jit(do_not_specialize=["BT", "SEQ_LENS", "stride_bt"])
+@triton.jit(do_not_specialize=["BT", "SEQ_LENS", "SCALES", "stride_bt"])
 def _decode_split_kernel(
-    Q, KV, BT, SEQ_LENS, OUT, ACC, M, L,
+    Q, KV, BT, SEQ_LENS, OUT, ACC, M, L, SCALES,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kv, stride_blk, stride_slot, stride_cache_h, stride_bt,
     qk_scale,
@@ -37,6 +45,7 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -64,6 +73,10 @@ def _decode_split_kernel(
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     bt_row = BT + seq64 * stride_bt
     head_off = kvh * stride_cache_h
+    if FP8:
+        # fp8 K/V widen exactly to q's dtype; K's scale folds into the softmax scale and
+        # V's into the output, so the tiles are never multiplied element by element
+        qk_scale = qk_scale * tl.load(SCALES)
 
     for t in range(tile_lo, tile_hi):
         pos = t * BLOCK_N + offs_n
@@ -77,6 +90,8 @@ def _decode_split_kernel(
             slots = blk * BLOCK_SIZE + (pos % BLOCK_SIZE)
         kv_off = slots * stride_slot + head_off
         k = tl.load(KV + kv_off[None, :] + offs_d[:, None], mask=pmask[None, :], other=0.0)
+        if FP8:
+            k = k.to(q.dtype)
         if IEEE:
             s = tl.dot(q, k, input_precision="ieee")
         else:
@@ -87,12 +102,16 @@ def _decode_split_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(KV + stride_kv + kv_off[:, None] + offs_d[None, :], mask=pmask[:, None], other=0.0)
+        if FP8:
+            v = v.to(q.dtype)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
+    if FP8:
+        acc = acc * tl.load(SCALES + 1)
     if NUM_SPLITS == 1:
         denom = tl.where(l_i > 0.0, l_i, 1.0)
         o = acc / denom[:, None]
@@ -184,8 +203,10 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q: [seqs, heads, D] (one token per sequence); kv_cache: [2, blocks, block_size, kv_heads, D];
+    """q: [seqs, heads, D] (one token per sequence); kv_cache: [2, blocks, block_size, kv_heads, D]
+    in q's dtype, or fp8 e4m3 with kv_scales (float32 [2]: k, v) on the device;
     block_tables: [seqs, max_blocks] int32; seq_lens: [seqs] int32 (0 = padding row -> zeros);
     out: [seqs, heads, D], written in place and returned.
 
@@ -212,6 +233,7 @@ def decode_attention(
         # (13,214 vs 17,375 tok/s, qwen3-0.6b): the end-to-end run decides.
         block_n = kv_tile(block_size, 64 if head_dim <= 128 else 32)
     ieee = use_ieee(q.dtype)
+    fp8 = check_kv_dtype(q, kv_cache, kv_scales)
     if num_splits > 1:
         need = decode_workspace_numel(num_seqs, num_heads, head_dim, num_splits)
         if workspace is None:
@@ -224,7 +246,7 @@ def decode_attention(
     else:
         acc = m = lse = out  # unused
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, kv_cache, block_tables, seq_lens, out, acc, m, lse,
+        q, kv_cache, block_tables, seq_lens, out, acc, m, lse, kv_scales if fp8 else seq_lens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0),
@@ -237,6 +259,7 @@ def decode_attention(
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         IEEE=ieee,
+        FP8=fp8,
         num_warps=num_warps,
         num_stages=num_stages,
     )

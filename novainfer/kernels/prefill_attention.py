@@ -14,7 +14,14 @@ import torch
 import triton
 import triton.language as tl
 
-from novainfer.kernels._common import check_head_dim, kv_tile, next_pow2, scale_log2, use_ieee
+from novainfer.kernels._common import (
+    check_head_dim,
+    check_kv_dtype,
+    kv_tile,
+    next_pow2,
+    scale_log2,
+    use_ieee,
+)
 
 
 @triton.jit
@@ -23,6 +30,7 @@ def _attend_tile(
     stride_kv, stride_slot,
     offs_n, offs_d,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     pos = tile * BLOCK_N + offs_n
     if BLOCK_N <= BLOCK_SIZE:
@@ -40,6 +48,9 @@ def _attend_tile(
     else:
         k = tl.load(KV + kv_off[None, :] + offs_d[:, None])
         v = tl.load(KV + stride_kv + kv_off[:, None] + offs_d[None, :])
+    if FP8:  # exact in q's dtype; the scales are applied by the caller
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
     if IEEE:
         s = tl.dot(q, k, input_precision="ieee")
     else:
@@ -63,9 +74,9 @@ def _attend_tile(
 # Arguments that change from step to step (the block-table width; tensors sliced at the
 # number of decodes) are not specialised: Triton would otherwise compile a new variant the
 # first time one is divisible by 16 / 16-byte aligned, in the middle of a timed run.
-@triton.jit(do_not_specialize=["BT", "QSL", "SEQ_LENS", "stride_bt"])
+@triton.jit(do_not_specialize=["BT", "QSL", "SEQ_LENS", "SCALES", "stride_bt"])
 def _prefill_kernel(
-    Q, KV, BT, QSL, SEQ_LENS, OUT,
+    Q, KV, BT, QSL, SEQ_LENS, OUT, SCALES,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kv, stride_slot, stride_cache_h, stride_bt,
     qk_scale,
@@ -75,6 +86,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
@@ -99,6 +111,8 @@ def _prefill_kernel(
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         bt_row = BT + seq.to(tl.int64) * stride_bt
         head_off = kvh * stride_cache_h
+        if FP8:  # K's scale folds into the softmax scale, V's into the output
+            qk_scale = qk_scale * tl.load(SCALES)
 
         first_q = prefix + pid_m * BLOCK_M  # smallest query position in this tile (< ctx)
         n_full = first_q // BLOCK_N  # tiles entirely at or before first_q: no masking
@@ -108,15 +122,17 @@ def _prefill_kernel(
             acc, m_i, l_i = _attend_tile(
                 q, acc, m_i, l_i, KV, bt_row, t, q_pos, ctx, head_off, qk_scale,
                 stride_kv, stride_slot, offs_n, offs_d,
-                BLOCK_SIZE, BLOCK_N, False, IEEE,
+                BLOCK_SIZE, BLOCK_N, False, IEEE, FP8,
             )
         for t in range(n_full, n_all):
             acc, m_i, l_i = _attend_tile(
                 q, acc, m_i, l_i, KV, bt_row, t, q_pos, ctx, head_off, qk_scale,
                 stride_kv, stride_slot, offs_n, offs_d,
-                BLOCK_SIZE, BLOCK_N, True, IEEE,
+                BLOCK_SIZE, BLOCK_N, True, IEEE, FP8,
             )
         o = acc / l_i[:, None]
+        if FP8:
+            o = o * tl.load(SCALES + 1)
         tl.store(OUT + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
                  o.to(OUT.dtype.element_ty), mask=mmask[:, None])
 
@@ -144,9 +160,11 @@ def prefill_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int = 2,
+    kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q, out: [tokens, heads, D] for the prefill sequences only (query_start_loc[0] == 0);
-    kv_cache: [2, blocks, block_size, kv_heads, D] already holding the new tokens' K/V;
+    kv_cache: [2, blocks, block_size, kv_heads, D] already holding the new tokens' K/V, in q's
+    dtype or fp8 e4m3 with kv_scales (float32 [2]: k, v) on the device;
     block_tables: [seqs, max_blocks] int32; query_start_loc: [seqs + 1] int32;
     seq_lens: [seqs] int32 (context length incl. the new tokens). Writes `out`, returns it."""
     num_seqs = seq_lens.shape[0]
@@ -159,13 +177,14 @@ def prefill_attention(
         return out
     assert kv_cache.is_contiguous(), "kv_cache must be contiguous"
     assert q.stride(-1) == 1 and out.stride(-1) == 1
+    fp8 = check_kv_dtype(q, kv_cache, kv_scales)
     bm, bn, nw = _default_tiles(head_dim, block_size, max_query_len)
     block_m = block_m or bm
     block_n = block_n or bn
     num_warps = num_warps or nw
     grid = (triton.cdiv(max_query_len, block_m), num_heads, num_seqs)
     _prefill_kernel[grid](
-        q, kv_cache, block_tables, query_start_loc, seq_lens, out,
+        q, kv_cache, block_tables, query_start_loc, seq_lens, out, kv_scales if fp8 else seq_lens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         scale_log2(scale),
@@ -175,6 +194,7 @@ def prefill_attention(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         IEEE=use_ieee(q.dtype),
+        FP8=fp8,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -4,13 +4,18 @@
 |---|---|---|
 | NOVAINFER_ENABLE_QKV_LORA_FUSION | VLLM_ENABLE_QKV_LORA_FUSION | the QKV projection multiplies by [W_qkv; A of every slot] in one matmul, no shrink kernel |
 | NOVAINFER_ENABLE_LORA_TIMING | VLLM_ENABLE_LORA_TIMING | time both QKV paths on every LoRA step, report at exit (lora/timing.py) |
+| NOVAINFER_FORCE_TRITON_LORA | VLLM_FORCE_TRITON_LORA | on CUDA, the Triton LoRA kernels instead of the CUDA C++ ones |
+| NOVAINFER_VALIDATE_LORA | VLLM_VALIDATE_LORA | every CUDA kernel call is checked against Triton (lora/validate.py) |
 
-Read when an engine attaches its LoRA layers.
+Fusion and timing are read when an engine attaches its LoRA layers; the kernel switches once
+per process, at the first LoRA op (`lora_settings`; tests call `lora_settings.cache_clear()`).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import NamedTuple
 
 TRUE = ("1", "true", "yes", "on")
 
@@ -29,3 +34,20 @@ def qkv_fusion() -> bool:
 
 def timing() -> bool:
     return switch("ENABLE_LORA_TIMING")
+
+
+class KernelSettings(NamedTuple):
+    force_triton: bool
+    validate: bool
+
+
+@functools.cache
+def lora_settings() -> KernelSettings:
+    """The kernel switches, read once (the ops run hundreds of times per step)."""
+    return KernelSettings(switch("FORCE_TRITON_LORA"), switch("VALIDATE_LORA"))
+
+
+def capturable() -> bool:
+    """Whether LoRA steps can run as CUDA graphs: not while timing them (events and host
+    bookkeeping per call) or validating the kernels (compared on the host)."""
+    return not (timing() or lora_settings().validate)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from novainfer.distributed.parallel import TensorParallel
+from novainfer.kernels.fp8 import calibrate_kv_scales
 from novainfer.layers.activation import silu_and_mul
 from novainfer.layers.attention import AttentionBackend, AttentionMetadata
 from novainfer.layers.embedding import Embedding, LMHead
@@ -47,6 +48,10 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rotary = rotary
         self.backend = backend
+        self.tp = tp
+        # An fp8 KV cache's scales (float32 [2]: k, v), a view of the worker's [layers, 2]
+        # tensor, set by the worker (engine/worker.py); None with a cache in the model's dtype.
+        self.kv_scales: torch.Tensor | None = None
 
     def forward(
         self,
@@ -66,7 +71,13 @@ class SelfAttention(nn.Module):
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = self.rotary(positions, q, k)
-        out = self.backend.forward(q, k, v.contiguous(), kv_cache, meta, self.scale)
+        if meta.calibrate_kv_scales:
+            # Every rank holds other KV heads: the max over ranks, before the first store,
+            # gives each layer one scale, and the cache of a single rank holding every head.
+            calibrate_kv_scales(k, v, self.kv_scales)
+            self.tp.all_reduce_max(self.kv_scales)
+        out = self.backend.forward(q, k, v.contiguous(), kv_cache, meta, self.scale,
+                                   self.kv_scales)
         return self.o_proj(out.view(-1, self.num_heads * self.head_dim))
 
 

@@ -152,7 +152,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
         attention_backend=args.attention_backend, seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format,
-        async_scheduling=args.async_scheduling,
+        async_scheduling=args.async_scheduling, kv_cache_dtype=args.kv_cache_dtype,
+        calculate_kv_scales=args.calculate_kv_scales,
         enable_lora=args.enable_lora or bool(args.loras), max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
     )

@@ -15,7 +15,8 @@ class AttentionBackend(Protocol):
     """Writes a layer's new K/V into the paged cache, then attends over the cached context.
 
     q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim];
-    kv_cache: [2, num_blocks, block_size, kv_heads, head_dim] for one layer.
+    kv_cache: [2, num_blocks, block_size, kv_heads, head_dim] for one layer, in q's dtype
+    or fp8 e4m3 (kernels/fp8.py), which needs kv_scales: float32 [2] (k, v) on the device.
     Returns [tokens, heads, head_dim].
     """
 
@@ -29,6 +30,7 @@ class AttentionBackend(Protocol):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -42,9 +44,12 @@ def _flash_attn_problem(
     head_dim: int | None = None,
     block_size: int | None = None,
     dtype: torch.dtype | None = None,
+    kv_cache_dtype: torch.dtype | None = None,
 ) -> str | None:
     """Why the flash_attn backend cannot run with these settings, or None if nothing known
     stops it (a None argument is not checked). Finds packages without importing them."""
+    if kv_cache_dtype == torch.float8_e4m3fn:
+        return "flash-attn 2 has no fp8 KV cache (use kv_cache_dtype='auto')"
     if device.type != "cuda":
         return "it needs a CUDA device"
     if importlib.util.find_spec("flash_attn") is None:
@@ -69,22 +74,26 @@ def available_backends(
     head_dim: int | None = None,
     block_size: int | None = None,
     dtype: torch.dtype | None = None,
+    kv_cache_dtype: torch.dtype | None = None,
 ) -> list[str]:
-    """Backend names usable on `device` (and `head_dim`, `block_size`, `dtype`), best first:
-    "auto" picks the first.
+    """Backend names usable on `device` (and `head_dim`, `block_size`, `dtype`, the KV
+    cache's `kv_cache_dtype` when it differs from `dtype`), best first: "auto" picks the first.
 
     Only checks that packages are installed (no import: `import novainfer` never imports
     triton or flash_attn). flash_attn is listed only when the caller passes head_dim,
     block_size and dtype and they fit, so "auto" never picks it on a guess. The Triton
-    kernels tile the head dimension, so they need a power of two >= 16.
+    kernels tile the head dimension, so they need a power of two >= 16, and read an fp8
+    cache only where Triton has e4m3 (compute capability 8.9 and later).
     """
     names = []
     if (
         None not in (head_dim, block_size, dtype)
-        and _flash_attn_problem(device, head_dim, block_size, dtype) is None
+        and _flash_attn_problem(device, head_dim, block_size, dtype, kv_cache_dtype) is None
     ):
         names.append("flash_attn")
     triton_ok = head_dim is None or (head_dim >= 16 and head_dim & (head_dim - 1) == 0)
+    if kv_cache_dtype == torch.float8_e4m3fn and device.type == "cuda":
+        triton_ok = triton_ok and torch.cuda.get_device_capability(device) >= (8, 9)
     if device.type == "cuda" and triton_ok and importlib.util.find_spec("triton") is not None:
         names.append("triton")
     if device.type == "cpu" and _cpu_kernel_fits(head_dim):
@@ -106,15 +115,16 @@ def get_backend(
     head_dim: int | None = None,
     block_size: int | None = None,
     dtype: torch.dtype | None = None,
+    kv_cache_dtype: torch.dtype | None = None,
 ) -> AttentionBackend:
-    allowed = available_backends(device, head_dim, block_size, dtype)
+    allowed = available_backends(device, head_dim, block_size, dtype, kv_cache_dtype)
     auto = name == "auto"
     if auto:
         name = allowed[0]
     if name == "flash_attn":
         # An explicit request is refused only for a known reason; settings the caller did
         # not pass are checked by flash-attn itself on the first forward.
-        problem = _flash_attn_problem(device, head_dim, block_size, dtype)
+        problem = _flash_attn_problem(device, head_dim, block_size, dtype, kv_cache_dtype)
         if problem is not None:
             raise ValueError(
                 f"attention_backend 'flash_attn' is not available: {problem}; allowed: "
@@ -126,7 +136,8 @@ def get_backend(
     if name not in allowed:
         raise ValueError(
             f"attention_backend '{name}' is not available on {device.type} with head_dim "
-            f"{head_dim}; allowed: "
+            f"{head_dim}{' and an fp8 KV cache' if kv_cache_dtype == torch.float8_e4m3fn else ''}; "
+            "allowed: "
             f"{', '.join(['auto', *allowed])}"
         )
     if name == "triton":

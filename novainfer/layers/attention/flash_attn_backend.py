@@ -82,6 +82,7 @@ class FlashAttnBackend:
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        kv_scales: torch.Tensor | None = None,  # always None: get_backend refuses an fp8 cache
     ) -> torch.Tensor:
         self._write_kv(k, v, kv_cache, meta.slot_mapping)
         out = torch.empty_like(q)

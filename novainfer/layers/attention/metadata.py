@@ -26,6 +26,9 @@ class AttentionMetadata:
     max_seq_len: int
     query_lens_host: list[int]
     seq_lens_host: list[int]
+    # fp8 KV cache with calculate_kv_scales: the step that sets every layer's K/V scales from
+    # the K/V it stores (the first one; the worker never replays a CUDA graph for it).
+    calibrate_kv_scales: bool = False
     # Per-step values a backend derives once and reuses in every layer (e.g. index tensors).
     backend_cache: dict[str, Any] = field(default_factory=dict)
 

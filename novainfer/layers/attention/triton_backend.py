@@ -62,8 +62,9 @@ class TritonBackend:
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        store_kv(k, v, kv_cache, meta.slot_mapping)
+        store_kv(k, v, kv_cache, meta.slot_mapping, kv_scales)
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
@@ -81,12 +82,12 @@ class TritonBackend:
                 )
             decode_attention(
                 q[:nd], kv_cache, block_tables, meta.seq_lens[:nd], scale, out[:nd],
-                num_splits=splits, workspace=ws,
+                num_splits=splits, workspace=ws, kv_scales=kv_scales,
             )
         if meta.num_seqs > nd:
             qsl, max_q = self._prefill_offsets(meta)
             prefill_attention(
                 q[nd:], kv_cache, meta.block_tables[nd:], qsl, meta.seq_lens[nd:],
-                max_q, scale, out[nd:],
+                max_q, scale, out[nd:], kv_scales=kv_scales,
             )
         return out
