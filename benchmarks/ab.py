@@ -3,6 +3,7 @@
     python benchmarks/ab.py --list
     python benchmarks/ab.py qkv-split                      # default grid (batch 1..64 x seq 128..4096)
     python benchmarks/ab.py rmsnorm-residual --batch 1,4 --seq-len 128,512 --repeats 50 --out /tmp/ab
+    python benchmarks/ab.py fused-ops                      # eager vs compile vs triton, 1..512 tokens
 
 Per cell: warm-up, then `--repeats` timed runs (CUDA events on the GPU, perf_counter on the
 CPU) of `--inner` calls each; the median of A and of B, their spread (interquartile range
@@ -106,6 +107,182 @@ COMPARISONS: dict[str, Comparison] = {
     "rmsnorm-residual": Comparison("rmsnorm-residual", "add + rms_norm", "fused add_rms_norm",
                                    make_rmsnorm_residual, "hidden 4096"),
 }
+
+# ---------------------------------------------------------------------------- fused ops, 3 ways
+
+# hidden size, intermediate size, (q heads, head_dim) of the q/k norm or None.
+FUSED_MODELS = {"qwen3-0.6b": (1024, 3072, (16, 128)), "llama3-8b": (4096, 14336, None)}
+FUSED_VARIANTS = ("eager", "compile", "triton")
+FUSED_OPS = ("add_rms_norm", "rms_norm", "qk_rms_norm", "qk_norm_rope", "silu_and_mul")
+
+
+_COMPILED: dict[Callable, Callable] = {}
+
+
+def _compiled(fn: Callable) -> Callable:
+    """torch.compile(fn) as layers/fusion.py makes it, once per function: every batch size
+    reuses it, as the engine does."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _COMPILED[fn]
+
+
+def fused_op_calls(op: str, rows: int, model: str, device: torch.device, dtype: torch.dtype,
+                   variants: list[str]) -> dict[str, Callable[[], object]] | None:
+    """One no-argument call per variant of `op` on `rows` tokens of `model`'s shapes: eager
+    (the PyTorch reference), compile (torch.compile of it, as layers/fusion.py does), triton
+    (kernels/norm_act.py). None where the model has no such op (llama: no q/k norm)."""
+    from novainfer.layers import activation, norm
+    from novainfer.layers.fusion import triton_op
+
+    hidden, inter, qk = FUSED_MODELS[model]
+    gen = torch.Generator().manual_seed(rows)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    if op in ("qk_rms_norm", "qk_norm_rope"):
+        if qk is None:
+            return None
+        heads, head_dim = qk
+        qkv = rnd(rows, (heads + 2 * (heads // 2)) * head_dim)  # q is a view, as in the model
+        q = qkv[:, : heads * head_dim].view(rows, heads, head_dim)
+        if op == "qk_norm_rope":
+            return _qk_norm_rope_calls(qkv, q, heads, head_dim, rows, device, variants)
+        args, fn = (q, rnd(head_dim), 1e-6), norm.rms_norm
+    elif op == "silu_and_mul":
+        args, fn = (rnd(rows, 2 * inter),), activation.silu_and_mul
+    elif op == "rms_norm":
+        args, fn = (rnd(rows, hidden), rnd(hidden), 1e-6), norm.rms_norm
+    else:
+        args, fn = (rnd(rows, hidden), rnd(rows, hidden), rnd(hidden), 1e-6), norm.add_rms_norm
+    impls = {"eager": lambda: fn.reference}
+    impls["compile"] = lambda: _compiled(fn.reference)
+    impls["triton"] = lambda: triton_op(fn.triton_name)
+    calls = {}
+    for name in variants:
+        impl = impls[name]()
+        calls[name] = lambda impl=impl: impl(*args)
+    return calls
+
+
+def _qk_norm_rope_calls(qkv, q, heads, head_dim, rows, device, variants):
+    """q/k norm + rotary: the three ops (eager; each compiled, as the model runs them under
+    compile) against the one Triton launch."""
+    from novainfer.layers import norm, rotary
+    from novainfer.layers.fusion import triton_op
+
+    k = qkv[:, heads * head_dim : heads * head_dim * 3 // 2].view(rows, heads // 2, head_dim)
+    rope = rotary.RotaryEmbedding(head_dim, 4096, 1e6, {}).to(device)
+    pos = torch.randint(0, 4096, (rows,), device=device)
+    w = torch.ones(head_dim, device=device, dtype=q.dtype)
+    args = (q, k, pos, w, w, 1e-6, rope.cos, rope.sin)
+    calls = {}
+    if "eager" in variants:
+        calls["eager"] = lambda: rotary.qk_norm_rope_reference(*args)
+    if "compile" in variants:
+        c_norm, c_rope = _compiled(norm.rms_norm.reference), _compiled(rotary.apply_rope.reference)
+        calls["compile"] = lambda: c_rope(c_norm(q, w, 1e-6), c_norm(k, w, 1e-6), pos,
+                                          rope.cos, rope.sin)
+    if "triton" in variants:
+        fused = triton_op("qk_norm_rope")
+        calls["triton"] = lambda: fused(*args)
+    return calls
+
+
+def run_fused_ops(batches: list[int], models: list[str], variants: list[str],
+                  device: torch.device, dtype: torch.dtype, warmup: int, repeats: int,
+                  inner: int, log=None) -> dict:
+    """Every op x model x batch: mean and standard deviation (ms per call) of each variant,
+    timed in interleaved chunks so drift hits every variant alike."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
+    cells = []
+    for op in FUSED_OPS:
+        for model in models:
+            for rows in batches:
+                calls = fused_op_calls(op, rows, model, device, dtype, variants)
+                if calls is None:
+                    continue
+                for fn in calls.values():
+                    for _ in range(warmup):
+                        fn()
+                _sync(device)
+                times: dict[str, list[float]] = {v: [] for v in calls}
+                chunk, done = max(1, repeats // 5), 0
+                while done < repeats:
+                    n = min(chunk, repeats - done)
+                    for v, fn in calls.items():
+                        times[v] += time_calls(fn, device, n, inner)
+                    done += n
+                cell = {"op": op, "model": model, "batch": rows}
+                for v, ts in times.items():
+                    cell[f"{v}_ms"] = statistics.fmean(ts) * 1e3
+                    cell[f"{v}_sd_ms"] = statistics.stdev(ts) * 1e3 if len(ts) > 1 else 0.0
+                cells.append(cell)
+                if log:
+                    print(f"  {op} {model} batch {rows:>4}: " + ", ".join(
+                        f"{v} {cell[f'{v}_ms']:.4f} ms" for v in calls), file=log)
+    return {"comparison": "fused-ops", "variants": variants, "device": str(device),
+            "dtype": str(dtype).replace("torch.", ""), "warmup": warmup, "repeats": repeats,
+            "inner": inner, "batches": batches, "models": models, "cells": cells}
+
+
+def fused_markdown(result: dict) -> str:
+    variants = result["variants"]
+    ratios = [v for v in ("compile", "eager") if v in variants and "triton" in variants]
+    lines = [
+        "## Fused ops: " + " vs ".join(variants),
+        "",
+        (f"{result['device']}, {result['dtype']}; warm-up {result['warmup']}, "
+         f"{result['repeats']} repeats x {result['inner']} calls per cell; mean ± sd in ms per "
+         "call; speedup = the other's time / triton's (> 1: triton faster)."),
+        "",
+        "| op | model | batch | " + " | ".join(f"{v} ms" for v in variants)
+        + "".join(f" | triton vs {v}" for v in ratios) + " |",
+        "|---|---|---:|" + "---:|" * (len(variants) + len(ratios)),
+    ]
+    for c in result["cells"]:
+        row = [c["op"], c["model"], str(c["batch"])]
+        row += [f"{c[f'{v}_ms']:.4f} ± {c[f'{v}_sd_ms']:.4f}" for v in variants]
+        for v in ratios:
+            ratio = c[f"{v}_ms"] / c["triton_ms"]
+            # beyond the two spreads added: a difference the timer can tell
+            clear = abs(c[f"{v}_ms"] - c["triton_ms"]) > c[f"{v}_sd_ms"] + c["triton_sd_ms"]
+            row.append(f"{ratio:.2f}x" + ("" if clear else " (within sd)"))
+        lines.append("| " + " | ".join(row) + " |")
+    for v in ratios:
+        per = [c[f"{v}_ms"] / c["triton_ms"] for c in result["cells"]]
+        slower = [c for c in result["cells"] if c["triton_ms"] - c[f"{v}_ms"]
+                  > c[f"{v}_sd_ms"] + c["triton_sd_ms"]]
+        lines += ["", f"- triton vs {v}: mean speedup {statistics.fmean(per):.2f}x "
+                  f"(sd {statistics.pstdev(per):.2f}); triton slower beyond the spread in "
+                  f"{len(slower)} of {len(per)} cells"
+                  + (": " + ", ".join(f"{c['op']} {c['model']} batch {c['batch']}"
+                                      for c in slower[:10]) if slower else "")
+                  + (f" and {len(slower) - 10} more" if len(slower) > 10 else "")]
+    return "\n".join(lines)
+
+
+def fused_main(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+               out: Path) -> None:
+    variants = args.variants.split(",")
+    bad = [v for v in variants if v not in FUSED_VARIANTS]
+    models = args.models.split(",")
+    bad += [m for m in models if m not in FUSED_MODELS]
+    if bad:
+        raise SystemExit(f"unknown variant or model {bad}; variants: {', '.join(FUSED_VARIANTS)}, "
+                         f"models: {', '.join(FUSED_MODELS)}")
+    batches = args.batch or [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    print(f"fused-ops: {len(FUSED_OPS)} ops x {len(models)} models x {len(batches)} batch sizes "
+          f"on {device}", file=sys.stderr)
+    result = run_fused_ops(batches, models, variants, device, dtype, args.warmup, args.repeats,
+                           args.inner, log=sys.stderr)
+    md = fused_markdown(result)
+    print(md + "\n")
+    (out / "fused-ops.md").write_text(md + "\n")
+    (out / "fused-ops.json").write_text(json.dumps(result, indent=1))
+    print(f"wrote {out / 'fused-ops'}.md, .json", file=sys.stderr)
+
 
 # ---------------------------------------------------------------------------- measurement
 
@@ -305,9 +482,17 @@ def _ints(text: str) -> list[int]:
 def main(argv: list[str] | None = None, comparisons: dict[str, Comparison] | None = None) -> int:
     comparisons = comparisons or COMPARISONS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("comparison", nargs="*", help=f"which: {', '.join(comparisons)} (default all)")
+    parser.add_argument("comparison", nargs="*",
+                        help=f"which: {', '.join(comparisons)} (default all), or fused-ops "
+                             "(RMSNorm, add + RMSNorm, SiLU-and-mul: eager vs torch.compile vs "
+                             "Triton, alone)")
     parser.add_argument("--list", action="store_true")
-    parser.add_argument("--batch", type=_ints, default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--batch", type=_ints, default=None,
+                        help="default 1..64 (fused-ops: 1..512 tokens)")
+    parser.add_argument("--variants", default=",".join(FUSED_VARIANTS),
+                        help="fused-ops: which implementations")
+    parser.add_argument("--models", default=",".join(FUSED_MODELS),
+                        help="fused-ops: whose shapes")
     parser.add_argument("--seq-len", type=_ints, default=[128, 512, 1024, 2048, 4096])
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=100)
@@ -319,16 +504,23 @@ def main(argv: list[str] | None = None, comparisons: dict[str, Comparison] | Non
     if args.list:
         for c in comparisons.values():
             print(f"{c.name}: A = {c.label_a}, B = {c.label_b}. {c.description}")
+        print(f"fused-ops: {', '.join(FUSED_VARIANTS)} for {', '.join(FUSED_OPS)} at "
+              f"{', '.join(FUSED_MODELS)} shapes (alone: not an A/B pair)")
         return 0
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" \
         else getattr(torch, args.dtype)
+    out = Path(args.out)
+    if args.comparison == ["fused-ops"]:
+        out.mkdir(parents=True, exist_ok=True)
+        fused_main(args, device, dtype, out)
+        return 0
+    args.batch = args.batch or [1, 2, 4, 8, 16, 32, 64]
     names = args.comparison or list(comparisons)
     unknown = [n for n in names if n not in comparisons]
     if unknown:
         parser.error(f"unknown comparison {unknown}; choose from {', '.join(comparisons)}")
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
         print(f"{name}: {len(args.batch)} x {len(args.seq_len)} cells on {device}", file=sys.stderr)

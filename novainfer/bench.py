@@ -13,10 +13,13 @@ import random
 import statistics
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from novainfer.bench_strict import StrictCheck
 
 
 @dataclass
@@ -174,7 +177,27 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=1,
                         help="timed runs of the workload (the prefix cache emptied before "
                              "each); the mean and spread are reported")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail (exit 1) when a timed round compiles anything (Triton, "
+                             "torch.compile), takes new device memory (new allocator segments) "
+                             "or produces another token total than expected")
     return parser
+
+
+def warm_up_largest_steps(llm, max_num_seqs: int, max_num_batched_tokens: int,
+                          max_model_len: int) -> None:
+    """Untimed: a prefill step of up to max_num_batched_tokens and a decode step of
+    max_num_seqs rows, sampled as the timed run samples. The worker empties the allocator's
+    cache after its profiling pass; this fills it back at the largest step shapes, so the
+    timed run takes no memory from the device (what --strict checks)."""
+    from novainfer import SamplingParams
+
+    length = max(1, min(max_num_batched_tokens // max_num_seqs, max_model_len - 2))
+    top = min(10000, llm.llm_engine.runner.model_config.vocab_size - 1)
+    rng = random.Random(12345)  # distinct prompts: the prefix cache must not share them
+    prompts = [[rng.randint(0, top) for _ in range(length)] for _ in range(max_num_seqs)]
+    params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=2)
+    llm.generate(prompts, params, use_tqdm=False)
 
 
 def _bench_loras(args: argparse.Namespace, engine, num_seqs: int, folder) -> list:
@@ -246,6 +269,9 @@ def run(args: argparse.Namespace) -> dict:
     engine = llm.llm_engine
     device = engine.runner.device
     llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+    if device.type == "cuda":
+        warm_up_largest_steps(llm, engine.scheduler.max_num_seqs,
+                              engine.scheduler.max_num_batched_tokens, engine.max_model_len)
     adapters = tempfile.TemporaryDirectory(prefix="novainfer-bench-lora-")
     loras = _bench_loras(args, engine, len(work.prompts), Path(adapters.name))
     used = list(dict.fromkeys(lora for lora in loras if lora is not None))
@@ -256,17 +282,21 @@ def run(args: argparse.Namespace) -> dict:
     if engine.step_timer is not None:  # --step-timing / NOVAINFER_STEP_TIMING=1
         engine.step_timer.reset()  # time the measured run only, not the warm-up
     round_seconds = []
+    strict = StrictCheck.for_device(device) if args.strict else None
     for _ in range(args.rounds):
         if not llm.reset_prefix_cache():  # each round computes every prompt, as the first
             raise RuntimeError("the prefix cache could not be emptied between rounds")
         steps_before = engine.num_steps
         _sync(device)
-        start = time.perf_counter()
-        outputs = llm.generate(work.prompts, params, use_tqdm=False, lora_request=loras)
-        _sync(device)
-        round_seconds.append(time.perf_counter() - start)
-        produced = sum(len(o.outputs[0].token_ids) for o in outputs)
-        if produced != work.output_tokens:
+        with strict.round(work.output_tokens) if strict else nullcontext() as checked:
+            start = time.perf_counter()
+            outputs = llm.generate(work.prompts, params, use_tqdm=False, lora_request=loras)
+            _sync(device)
+            round_seconds.append(time.perf_counter() - start)
+            produced = sum(len(o.outputs[0].token_ids) for o in outputs)
+            if checked is not None:
+                checked.produced = produced
+        if produced != work.output_tokens and strict is None:  # --strict reports it at the end
             raise RuntimeError(f"produced {produced} tokens, expected {work.output_tokens}")
     adapters.cleanup()
     steps = engine.num_steps - steps_before  # of one round
@@ -302,6 +332,8 @@ def run(args: argparse.Namespace) -> dict:
         "kv_read_TB": round(floor["kv_read_bytes"] / 1e12, 3),
         "weight_read_TB": round(floor["weight_read_bytes"] / 1e12, 3),
     }
+    if strict is not None:
+        result["strict"] = strict.summary()
     if engine.step_timer is not None:
         result["step_timing"] = engine.step_timer.summary()
         engine.step_timer.reported = True  # print_report shows it
@@ -336,6 +368,12 @@ def print_report(result: dict, as_json: bool) -> None:
         print(f"transformers continuous batching: {result['hf_output_tok_s']:,.1f} tok/s "
               f"({result['hf_seconds']:.2f} s); novainfer is "
               f"{result['output_tok_s'] / result['hf_output_tok_s']:.1f}x")
+    if "strict" in result:
+        strict = result["strict"]
+        memory = "" if strict["memory_checked"] else " (device memory not checked on the CPU)"
+        print("strict: " + ("ok: no compiles, no new device memory, token totals as expected"
+                            + memory if strict["ok"] else
+                            "FAILED:\n  " + "\n  ".join(strict["violations"])))
     if "step_timing" in result:
         from novainfer.engine.step_timer import format_summary
 

@@ -162,7 +162,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.step_timing:
         os.environ["NOVAINFER_STEP_TIMING"] = "1"  # bench resets the timer after its warm-up
-    print_report(run(args), args.json)
+    result = run(args)
+    print_report(result, args.json)
+    if not result.get("strict", {"ok": True})["ok"]:
+        print("error: --strict: " + "; ".join(result["strict"]["violations"]), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -238,3 +238,33 @@ def test_ab_shipped_comparisons_run():
     result = ab.run_grid(ab.COMPARISONS["qkv-split"], [1], [8], torch.device("cpu"), torch.float32,
                          warmup=1, repeats=4, inner=2)
     assert len(result["cells"]) == 1 and "winner" in result["summary"]
+
+
+def test_ab_fused_ops_table(tmp_path, monkeypatch):
+    """fused-ops: every op x model x batch gets each variant's mean and sd; llama has no
+    q/k norm. The fake timer makes eager 2 ms and the injected `double` variant 1 ms."""
+    ab = _load_ab()
+    monkeypatch.setattr(ab, "time_calls", lambda fn, device, n, inner: [fn() for _ in range(n)])
+    real = ab.fused_op_calls
+
+    def calls(op, rows, model, device, dtype, variants):
+        made = real(op, rows, model, device, dtype, ["eager"])
+        if made is None:
+            return None
+        made["eager"]()  # the real op runs on these shapes
+        return {"eager": lambda: 2e-3, "triton": lambda: 1e-3}
+
+    monkeypatch.setattr(ab, "fused_op_calls", calls)
+    assert ab.main(["fused-ops", "--batch", "1,3", "--repeats", "4", "--warmup", "1",
+                    "--device", "cpu", "--variants", "eager,triton", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "fused-ops.json").read_text())
+    assert len(result["cells"]) == 2 * (5 + 3)  # 5 ops for qwen3, 3 for llama (no q/k norm)
+    assert {c["op"] for c in result["cells"] if c["model"] == "llama3-8b"} == {
+        "add_rms_norm", "rms_norm", "silu_and_mul"}
+    cell = result["cells"][0]
+    assert cell["eager_ms"] == pytest.approx(2.0) and cell["triton_sd_ms"] == 0.0
+    md = (tmp_path / "fused-ops.md").read_text()
+    assert "| add_rms_norm | qwen3-0.6b | 1 | 2.0000 ± 0.0000 | 1.0000 ± 0.0000 | 2.00x |" in md
+    assert "triton vs eager: mean speedup 2.00x" in md and "in 0 of 16 cells" in md
+    with pytest.raises(SystemExit, match="unknown variant or model"):
+        ab.main(["fused-ops", "--variants", "jit", "--device", "cpu", "--out", str(tmp_path)])

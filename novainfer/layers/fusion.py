@@ -1,11 +1,13 @@
-"""Fused small element-wise ops: torch.compile on CUDA, C kernels on the CPU.
+"""Fused small element-wise ops: torch.compile or hand-written Triton on CUDA, C on the CPU.
 
-Each wrapped function is compiled by torch.compile (dynamic shapes, so one kernel serves
-every batch size) the first time it sees a CUDA tensor. On the CPU, float32 calls go to the
-function's C twin (novainfer/kernels/cpu_elementwise.c) when that library could be built.
-Everything else runs the plain PyTorch code, which is also the reference both are tested
-against. Set NOVAINFER_NO_COMPILE=1 (before the process starts) to run the plain PyTorch
-code everywhere.
+On CUDA, NOVAINFER_FUSED_OPS (read once, at import) picks how: `compile` (the default) has
+torch.compile compile each wrapped function (dynamic shapes, so one kernel serves every batch
+size) the first time it sees a CUDA tensor; `triton` calls the function's hand-written Triton
+twin (novainfer/kernels/norm_act.py) where it has one, torch.compile where it has not. On the
+CPU, float32 calls go to the function's C twin (novainfer/kernels/cpu_elementwise.c) when
+that library could be built. Everything else runs the plain PyTorch code, which is also the
+reference all of them are tested against. Set NOVAINFER_NO_COMPILE=1 (before the process
+starts) to run the plain PyTorch code everywhere.
 """
 
 from __future__ import annotations
@@ -22,12 +24,35 @@ from novainfer.kernels import cpu_native
 F = TypeVar("F", bound=Callable)
 
 
+FUSED_OPS_CHOICES = ("compile", "triton")
+
+
+def fused_ops_mode(value: str | None) -> str:
+    """NOVAINFER_FUSED_OPS's value, checked (unset or empty: compile)."""
+    mode = (value or "compile").strip().lower()
+    if mode not in FUSED_OPS_CHOICES:
+        raise ValueError(f"NOVAINFER_FUSED_OPS must be one of {', '.join(FUSED_OPS_CHOICES)}, "
+                         f"got {value!r}")
+    return mode
+
+
 # Read once: the wrappers run ~150 times per step, and os.environ lookups are not free.
 PLAIN_PYTORCH = os.environ.get("NOVAINFER_NO_COMPILE") == "1"
+FUSED_OPS = fused_ops_mode(os.environ.get("NOVAINFER_FUSED_OPS"))
 
 
-def fused(cpu: Callable | None = None) -> Callable[[F], F]:
-    """Decorator: run `fn` compiled on CUDA, as `cpu` (a C twin) on float32 CPU tensors.
+def triton_op(name: str) -> Callable:
+    """The Triton twin `name` of kernels/norm_act.py, imported on first use (importing
+    novainfer does not import triton)."""
+    from novainfer.kernels import norm_act
+
+    return getattr(norm_act, name)
+
+
+def fused(cpu: Callable | None = None, triton: str | None = None) -> Callable[[F], F]:
+    """Decorator: run `fn` compiled on CUDA (or as its Triton twin `triton`, a name in
+    kernels/norm_act.py, under NOVAINFER_FUSED_OPS=triton), as `cpu` (a C twin) on float32
+    CPU tensors.
 
     The first argument's device and dtype decide (the other floating-point tensors of these
     ops share them).
@@ -35,13 +60,18 @@ def fused(cpu: Callable | None = None) -> Callable[[F], F]:
 
     def decorate(fn: F) -> F:
         compiled: Callable | None = None
+        hand_written: Callable | None = None
 
         @functools.wraps(fn)
         def wrapper(x: torch.Tensor, *args, **kwargs):
-            nonlocal compiled
+            nonlocal compiled, hand_written
             if PLAIN_PYTORCH:
                 return fn(x, *args, **kwargs)
             if x.is_cuda:
+                if triton is not None and FUSED_OPS == "triton":
+                    if hand_written is None:
+                        hand_written = triton_op(triton)
+                    return hand_written(x, *args, **kwargs)
                 if compiled is None:
                     # One specialisation per (dtype, eps, model shape): a process that loads
                     # several models (tests, benchmarks) needs more than dynamo's default of 8.
@@ -56,6 +86,7 @@ def fused(cpu: Callable | None = None) -> Callable[[F], F]:
             return fn(x, *args, **kwargs)
 
         wrapper.reference = fn  # the plain PyTorch version, for tests
+        wrapper.triton_name = triton
         return wrapper  # type: ignore[return-value]
 
     return decorate

@@ -9,7 +9,7 @@ from novainfer.kernels import cpu_native
 from novainfer.layers.fusion import fused
 
 
-@fused(cpu=cpu_native.rms_norm)
+@fused(cpu=cpu_native.rms_norm, triton="rms_norm")
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Same order of operations as transformers: statistics in at least fp32, scale in x's dtype.
     dtype = x.dtype
@@ -18,7 +18,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(dtype)
 
 
-@fused(cpu=cpu_native.add_rms_norm)
+@fused(cpu=cpu_native.add_rms_norm, triton="add_rms_norm")
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

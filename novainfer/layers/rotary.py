@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from novainfer.kernels import cpu_native
+from novainfer.layers import fusion
 from novainfer.layers.fusion import fused
+from novainfer.layers.norm import rms_norm
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any]) -> torch.Tensor:
@@ -65,3 +67,28 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def fused_qk_norm_rope_applies(q: torch.Tensor) -> bool:
+    """Whether the q/k norms and the rotary embedding run as one Triton launch
+    (qk_norm_rope): NOVAINFER_FUSED_OPS=triton, on CUDA. Otherwise the model calls its
+    q_norm, k_norm and rotary modules (compiled, C or plain PyTorch as each decides)."""
+    return fusion.FUSED_OPS == "triton" and q.is_cuda and not fusion.PLAIN_PYTORCH
+
+
+def qk_norm_rope(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor,
+    k_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of q and k (Qwen3's q/k norm), then the rotary embedding, in one Triton launch
+    (kernels/norm_act.py); `qk_norm_rope_reference` is its twin."""
+    return fusion.triton_op("qk_norm_rope")(q, k, positions, q_weight, k_weight, eps, cos, sin)
+
+
+def qk_norm_rope_reference(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor,
+    k_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain PyTorch twin of qk_norm_rope, for tests."""
+    return apply_rope.reference(rms_norm.reference(q, q_weight, eps),
+                                rms_norm.reference(k, k_weight, eps), positions, cos, sin)

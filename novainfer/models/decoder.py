@@ -16,7 +16,7 @@ from novainfer.layers.attention import AttentionBackend, AttentionMetadata
 from novainfer.layers.embedding import Embedding, LMHead
 from novainfer.layers.linear import SINGLE, QKVLinear, RowParallelLinear, gate_up_linear
 from novainfer.layers.norm import RMSNorm
-from novainfer.layers.rotary import RotaryEmbedding
+from novainfer.layers.rotary import RotaryEmbedding, fused_qk_norm_rope_applies, qk_norm_rope
 from novainfer.models.config import ModelConfig
 
 # transformers' separate tensors -> (our fused module, shard within it)
@@ -64,9 +64,13 @@ class SelfAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        if self.q_norm is not None and fused_qk_norm_rope_applies(q):
+            q, k = qk_norm_rope(q, k, positions, self.q_norm.weight, self.k_norm.weight,
+                                self.q_norm.eps, self.rotary.cos, self.rotary.sin)
+        else:
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary(positions, q, k)
         if meta.calibrate_kv_scales:
             # Every rank holds other KV heads: the max over ranks, before the first store,
             # gives each layer one scale, and the cache of a single rank holding every head.
