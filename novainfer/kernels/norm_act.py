@@ -171,7 +171,10 @@ def _norm_rope_heads(X, OUT, W, tok, stride_t, stride_h, c1, c2, s1, s2, eps,
     tl.store(dst + HALF, o2.to(dt), mask=mask)
 
 
-@triton.jit
+# POS is a view into the step's packed buffer at an offset that changes with the token
+# count: specialising on its alignment compiled a second variant in the middle of a timed
+# run (bench --strict on an H200, 2026-11-30). Not yet re-run on a GPU.
+@triton.jit(do_not_specialize=["POS"])
 def _qk_norm_rope_kernel(
     Q, K, QO, KO, QW, KW, POS, COS, SIN,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cos, eps,
