@@ -31,7 +31,8 @@ def _engine(args, kv_cache_dtype: str):
     return LLM(str(preset_folder(args.preset)), load_format="dummy", skip_tokenizer_init=True,
                max_model_len=args.prompt_len + args.tokens + 8, max_num_seqs=args.num_prompts,
                num_kv_blocks=args.num_prompts * ((args.prompt_len + args.tokens) // 16 + 2),
-               kv_cache_dtype=kv_cache_dtype, calculate_kv_scales=args.calculate_kv_scales,
+               kv_cache_dtype=kv_cache_dtype,
+               calculate_kv_scales=args.calculate_kv_scales and kv_cache_dtype != "auto",
                seed=args.seed)
 
 

@@ -185,11 +185,12 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def warm_up_largest_steps(llm, max_num_seqs: int, max_num_batched_tokens: int,
-                          max_model_len: int) -> None:
+                          max_model_len: int, loras: list | None = None) -> None:
     """Untimed: a prefill step of up to max_num_batched_tokens and a decode step of
-    max_num_seqs rows, sampled as the timed run samples. The worker empties the allocator's
-    cache after its profiling pass; this fills it back at the largest step shapes, so the
-    timed run takes no memory from the device (what --strict checks)."""
+    max_num_seqs rows, sampled as the timed run samples (with `loras`, the adapters taken in
+    turn, so the LoRA buffers reach their largest shapes too). The worker empties the
+    allocator's cache after its profiling pass; this fills it back at the largest step
+    shapes, so the timed run takes no memory from the device (what --strict checks)."""
     from novainfer import SamplingParams
 
     length = max(1, min(max_num_batched_tokens // max_num_seqs, max_model_len - 2))
@@ -197,7 +198,8 @@ def warm_up_largest_steps(llm, max_num_seqs: int, max_num_batched_tokens: int,
     rng = random.Random(12345)  # distinct prompts: the prefix cache must not share them
     prompts = [[rng.randint(0, top) for _ in range(length)] for _ in range(max_num_seqs)]
     params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=2)
-    llm.generate(prompts, params, use_tqdm=False)
+    requests = [loras[i % len(loras)] for i in range(max_num_seqs)] if loras else None
+    llm.generate(prompts, params, use_tqdm=False, lora_request=requests)
 
 
 def _bench_loras(args: argparse.Namespace, engine, num_seqs: int, folder) -> list:
@@ -269,15 +271,16 @@ def run(args: argparse.Namespace) -> dict:
     engine = llm.llm_engine
     device = engine.runner.device
     llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
-    if device.type == "cuda":
-        warm_up_largest_steps(llm, engine.scheduler.max_num_seqs,
-                              engine.scheduler.max_num_batched_tokens, engine.max_model_len)
     adapters = tempfile.TemporaryDirectory(prefix="novainfer-bench-lora-")
     loras = _bench_loras(args, engine, len(work.prompts), Path(adapters.name))
     used = list(dict.fromkeys(lora for lora in loras if lora is not None))
     if used:  # read, checked and their kernels compiled before the clock starts
         llm.generate([[1, 2, 3, 4]] * len(used), SamplingParams(max_tokens=8), use_tqdm=False,
                      lora_request=used)
+    if device.type == "cuda":
+        warm_up_largest_steps(llm, engine.scheduler.max_num_seqs,
+                              engine.scheduler.max_num_batched_tokens, engine.max_model_len,
+                              used)
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in work.max_tokens]
     if engine.step_timer is not None:  # --step-timing / NOVAINFER_STEP_TIMING=1
         engine.step_timer.reset()  # time the measured run only, not the warm-up

@@ -75,6 +75,9 @@ class EngineConfig:
             raise TypeError(
                 f"calculate_kv_scales must be a bool, got {type(self.calculate_kv_scales).__name__}"
             )
+        if self.calculate_kv_scales and self.kv_cache_dtype == "auto":
+            raise ValueError("calculate_kv_scales needs kv_cache_dtype 'fp8' or 'fp8_e4m3' (the "
+                             "scales are an fp8 cache's), got kv_cache_dtype 'auto'")
         if self.block_size not in BLOCK_SIZES:
             raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {self.block_size!r}")
         if not isinstance(self.gpu_memory_utilization, (int, float)) or not (

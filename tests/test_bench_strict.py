@@ -65,6 +65,7 @@ def test_a_triton_cache_miss_is_named_and_the_hook_restored():
     owner, name = ((knobs.runtime, "jit_cache_hook") if knobs is not None
                    else (triton.runtime.jit.JITFunction, "cache_hook"))
     seen = []
+    before = getattr(owner, name)
 
     def theirs(*args, **kwargs):
         seen.append(kwargs["repr"])
@@ -80,7 +81,7 @@ def test_a_triton_cache_miss_is_named_and_the_hook_restored():
         assert seen == ["_rms_norm_kernel[...]"]  # chained to the hook that was there
         assert getattr(owner, name) is theirs
     finally:
-        setattr(owner, name, None)
+        setattr(owner, name, before)
 
 
 def test_new_device_memory_is_reported():

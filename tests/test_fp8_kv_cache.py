@@ -143,6 +143,7 @@ def test_two_ranks_share_the_calibrated_scales(checkpoint):
     ({"kv_cache_dtype": "fp16"}, ValueError, "kv_cache_dtype"),
     ({"kv_cache_dtype": "fp8_e5m2"}, ValueError, "kv_cache_dtype"),
     ({"kv_cache_dtype": None}, ValueError, "kv_cache_dtype"),
+    ({"calculate_kv_scales": True}, ValueError, "calculate_kv_scales needs kv_cache_dtype"),
     ({"calculate_kv_scales": "yes"}, TypeError, "calculate_kv_scales"),
 ])
 def test_bad_options_name_the_field(kwargs, error, field):

@@ -31,12 +31,12 @@ def _llm(model_dir, **kwargs):
                num_kv_blocks=512, **kwargs)
 
 
-
 @pytest.fixture(autouse=True)
 def _nccl_unless_asked(monkeypatch):
     """NCCL for these engines unless a test asks otherwise: the peer path (the default,
     `auto`) serves only the first engine of a process, and the peer tests need to be it."""
     monkeypatch.setenv("NOVAINFER_ALLREDUCE", "nccl")
+
 
 @pytest.mark.parametrize("name", ["llama", "llama_untied", "qwen2", "qwen3"])
 def test_fp32_greedy_two_gpus_with_graphs(checkpoint, name):

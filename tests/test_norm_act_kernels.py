@@ -220,7 +220,8 @@ def test_gpu_bf16_silu_and_mul_matches_reference(rows, size):
 @pytest.mark.gpu
 def test_gpu_new_batch_sizes_compile_nothing():
     """Only the grid depends on the row count: once each op ran at one size, sizes that
-    hit Triton's integer specialisations (1, multiples of 16) compile nothing new."""
+    hit Triton's integer specialisations (1, multiples of 16) and positions at odd and even
+    offsets of a packed buffer compile nothing new."""
     from novainfer.bench_strict import CompileWatch
 
     cuda = torch.device("cuda")
@@ -231,7 +232,11 @@ def test_gpu_new_batch_sizes_compile_nothing():
         norm_act.rms_norm(x, w, 1e-6)
         norm_act.silu_and_mul(torch.cat([x, res], dim=-1))
         q, k, pos, qw, kw, rope = _qk_inputs(rows, 16, 8, 128, torch.bfloat16, cuda)
-        norm_act.qk_norm_rope(q, k, pos, qw, kw, 1e-6, rope.cos, rope.sin)
+        # The engine's positions are a view into the step's packed int64 buffer, after the
+        # token ids: 16-byte aligned only for an even token count.
+        packed = torch.zeros(2 * rows, dtype=torch.int64, device=cuda)
+        packed[rows:].copy_(pos)
+        norm_act.qk_norm_rope(q, k, packed[rows:], qw, kw, 1e-6, rope.cos, rope.sin)
         norm_act.rms_norm(q, qw, 1e-6)
 
     run_all(5)

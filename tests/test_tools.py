@@ -242,7 +242,7 @@ def test_ab_shipped_comparisons_run():
 
 def test_ab_fused_ops_table(tmp_path, monkeypatch):
     """fused-ops: every op x model x batch gets each variant's mean and sd; llama has no
-    q/k norm. The fake timer makes eager 2 ms and the injected `double` variant 1 ms."""
+    q/k norm. The fake timer makes eager 2 ms and the injected `triton` stand-in 1 ms."""
     ab = _load_ab()
     monkeypatch.setattr(ab, "time_calls", lambda fn, device, n, inner: [fn() for _ in range(n)])
     real = ab.fused_op_calls

@@ -22,6 +22,8 @@ discarded with the error.
 of one host with peer access, the first tensor-parallel engine of a process: see below) and
 NCCL elsewhere, silently; `peer` asks for it (and says so on stderr when it cannot be had);
 `nccl` never takes it. Every rank must see the same setting; spawned workers inherit it.
+`auto` has been measured on NVLink only; on GPUs that reach each other over PCIe, compare
+with `nccl` before relying on it.
 Measured on 2 x H200 (2026-11-30): 7-11 us against NCCL's 18-20 us up to 512 KiB, 20
 against 39 us at 2 MiB, equal at 8 MiB, results bit-identical to NCCL's; llama3-8b `bench`
 at N=2 13,620 against 13,190 tok/s with NCCL (asynchronous scheduling, same call), which
@@ -108,7 +110,9 @@ def create(group, control, device: torch.device) -> PeerAllReduce | None:
     access, or this process already set it up for a group of that name (see above)."""
     if setting() == "nccl" or device.type != "cuda":
         return None
-    buffer = _allocate(device, group)
+    buffer, why_not = _allocate(device, group)
+    if buffer is None and setting() == "peer":
+        sys.stderr.write(f"novainfer: {ENV}=peer: this engine uses NCCL: {why_not}\n")
     if not min_over(int(buffer is not None), control):
         return None
     import torch.distributed._symmetric_memory as symm
@@ -122,26 +126,23 @@ def create(group, control, device: torch.device) -> PeerAllReduce | None:
     return PeerAllReduce(buffer, group.group_name, handle)
 
 
-def _allocate(device: torch.device, group) -> torch.Tensor | None:
-    """This rank's buffer, or None where the peer path cannot work here (nothing collective
+def _allocate(device: torch.device, group) -> tuple[torch.Tensor | None, str]:
+    """This rank's buffer, or None and why the peer path cannot work here (nothing collective
     happens here: the ranks agree on the outcome after)."""
     size = torch.distributed.get_world_size(group)
     if group.group_name in _REGISTERED:
-        if setting() == "peer":
-            sys.stderr.write(f"novainfer: {ENV}=peer serves the first tensor-parallel engine "
-                             "of a process; this one uses NCCL\n")
-        return None
+        return None, "it serves the first tensor-parallel engine of a process"
     try:
         import torch.distributed._symmetric_memory as symm
 
         if not hasattr(torch.ops.symm_mem, "one_shot_all_reduce_out"):
-            return None
-        if int(os.environ.get("LOCAL_WORLD_SIZE", size)) != size:  # ranks on other hosts
-            return None
+            return None, "this PyTorch has no symm_mem.one_shot_all_reduce_out"
+        if int(os.environ.get("LOCAL_WORLD_SIZE", size)) != size:
+            return None, "the ranks are not all on this host"
         here = device.index if device.index is not None else torch.cuda.current_device()
         others = [d for d in range(torch.cuda.device_count()) if d != here]
         if not all(torch.cuda.can_device_access_peer(here, d) for d in others):
-            return None
-        return symm.empty(BUFFER_BYTES, dtype=torch.uint8, device=device)
-    except (ImportError, AttributeError, RuntimeError):
-        return None
+            return None, f"GPU {here} cannot access every other GPU of this host directly"
+        return symm.empty(BUFFER_BYTES, dtype=torch.uint8, device=device), ""
+    except (ImportError, AttributeError, RuntimeError) as e:
+        return None, f"symmetric memory is not available ({type(e).__name__}: {e})"

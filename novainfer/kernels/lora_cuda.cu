@@ -334,8 +334,12 @@ void lora_expand(torch::Tensor shrunk, torch::Tensor b, torch::Tensor y, torch::
   int64_t groups = 0;
   bool columns_aligned = true;
   for (size_t i = 0; i < size.size(); ++i) {
+    TORCH_CHECK(y0[i] >= 0 && size[i] >= 0 && s0[i] >= 0 && slot_stride >= 0,
+                "part offsets must not be negative");
     TORCH_CHECK(y0[i] + size[i] <= b.size(1) && y0[i] + size[i] <= y.size(1),
                 "output columns out of range");
+    TORCH_CHECK(s0[i] + (b.size(0) - 1) * slot_stride + rank <= shrunk.size(1),
+                "shrunk columns out of range");
     if (!size[i]) continue;
     const int p = parts.count++;
     parts.in0[p] = s0[i];

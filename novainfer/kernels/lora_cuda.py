@@ -1,14 +1,16 @@
 """Builds, caches and calls the CUDA C++ LoRA kernels (kernels/lora_cuda.cu).
 
 The extension is compiled with nvcc by `torch.utils.cpp_extension` the first time a LoRA op
-runs on CUDA, into the novainfer cache (`kernels/lora_cuda-<key>`, the key naming the source
-and the torch/CUDA versions), so later processes load it in about a second. `load()` raises
+runs on CUDA, into the novainfer cache (`kernels/lora_cuda-<key>`, the key naming the source,
+the torch/CUDA versions and the GPU architecture), so later processes load it in about a
+second. `load()` raises
 whatever stopped the build; lora/ops.py turns that into a warning and the Triton kernels.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -21,7 +23,13 @@ _module: ModuleType | None = None
 
 
 def cache_key() -> str:
-    parts = [SOURCE.read_bytes(), torch.__version__.encode(), str(torch.version.cuda).encode()]
+    """Names the build: the source, torch and CUDA versions, and the GPU architecture it is
+    compiled for (a cache shared by machines with other GPUs must not load a build without
+    kernels for this one)."""
+    major, minor = torch.cuda.get_device_capability()
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or f"sm_{major}{minor}"
+    parts = [SOURCE.read_bytes(), torch.__version__.encode(), str(torch.version.cuda).encode(),
+             arch.encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 

@@ -25,6 +25,8 @@ F = TypeVar("F", bound=Callable)
 
 
 FUSED_OPS_CHOICES = ("compile", "triton")
+# The hand-written kernels compute in fp32: other dtypes (float64) keep the compiled path.
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def fused_ops_mode(value: str | None) -> str:
@@ -68,7 +70,7 @@ def fused(cpu: Callable | None = None, triton: str | None = None) -> Callable[[F
             if PLAIN_PYTORCH:
                 return fn(x, *args, **kwargs)
             if x.is_cuda:
-                if triton is not None and FUSED_OPS == "triton":
+                if triton is not None and FUSED_OPS == "triton" and x.dtype in TRITON_DTYPES:
                     if hand_written is None:
                         hand_written = triton_op(triton)
                     return hand_written(x, *args, **kwargs)

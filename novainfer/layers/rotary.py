@@ -73,7 +73,8 @@ def fused_qk_norm_rope_applies(q: torch.Tensor) -> bool:
     """Whether the q/k norms and the rotary embedding run as one Triton launch
     (qk_norm_rope): NOVAINFER_FUSED_OPS=triton, on CUDA. Otherwise the model calls its
     q_norm, k_norm and rotary modules (compiled, C or plain PyTorch as each decides)."""
-    return fusion.FUSED_OPS == "triton" and q.is_cuda and not fusion.PLAIN_PYTORCH
+    return (fusion.FUSED_OPS == "triton" and q.is_cuda and q.dtype in fusion.TRITON_DTYPES
+            and not fusion.PLAIN_PYTORCH)
 
 
 def qk_norm_rope(
