@@ -12,6 +12,10 @@ depends only on the batch size (`max_rows`), not on how tokens split between ada
 A is [slots, n, k] and B [slots, out, R], both contiguous in their last dimension. Rows of
 `x`, `out` and `y` not in any segment are neither read nor written. The PyTorch twins (and
 the path used off CUDA) are in lora/ops.py.
+
+`tokens`, `seg_start` and `seg_slot` are views into the step's packed buffer at offsets that
+change from step to step: the kernels do not specialise on their alignment, or each new
+alignment would compile another variant mid-run.
 """
 
 from __future__ import annotations
@@ -20,30 +24,34 @@ import torch
 import triton
 import triton.language as tl
 
+_SEGMENT_ARGS = ["TOKENS", "SEG_START", "SEG_SLOT"]
+
 
 @triton.jit
-def _segment_tokens(TOKENS, SEG_SLOT, seg, first, end, BLOCK_M: tl.constexpr):
-    """A program's slot, its BLOCK_M token rows from `first` (masked at `end`)."""
+def _segment_tokens(TOKENS, SEG_START, SEG_SLOT, BLOCK_M: tl.constexpr):
+    """This program's share of its segment (grid axes 0 and 2): whether it has any token,
+    its slot, its BLOCK_M token rows and which of them exist."""
+    pid_m, seg = tl.program_id(0), tl.program_id(2)
+    first = tl.load(SEG_START + seg) + pid_m * BLOCK_M
+    end = tl.load(SEG_START + seg + 1)
     slot = tl.load(SEG_SLOT + seg).to(tl.int64)
     rows = first + tl.arange(0, BLOCK_M)
     row_ok = rows < end
     tok = tl.load(TOKENS + rows, mask=row_ok, other=0).to(tl.int64)
-    return slot, tok, row_ok
+    return first < end, slot, tok, row_ok
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SEGMENT_ARGS)
 def _shrink_kernel(
     X, stride_x, A, stride_a_slot, stride_a_row, OUT, stride_out,
     TOKENS, SEG_START, SEG_SLOT, N, K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_m, pid_n, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start, end = tl.load(SEG_START + seg), tl.load(SEG_START + seg + 1)
-    if start + pid_m * BLOCK_M >= end:
+    active, slot, tok, row_ok = _segment_tokens(TOKENS, SEG_START, SEG_SLOT, BLOCK_M)
+    if not active:
         return
-    slot, tok, row_ok = _segment_tokens(TOKENS, SEG_SLOT, seg, start + pid_m * BLOCK_M, end,
-                                        BLOCK_M)
+    pid_n = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -60,19 +68,17 @@ def _shrink_kernel(
              mask=row_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SEGMENT_ARGS)
 def _expand_kernel(
     S, stride_s, s0, slot_stride, B, stride_b_slot, stride_b_row, Y, stride_y, y0,
     TOKENS, SEG_START, SEG_SLOT, SIZE, RANK,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_m, pid_n, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start, end = tl.load(SEG_START + seg), tl.load(SEG_START + seg + 1)
-    if start + pid_m * BLOCK_M >= end:
+    active, slot, tok, row_ok = _segment_tokens(TOKENS, SEG_START, SEG_SLOT, BLOCK_M)
+    if not active:
         return
-    slot, tok, row_ok = _segment_tokens(TOKENS, SEG_SLOT, seg, start + pid_m * BLOCK_M, end,
-                                        BLOCK_M)
+    pid_n = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < SIZE
     r = tl.arange(0, BLOCK_R)

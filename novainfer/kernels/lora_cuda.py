@@ -36,6 +36,8 @@ def cache_key() -> str:
 def load() -> ModuleType:
     """The compiled extension (built on first use; raises if it cannot be)."""
     global _module
+    if _module is not None:  # every LoRA op asks: no lock once it is built
+        return _module
     with _lock:
         if _module is None:
             from torch.utils.cpp_extension import load as build

@@ -54,14 +54,12 @@ def group_by_slot(token_slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
 
 def lora_batch(tokens: torch.Tensor, seg_start: torch.Tensor, seg_slot: torch.Tensor,
                host_start: np.ndarray, host_slot: np.ndarray) -> LoRABatch | None:
-    """The LoRABatch of `group_by_slot`'s arrays (device copies, and the host ones)."""
+    """The LoRABatch of `group_by_slot`'s arrays (device views of the step's buffer, and the
+    host ones)."""
     if not len(host_slot):
         return None
     segments = [(int(slot), int(lo), int(hi)) for slot, lo, hi in
                 zip(host_slot.tolist(), host_start[:-1].tolist(), host_start[1:].tolist())]
-    if tokens.is_cuda:  # fresh allocations are aligned: Triton then compiles one variant,
-        # where views at arbitrary offsets of the step's buffer would each compile their own
-        tokens, seg_start, seg_slot = tokens.clone(), seg_start.clone(), seg_slot.clone()
     return LoRABatch(tokens, seg_start, seg_slot, segments,
                      int(np.diff(host_start).max()))
 
