@@ -11,6 +11,9 @@ mean and standard deviation of >= 10 timed runs of each path (CUDA events on a G
 in one run: on CUDA with both LoRA kernels of lora/ops.py (the CUDA C++ ones and Triton)
 side by side, on the CPU with the PyTorch twins. Prints a table, and JSON with --json.
 `--max-loras 1,4,8` (or `--ranks`, `--batches`, `--seqs`) measures part of the grid.
+Each call is timed eagerly by default (the host's launch overhead included, as a prefill
+step pays it); `--graphs` times replays of CUDA graphs instead (GPU time only, as a decode
+step pays it; `--batches 16,64,256 --seqs 1` for decode shapes).
 """
 
 from __future__ import annotations
@@ -58,14 +61,27 @@ def _timer(device: torch.device, nvtx: bool = False):
     return run
 
 
+def _in_graph(fn, repeats: int):
+    """fn captured `repeats` times in one CUDA graph: a replay is what a decode step pays
+    (GPU time, no launch overhead), timed per call of fn."""
+    fn()  # compiles and caches before the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            fn()
+    return graph.replay
+
+
 def point(cfg: ModelConfig, batch: int, seq: int, rank: int, loras: int, device, dtype,
-          warmups: int, runs: int, impls: list[str], nvtx: bool = False) -> dict:
+          warmups: int, runs: int, impls: list[str], nvtx: bool = False,
+          graphs: bool = False) -> dict:
     torch.manual_seed(0)
     layer = QKVLinear(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, False)
     layer = layer.to(device=device, dtype=dtype)
     torch.nn.init.normal_(layer.weight, std=cfg.hidden_size**-0.5)
     state = LoRAState()
-    slots = LoRASlots(layer, state, loras, rank, fuse=True)
+    slots = LoRASlots(layer, state, loras, rank, fuse="on")
     slots.a.normal_(std=cfg.hidden_size**-0.5)
     slots.b.normal_(std=0.01)
     tokens = batch * seq
@@ -89,13 +105,22 @@ def point(cfg: ModelConfig, batch: int, seq: int, rank: int, loras: int, device,
     for impl in impls:
         with using(impl):
             same = torch.allclose(traditional().float(), fused().float(), rtol=3e-2, atol=3e-2)
-            t = timed(traditional, warmups, runs, f"{impl}-traditional")
-            f = timed(fused, warmups, runs, f"{impl}-fused")
+            if graphs:
+                t = [v / GRAPH_REPEATS for v in timed(_in_graph(traditional, GRAPH_REPEATS),
+                                                     warmups, runs)]
+                f = [v / GRAPH_REPEATS for v in timed(_in_graph(fused, GRAPH_REPEATS),
+                                                     warmups, runs)]
+            else:
+                t = timed(traditional, warmups, runs, f"{impl}-traditional")
+                f = timed(fused, warmups, runs, f"{impl}-fused")
         row["same_output"] &= same
         row[impl] = {"traditional_ms": statistics.mean(t), "traditional_sd": statistics.stdev(t),
                      "fused_ms": statistics.mean(f), "fused_sd": statistics.stdev(f),
                      "speedup": statistics.mean(t) / statistics.mean(f)}
     return row
+
+
+GRAPH_REPEATS = 16
 
 
 def _ints(text: str) -> list[int]:
@@ -118,7 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--impls", default=None, help="on CUDA: cuda,triton (default both)")
     p.add_argument("--nvtx", action="store_true",
                    help="mark each path's last run as an NVTX range <impl>-<path> (for ncu)")
+    p.add_argument("--graphs", action="store_true",
+                   help=f"time replays of CUDA graphs ({GRAPH_REPEATS} calls each), as decode "
+                        "steps run: GPU time without the host's launch overhead")
     args = p.parse_args(argv)
+    if args.graphs and args.device != "cuda":
+        p.error("--graphs needs --device cuda")
     if args.warmups < 3 or args.runs < 10:
         p.error("the grid is measured with >= 3 warm-ups and >= 10 runs")
     device = torch.device(args.device)
@@ -128,13 +158,16 @@ def main(argv: list[str] | None = None) -> int:
         args.batches, args.seqs, args.ranks, args.max_loras)))
     impls = ["cuda", "triton"] if device.type == "cuda" else ["torch"]
     impls = args.impls.split(",") if args.impls else impls
-    print(f"{args.preset} q/k/v, {device}, {dtype}: ms per call, mean +- sd of {args.runs} runs")
+    how = "replayed in CUDA graphs" if args.graphs else "eager (launch overhead included)"
+    print(f"{args.preset} q/k/v, {device}, {dtype}, {how}: ms per call, mean +- sd of "
+          f"{args.runs} runs")
     cols = [f"{i} {path}" for i in impls for path in ("traditional", "fused", "speedup")]
     print("| batch | seq | rank | max_loras | " + " | ".join(cols) + " |")
     print("|---" * (4 + len(cols)) + "|", flush=True)
     rows = []
     for b, s, rank, n in grid:  # each row as soon as it is measured
-        r = point(cfg, b, s, rank, n, device, dtype, args.warmups, args.runs, impls, args.nvtx)
+        r = point(cfg, b, s, rank, n, device, dtype, args.warmups, args.runs, impls, args.nvtx,
+                  args.graphs)
         rows.append(r)
         cells = []
         for i in impls:

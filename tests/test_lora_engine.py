@@ -288,7 +288,8 @@ def test_fused_qkv_shrink_matches_peft(model_dir, adapters, prompts, expected, m
     monkeypatch.setenv("NOVAINFER_ENABLE_QKV_LORA_FUSION", "1")
     llm = make_llm(model_dir, enable_lora=True, max_loras=2, max_lora_rank=8)
     qkv = llm.llm_engine.runner.model.model.layers[0].self_attn.qkv_proj
-    assert qkv.lora.fuse and not llm.llm_engine.runner.model.model.layers[0].mlp.down_proj.lora.fuse
+    down = llm.llm_engine.runner.model.model.layers[0].mlp.down_proj
+    assert qkv.lora.fuse == "on" and down.lora.fuse == "off"
     buffer = qkv.lora.buffer
     assert qkv.cpu_matmul is None and qkv.weight.data_ptr() == buffer.data_ptr()
     calls = []
@@ -324,10 +325,14 @@ def test_switch_spellings(monkeypatch):
     from novainfer.lora import switches
 
     monkeypatch.delenv("NOVAINFER_ENABLE_QKV_LORA_FUSION", raising=False)
+    monkeypatch.delenv("VLLM_ENABLE_QKV_LORA_FUSION", raising=False)
+    assert switches.qkv_fusion() == "auto"  # unset: where it was measured to pay
     monkeypatch.setenv("VLLM_ENABLE_QKV_LORA_FUSION", "1")
-    assert switches.qkv_fusion()
+    assert switches.qkv_fusion() == "on"
     monkeypatch.setenv("NOVAINFER_ENABLE_QKV_LORA_FUSION", "0")  # ours wins
-    assert not switches.qkv_fusion()
+    assert switches.qkv_fusion() == "off"
+    monkeypatch.setenv("NOVAINFER_ENABLE_QKV_LORA_FUSION", "auto")
+    assert switches.qkv_fusion() == "auto"
     monkeypatch.delenv("VLLM_ENABLE_LORA_TIMING", raising=False)
     monkeypatch.delenv("NOVAINFER_ENABLE_LORA_TIMING", raising=False)
     assert not switches.timing()
@@ -418,7 +423,7 @@ def test_serve_refuses_an_adapter_named_like_the_base_model(capsys):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("fusion", ["0", "1"])
+@pytest.mark.parametrize("fusion", ["0", "1", "auto"])
 def test_cuda_graphs_with_adapters_match_peft(model_dir, adapters, prompts, expected, fusion,
                                                monkeypatch):
     """On a GPU in fp32, with CUDA graphs on (and the CUDA C++ kernels): adapters and the
@@ -446,3 +451,22 @@ def test_cuda_graphs_with_adapters_match_peft(model_dir, adapters, prompts, expe
     base = llm.generate(prompts, greedy(), use_tqdm=False)
     assert completion_tokens(base) == expected[None]
     assert replays[False] >= MAX_TOKENS - 2, replays
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("fusion", ["0", "1"])
+def test_two_gpus_with_graphs_match_peft(model_dir, adapters, prompts, expected, fusion,
+                                         monkeypatch):
+    """Two GPUs (NCCL, CUDA graphs on, the CUDA C++ kernels), fp32: adapters and the base
+    mixed in one batch, two slots for three adapters (slots reloaded on both ranks mid-run),
+    give PEFT's tokens."""
+    monkeypatch.setenv("NOVAINFER_ENABLE_QKV_LORA_FUSION", fusion)
+    monkeypatch.setenv("NOVAINFER_ALLREDUCE", "nccl")
+    with make_llm(model_dir, device="cuda", enable_lora=True, max_loras=2, max_lora_rank=8,
+                  max_model_len=256, tensor_parallel_size=2) as llm:
+        assert llm.llm_engine.runner.graphs is not None
+        pairs, batch, loras = _mixed(adapters, prompts)
+        outs = llm.generate(batch, greedy(), use_tqdm=False, lora_request=loras)
+    for (name, i), tokens in zip(pairs, completion_tokens(outs)):
+        assert tokens == expected[name][i], (name, i)

@@ -182,7 +182,12 @@ def kernel_env(monkeypatch):
 
 
 class _OnCuda:
+    """A step's activations on CUDA, as far as the kernel choice looks: tokens x features."""
+
     is_cuda = True
+
+    def __init__(self, tokens: int = 1) -> None:
+        self.shape = (tokens, 8)
 
 
 def test_using_overrides_the_choice(kernel_env):
@@ -205,6 +210,56 @@ def test_kernel_choice_follows_the_switches(kernel_env):
     kernel_env.setenv("NOVAINFER_FORCE_TRITON_LORA", "0")  # ours wins over the alias
     switches.lora_settings.cache_clear()
     assert ops.choose_impl(_OnCuda()) == "cuda"
+
+
+def test_long_steps_take_triton(kernel_env):
+    """The CUDA kernels (matrix-vector products) serve steps up to the measured limit, the
+    Triton tiles the longer ones (prefills); the limit can be moved, and a bad one is an
+    error naming the variable."""
+    limit = switches.CUDA_MAX_TOKENS
+    assert ops.choose_impl(_OnCuda(limit)) == "cuda"
+    assert ops.choose_impl(_OnCuda(limit + 1)) == "triton"
+    kernel_env.setenv("NOVAINFER_LORA_CUDA_MAX_TOKENS", "4")
+    switches.lora_settings.cache_clear()
+    assert [ops.choose_impl(_OnCuda(n)) for n in (4, 5)] == ["cuda", "triton"]
+    kernel_env.setenv("NOVAINFER_LORA_CUDA_MAX_TOKENS", "many")
+    switches.lora_settings.cache_clear()
+    with pytest.raises(ValueError, match="NOVAINFER_LORA_CUDA_MAX_TOKENS must be"):
+        ops.choose_impl(_OnCuda())
+
+
+def test_auto_fusion_follows_the_step_length(kernel_env):
+    """fuse="auto": steps up to the limit take the fused matmul, longer ones the traditional
+    path over the same buffer (the layer's weight and A are views of it); both give the
+    twins' answer."""
+    from novainfer.layers.linear import QKVLinear
+    from novainfer.lora.layers import LoRASlots, LoRAState
+
+    kernel_env.setenv("NOVAINFER_LORA_FUSION_MAX_TOKENS", "6")
+    switches.lora_settings.cache_clear()
+    torch.manual_seed(5)
+    layer = QKVLinear(32, 4, 2, 8, False)
+    torch.nn.init.normal_(layer.weight, std=0.2)
+    weight = layer.weight.detach().clone()
+    state = LoRAState()
+    slots = layer.lora = LoRASlots(layer, state, 2, 4, fuse="auto")
+    assert layer.weight.data_ptr() == slots.buffer.data_ptr()
+    slots.a.normal_(std=0.2)
+    slots.b.normal_(std=0.2)
+    for tokens, fused in ((6, True), (7, False)):
+        x = torch.randn(tokens, 32)
+        state.batch = _batch([i % 3 - 1 for i in range(tokens)], "cpu")
+        assert slots.takes_over(x) == fused
+        want = x @ weight.T
+        for t in range(tokens):
+            slot = t % 3 - 1
+            if slot >= 0:
+                for y0, size, s0 in slots.expand_parts:
+                    a = slots.a[slot, s0 : s0 + 4]
+                    want[t, y0 : y0 + size] += (x[t] @ a.T) @ slots.b[slot, y0 : y0 + size].T
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="fuse must be"):
+        LoRASlots(layer, state, 2, 4, fuse=True)
 
 
 def _fp32_case():

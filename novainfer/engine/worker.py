@@ -76,8 +76,12 @@ class ModelWorker:
         self.lora = self.lora_timing = None
         if config.enable_lora:
             self.lora_timing = LoRATiming(device) if lora_switches.timing() else None
+            # Fusion unset ("auto"): on CUDA only; on the CPU it would drop the packed
+            # matmul's weight panels for no saved launch.
+            fusion = lora_switches.qkv_fusion()
+            fusion = "off" if fusion == "auto" and device.type != "cuda" else fusion
             self.lora = attach_lora(self.model, config.max_loras, config.max_lora_rank,
-                                    lora_switches.qkv_fusion(), self.lora_timing)
+                                    fusion, self.lora_timing)
             if self.lora_timing is not None and tp.rank == 0:
                 timing = self.lora_timing
                 atexit.register(lambda: timing.calls and timing.report())

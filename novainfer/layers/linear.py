@@ -119,7 +119,7 @@ class Linear(CpuPackable):
         return F.linear(x, self.weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.lora is not None and self.lora.takes_over():  # fused QKV + LoRA shrink
+        if self.lora is not None and self.lora.takes_over(x):  # fused QKV + LoRA shrink
             return self.lora.run_layer(self, x)
         y = self.matmul(x, None if self.reduce else self.bias)
         if self.lora is not None:  # before the all-reduce: a row-parallel update is partial

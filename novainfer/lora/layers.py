@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from novainfer.lora import switches
 from novainfer.lora.adapter import LoRAAdapter
 from novainfer.lora.ops import LoRABatch, expand, shrink
 from novainfer.lora.timing import LoRATiming
@@ -53,12 +54,18 @@ class LoRAState:
 
 class LoRASlots(nn.Module):
     def __init__(self, layer: nn.Module, state: LoRAState, max_loras: int, max_rank: int,
-                 fuse: bool = False, timing: LoRATiming | None = None) -> None:
-        """`fuse`: the layer's matmul takes A of every slot along (the fused QKV + shrink
-        matmul); `timing`: time that path against the traditional one on every call."""
+                 fuse: str = "off", timing: LoRATiming | None = None) -> None:
+        """`fuse`: "on", the layer's matmul takes A of every slot along (the fused QKV +
+        shrink matmul); "auto", it does for steps of up to FUSION_MAX_TOKENS tokens (where
+        that was measured to pay) and the larger ones take the traditional path over the
+        same buffer; "off", never. `timing`: time the two paths on every call."""
         super().__init__()
+        if fuse not in ("on", "off", "auto"):
+            raise ValueError(f"fuse must be 'on', 'off' or 'auto', not {fuse!r}")
         self.state = state
         self.fuse = fuse
+        self.fuse_max_tokens = {"on": None, "off": -1,
+                                "auto": switches.lora_settings().fusion_max_tokens}[fuse]
         self.timing = timing
         self.rank = max_rank
         self.row_parallel = layer.in_slice is not None
@@ -69,7 +76,7 @@ class LoRASlots(nn.Module):
         kw = {"dtype": weight.dtype, "device": weight.device}
         rows = len(self.parts) * max_rank
         self.buffer: torch.Tensor | None = None
-        if fuse or timing is not None:
+        if fuse != "off" or timing is not None:
             # [W; A of every slot] in one allocation, made before the KV cache is sized: the
             # layer's weight and A are views of it, so the fused matmul needs no copy and
             # loading a slot updates it in place.
@@ -114,9 +121,14 @@ class LoRASlots(nn.Module):
         expand(shrunk, self.b, y, batch, self.expand_parts, self.rank)
         return y
 
-    def takes_over(self) -> bool:
+    def fused(self, x: torch.Tensor) -> bool:
+        """Whether x's step takes the fused path (see `fuse`)."""
+        limit = self.fuse_max_tokens
+        return limit is None or x.shape[0] <= limit
+
+    def takes_over(self, x: torch.Tensor) -> bool:
         """Whether the layer's whole forward is `run_layer`'s (the fused or timed path)."""
-        return self.state.batch is not None and (self.fuse or self.timing is not None)
+        return self.state.batch is not None and (self.timing is not None or self.fused(x))
 
     def run_layer(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The layer's output with the adapters' updates, through the fused matmul (or both
@@ -134,7 +146,7 @@ class LoRASlots(nn.Module):
         with t.stage("expand"):
             expand(shrunk, self.b, y, batch, self.expand_parts, self.rank)
         fused = self._fused_path(layer, x, t)
-        return fused if self.fuse else y
+        return fused if self.fused(x) else y
 
     def _fused_path(self, layer: nn.Module, x: torch.Tensor,
                     t: LoRATiming | None = None) -> torch.Tensor:
@@ -149,15 +161,16 @@ class LoRASlots(nn.Module):
         return y
 
 
-def attach_lora(model: nn.Module, max_loras: int, max_rank: int, fuse_qkv: bool = False,
+def attach_lora(model: nn.Module, max_loras: int, max_rank: int, fuse_qkv: str = "off",
                 timing: LoRATiming | None = None) -> LoRAState:
     """Give every targeted linear layer of the decoder its slots; returns the shared state.
-    `fuse_qkv` / `timing` apply to the q/k/v projection (lora/switches.py)."""
+    `fuse_qkv` ("on", "off", "auto") and `timing` apply to the q/k/v projection
+    (lora/switches.py)."""
     state = LoRAState()
     for name, linear in _lora_layers(model):
         qkv = name == "qkv_proj"
-        linear.lora = LoRASlots(linear, state, max_loras, max_rank, fuse=fuse_qkv and qkv,
-                                timing=timing if qkv else None)
+        linear.lora = LoRASlots(linear, state, max_loras, max_rank,
+                                fuse=fuse_qkv if qkv else "off", timing=timing if qkv else None)
     return state
 
 

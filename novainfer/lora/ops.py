@@ -3,10 +3,14 @@ grouping of tokens by adapter slot.
 
 `shrink` and `expand` have three implementations (`impl`):
 
-- "cuda": the CUDA C++ kernels (kernels/lora_cuda.cu), the default on CUDA. If they cannot
-  be built or raise at run time, a warning says "CUDA LoRA kernel failed" with the cause and
-  the process uses Triton from then on.
-- "triton": the Triton kernels (kernels/lora.py); on CUDA with NOVAINFER_FORCE_TRITON_LORA=1.
+- "cuda": the CUDA C++ kernels (kernels/lora_cuda.cu), the default on CUDA for steps of up
+  to NOVAINFER_LORA_CUDA_MAX_TOKENS tokens (512; decode steps). They are batched
+  matrix-vector products (Punica's BGMV) and lose to Triton's tiles on long prefills, so
+  larger steps take Triton (as Punica's SGMV). If they cannot be built or raise at run
+  time, a warning says "CUDA LoRA kernel failed" with the cause and the process uses Triton
+  from then on.
+- "triton": the Triton kernels (kernels/lora.py); on CUDA for larger steps, and for every
+  step with NOVAINFER_FORCE_TRITON_LORA=1.
 - "torch": the PyTorch twins below, the path off CUDA; they loop over the step's segments on
   the host, where the kernels take them all in one launch.
 
@@ -86,14 +90,16 @@ def using(impl: str) -> Iterator[None]:
 
 
 def choose_impl(x: torch.Tensor) -> str:
-    """The implementation for a tensor on x's device: see the module's docstring."""
+    """The implementation for x ([tokens, features] of one step) on its device: see the
+    module's docstring."""
     if _forced is not None:
         return _forced
     if not x.is_cuda:
         return "torch"
-    if switches.lora_settings().force_triton or _cuda_failure is not None:
+    settings = switches.lora_settings()
+    if settings.force_triton or _cuda_failure is not None:
         return "triton"
-    return "cuda"
+    return "cuda" if x.shape[0] <= settings.cuda_max_tokens else "triton"
 
 
 def cuda_failed(error: BaseException) -> None:
