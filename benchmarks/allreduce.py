@@ -1,8 +1,9 @@
 """All-reduce latency over the GPUs of one host, as the tensor-parallel layers issue it:
 NCCL through torch.distributed (eager and replayed inside a CUDA graph, 64 all-reduces per
 graph, as a decode step of a 32-layer model issues) against the one-shot peer-to-peer path
-(novainfer/distributed/peer_allreduce.py, in a CUDA graph), bf16, per message size, with the
-peer path's result compared against NCCL's on random inputs.
+(novainfer/distributed/peer_allreduce.py, in a CUDA graph, its one-shot and its two-shot
+kernel at every size), bf16, per message size, with the peer path's results compared against
+NCCL's on random inputs.
 
     python benchmarks/allreduce.py [--gpus 2] [--json]
 """
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-SIZES_KIB = [8, 32, 128, 512, 2048, 8192, 32768]
+SIZES_KIB = [8, 32, 128, 512, 1024, 2048, 4096, 8192, 32768, 131072]
 PER_GRAPH = 64
 
 
@@ -64,7 +65,8 @@ def _rank(rank: int, size: int, port: int, queue) -> None:
         bus = 2 * (size - 1) / size * x.numel() * 2 / (in_graph * 1e-3) / 1e9
         row = {"KiB": kib, "eager_us": round(eager * 1e3, 1),
                "graph_us": round(in_graph * 1e3, 1), "graph_bus_GBps": round(bus, 1),
-               "correct": correct, "peer_graph_us": None, "peer_equal": None}
+               "correct": correct, "peer_graph_us": None, "two_shot_graph_us": None,
+               "peer_equal": None}
         del graph  # graphs holding NCCL work must go before the communicator
         if peer is not None and kib * 1024 <= peer_allreduce.BUFFER_BYTES:
             gen = torch.Generator(device=device).manual_seed(1000 + rank)
@@ -73,15 +75,20 @@ def _rank(rank: int, size: int, port: int, queue) -> None:
             dist.all_reduce(a)
             assert peer(b)
             row["peer_equal"] = bool(torch.equal(a, b))
-            y = r.clone()
-            peer(y)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(PER_GRAPH):
-                    peer(y)
-            row["peer_graph_us"] = round(_time(graph.replay, 10) / PER_GRAPH * 1e3, 1)
-            del graph
+            for kernel, limit in (("peer_graph_us", 1 << 40), ("two_shot_graph_us", 0)):
+                peer_allreduce.ONE_SHOT_MAX_BYTES = limit  # this kernel at every size
+                y = r.clone()
+                peer(y)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for _ in range(PER_GRAPH):
+                        peer(y)
+                row[kernel] = round(_time(graph.replay, 10) / PER_GRAPH * 1e3, 1)
+                del graph
+                b = r.clone()
+                peer(b)
+                row["peer_equal"] = row["peer_equal"] and bool(torch.equal(a, b))
         rows.append(row)
     if rank == 0:
         queue.put(rows)
@@ -106,11 +113,12 @@ def main() -> None:
     rows = queue.get(timeout=600)
     print(f"NCCL all-reduce, bf16, {args.gpus} x {torch.cuda.get_device_name(0)}")
     print("| KiB | NCCL eager us | NCCL in a CUDA graph us | bus GB/s (graph) | correct | "
-          "peer one-shot in a graph us | peer == NCCL |")
-    print("|---|---|---|---|---|---|---|")
+          "peer one-shot in a graph us | peer two-shot in a graph us | peer == NCCL |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['KiB']} | {r['eager_us']} | {r['graph_us']} | {r['graph_bus_GBps']} | "
-              f"{r['correct']} | {r['peer_graph_us'] or '-'} | {r['peer_equal'] or '-'} |")
+              f"{r['correct']} | {r['peer_graph_us'] or '-'} | {r['two_shot_graph_us'] or '-'} | "
+              f"{r['peer_equal'] or '-'} |")
     if args.json:
         print(json.dumps(rows))
     for p in procs:

@@ -135,7 +135,9 @@ def _peer_vs_nccl_rank(rank: int, port: int, queue) -> None:
     limit = peer_allreduce.BUFFER_BYTES
     for dtype in (torch.bfloat16, torch.float32):
         size = torch.empty((), dtype=dtype).element_size()
-        for numel in (1, 3, 1000, 4097, limit // size, limit // size + 1):
+        one_shot = peer_allreduce.ONE_SHOT_MAX_BYTES // size  # then two-shot
+        for numel in (1, 3, 1000, 4097, one_shot, one_shot + 2, one_shot + 4, one_shot + 8, limit // size,
+                      limit // size + 1):
             gen = torch.Generator(device=device).manual_seed(numel * 10 + rank)
             x = (torch.randn(numel, generator=gen, device=device) * 100).to(dtype)
             want = x.clone()
@@ -159,9 +161,10 @@ def _peer_vs_nccl_rank(rank: int, port: int, queue) -> None:
 
 
 def test_peer_allreduce_matches_nccl(monkeypatch):
-    """The one-shot peer path against NCCL's sum on random inputs: odd sizes (an odd bf16
-    count is not 4-byte aligned: NCCL then), the buffer's limit, one element over it (NCCL),
-    bf16 and fp32, eager and in a CUDA graph."""
+    """The peer path against NCCL's sum on random inputs: odd sizes (an odd bf16 count is
+    not 4-byte aligned: NCCL then), the one-shot kernel's limit and just over it (two-shot,
+    16-, 8- and 4-byte aligned), the buffer's limit, one element over it (NCCL), bf16 and
+    fp32, eager and in a CUDA graph."""
     import torch.multiprocessing as mp
 
     from novainfer.distributed import peer_allreduce

@@ -6,7 +6,10 @@ rank allocates one buffer in PyTorch's symmetric memory and maps its peers' buff
 (CUDA IPC over NVLink, no multicast: TORCH_SYMM_MEM_DISABLE_MULTICAST=1 stays set). An
 all-reduce copies the message into the local buffer, then one kernel (PyTorch's
 `symm_mem.one_shot_all_reduce_out`) waits on a barrier of signal flags, reads every rank's
-buffer and writes the sum back into the message. Messages larger than the buffer, of a size
+buffer and writes the sum back into the message. Above ONE_SHOT_MAX_BYTES the kernel is
+`two_shot_all_reduce_out` instead: each rank sums its 1/N of the message from every buffer,
+then every rank gathers the N sums (no multicast either); with two ranks both give the
+same bits as NCCL (a sum of two is exact in either order). Messages larger than the buffer, of a size
 that is not a multiple of 4 bytes (the kernel's requirement: an odd bf16 count), of other
 dtypes, and non-contiguous tensors go to NCCL.
 
@@ -46,6 +49,8 @@ from novainfer.distributed.parallel import min_over
 
 ENV = "NOVAINFER_ALLREDUCE"
 BUFFER_BYTES = 8 << 20  # messages up to this size take the peer path (tuned on 2 x H200)
+ONE_SHOT_MAX_BYTES = 1 << 20  # larger ones: two-shot (each rank sums its share, then all
+# gather), half the NVLink traffic of one-shot's read of every peer's whole message
 DTYPES = (torch.bfloat16, torch.float32)
 # Group names set up in this process. PyTorch keeps a symmetric-memory registration per group
 # name for the life of the process, and a later engine's group reuses the name ("0") with a
@@ -70,6 +75,7 @@ class PeerAllReduce:
         self.buffer = buffer  # uint8, BUFFER_BYTES, in symmetric memory, rendezvoused
         self.group_name = group_name
         self.handle = handle  # the rendezvous: every rank's buffer and signal pad, mapped
+        self.two_shot = hasattr(torch.ops.symm_mem, "two_shot_all_reduce_out")
 
     def __call__(self, x: torch.Tensor) -> bool:
         nbytes = x.numel() * x.element_size()
@@ -79,7 +85,10 @@ class PeerAllReduce:
         flat = x.view(-1)
         staged = self.buffer[:nbytes].view(x.dtype)
         staged.copy_(flat)
-        torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group_name, flat)
+        if nbytes <= ONE_SHOT_MAX_BYTES or not self.two_shot:
+            torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group_name, flat)
+        else:
+            torch.ops.symm_mem.two_shot_all_reduce_out(staged, "sum", self.group_name, flat)
         return True
 
     def release(self, drained: Callable[[], bool], timeout: float) -> bool:
