@@ -4,6 +4,7 @@
     python benchmarks/ab.py qkv-split                      # default grid (batch 1..64 x seq 128..4096)
     python benchmarks/ab.py rmsnorm-residual --batch 1,4 --seq-len 128,512 --repeats 50 --out /tmp/ab
     python benchmarks/ab.py fused-ops                      # eager vs compile vs triton, 1..512 tokens
+    python benchmarks/ab.py top-k-filter --batch 1,64,256 --seq-len 32000,151936  # sampler
 
 Per cell: warm-up, then `--repeats` timed runs (CUDA events on the GPU, perf_counter on the
 CPU) of `--inner` calls each; the median of A and of B, their spread (interquartile range
@@ -101,11 +102,27 @@ def make_rmsnorm_residual(batch: int, seq_len: int, device: torch.device, dtype:
     return run_a, run_b
 
 
+def make_top_k_filter(batch: int, seq_len: int, device: torch.device, dtype: torch.dtype, *,
+                      top_k: int = 50, top_p: float = 0.9):
+    """The sampler's top-k + top-p over a full-vocabulary sort (A) vs over `topk`'s
+    candidates (B). Here `batch` is the rows that sample and `seq_len` the vocabulary."""
+    from novainfer.engine import sampler
+
+    logits = torch.randn(batch, seq_len, device=device, dtype=torch.float32) * 3
+    ks, ps = [top_k] * batch, [top_p] * batch
+    return (lambda: sampler._top_k_top_p_sorted(logits, ks, ps),
+            lambda: sampler._top_k_top_p_candidates(logits, ks, ps))
+
+
 COMPARISONS: dict[str, Comparison] = {
     "qkv-split": Comparison("qkv-split", "split sizes per call", "split sizes cached",
                             make_qkv_split, "Llama-3-8B attention shapes (32 q / 8 kv heads x 128)"),
     "rmsnorm-residual": Comparison("rmsnorm-residual", "add + rms_norm", "fused add_rms_norm",
                                    make_rmsnorm_residual, "hidden 4096"),
+    "top-k-filter": Comparison("top-k-filter", "vocabulary sort", "topk candidates",
+                               make_top_k_filter, "top_k 50 + top_p 0.9; --batch = rows, "
+                               "--seq-len = vocabulary (e.g. --batch 1,64,256 --seq-len "
+                               "32000,151936)"),
 }
 
 # ---------------------------------------------------------------------------- fused ops, 3 ways

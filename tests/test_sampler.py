@@ -121,3 +121,45 @@ def test_unfiltered_rows_are_untouched_by_filtered_batch_mates():
         seqs[0].generator.manual_seed(seed)
         batched.append(int(draw_rows(logits[:2], seqs, torch.Generator())[0]))
     assert alone == batched and len(set(alone)) > 1
+
+
+def test_top_k_without_a_vocabulary_sort_matches_the_sort():
+    """When every top-p row also has top-k, the filter works on `topk`'s candidates and
+    never sorts the vocabulary; it keeps what the full sort keeps (random logits: no ties),
+    row by row: top-k alone, top-k with top-p, k above the vocabulary, k = 1, and rows with
+    no filter beside them."""
+    from novainfer.engine import sampler
+
+    g = torch.Generator().manual_seed(21)
+    logits = torch.randn(6, 3000, generator=g) * 3
+    ks = [5, 40, 3000, 1, -1, 7000]
+    ps = [1.0, 0.8, 0.3, 0.5, 1.0, 0.95]
+    got = sampler._top_k_top_p_candidates(logits, ks, ps)
+    want = sampler._top_k_top_p_sorted(logits, ks, ps)
+    assert torch.equal(got.isinf(), want.isinf())
+    assert torch.equal(got, want)
+    kept = (~got.isinf()).sum(dim=-1).tolist()
+    assert kept[0] == 5 and kept[3] == 1 and kept[4] == 3000 and 1 <= kept[1] <= 40
+    # The engine's entry point takes the candidates path exactly when it applies.
+    calls = []
+    real = sampler._top_k_top_p_sorted
+    sampler._top_k_top_p_sorted = lambda *a: calls.append(1) or real(*a)
+    try:
+        seqs = [SimpleNamespace(generator=None, params=_params(top_k=k, top_p=p, temperature=1.0))
+                for k, p in zip(ks, ps)]
+        filter_logits(logits, seqs)
+        assert not calls
+        seqs.append(SimpleNamespace(generator=None, params=_params(top_p=0.9, temperature=1.0)))
+        filter_logits(torch.cat([logits, logits[:1]]), seqs)  # top-p without top-k: a sort
+        assert calls
+    finally:
+        sampler._top_k_top_p_sorted = real
+
+
+def test_top_k_keeps_a_tie_with_the_kth_logit():
+    """As vLLM does: every logit equal to the k-th survives top-k."""
+    from novainfer.engine import sampler
+
+    logits = torch.tensor([[5.0, 3.0, 3.0, 1.0, 0.0]])
+    got = sampler._top_k_top_p_candidates(logits, [2], [1.0])
+    assert (~got.isinf()).tolist() == [[True, True, True, False, False]]

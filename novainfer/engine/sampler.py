@@ -62,27 +62,59 @@ def filter_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     top_ks = [s.params.top_k for s in seqs]
     top_ps = [s.params.top_p for s in seqs]
     min_ps = [s.params.min_p for s in seqs]
-    vocab = logits.shape[-1]
-    if any(k != -1 for k in top_ks) or any(p < 1.0 for p in top_ps):
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        k = to_device([vocab if k == -1 else min(k, vocab) for k in top_ks], dev)
-        ranks = torch.arange(vocab, device=dev)[None, :]
-        drop = ranks >= k[:, None]
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        probs = sorted_logits.softmax(dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # mass strictly ahead of each token
-        p = to_device(top_ps, dev, probs.dtype)
-        # The first token always survives (before == 0). Rows with top_p 1 drop nothing: in
-        # float32 their cumsum reaches 1 before the tail, which would cut it.
-        drop = (before >= p[:, None]) & (p[:, None] < 1.0)
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    if all(k != -1 or p >= 1.0 for k, p in zip(top_ks, top_ps)) and any(k != -1 for k in top_ks):
+        logits = _top_k_top_p_candidates(logits, top_ks, top_ps)
+    elif any(k != -1 for k in top_ks) or any(p < 1.0 for p in top_ps):
+        logits = _top_k_top_p_sorted(logits, top_ks, top_ps)
     if any(m > 0 for m in min_ps):
         probs = logits.softmax(dim=-1)
         m = to_device(min_ps, dev, probs.dtype)
         keep = probs >= m[:, None] * probs.max(dim=-1, keepdim=True).values
         logits = logits.masked_fill(~keep, float("-inf"))
     return logits
+
+
+def _top_k_top_p_sorted(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
+    """Top-k then top-p over a full-vocabulary sort (the general case: some row has top-p
+    without top-k)."""
+    dev, vocab = logits.device, logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    k = to_device([vocab if k == -1 else min(k, vocab) for k in top_ks], dev)
+    ranks = torch.arange(vocab, device=dev)[None, :]
+    drop = ranks >= k[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass strictly ahead of each token
+    p = to_device(top_ps, dev, probs.dtype)
+    # The first token always survives (before == 0). Rows with top_p 1 drop nothing: in
+    # float32 their cumsum reaches 1 before the tail, which would cut it.
+    drop = (before >= p[:, None]) & (p[:, None] < 1.0)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def _top_k_top_p_candidates(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]
+                            ) -> torch.Tensor:
+    """Top-k then top-p without sorting the vocabulary, when every row that has top-p also
+    has top-k: `topk` of the largest k (already sorted) holds every row's candidates, top-p
+    runs over them, and each row keeps the logits at or above its smallest survivor. As in
+    vLLM, a logit tied with the k-th is kept too (the sort keeps exactly k of a tie); rows
+    with neither filter keep everything."""
+    dev, vocab = logits.device, logits.shape[-1]
+    max_k = min(max(k for k in top_ks if k != -1), vocab)
+    values, _ = logits.topk(max_k, dim=-1)  # [rows, max_k], descending
+    k = to_device([max_k if k == -1 else min(k, vocab) for k in top_ks], dev)
+    ranks = torch.arange(max_k, device=dev)[None, :]
+    drop = ranks >= k[:, None]
+    probs = values.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass strictly ahead of each candidate
+    p = to_device(top_ps, dev, probs.dtype)
+    drop |= (before >= p[:, None]) & (p[:, None] < 1.0)  # the first always survives
+    smallest = values.masked_fill(drop, float("inf")).amin(dim=-1)
+    unfiltered = to_device([k == -1 for k in top_ks], dev)
+    smallest = smallest.masked_fill(unfiltered, float("-inf"))
+    return logits.masked_fill(logits < smallest[:, None], float("-inf"))
 
 
 DRAW_CHUNK = 1024  # vocabulary entries per chunk of the two-level inverse-CDF search
