@@ -4,6 +4,11 @@ head_dim 128, bf16). One shape only: check a winner with the whole `novainfer be
 before changing a default (128-token tiles won here and lost 24% end to end).
 
     python benchmarks/decode_sweep.py [--seqs 256] [--max-ctx 2048]
+    python benchmarks/decode_sweep.py --kv-dtypes   # bf16 vs fp8 cache (bf16 or fp16 dots)
+
+`--kv-dtypes` times only the engine's block size (16) with 64- and 128-token tiles, over a
+bf16 cache and an fp8 one read with the dots in bf16 or in fp16 (NOVAINFER_FP8_DOT), each
+against the reference of its own cache.
 """
 
 from __future__ import annotations
@@ -24,7 +29,10 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--kv-dtypes", action="store_true")
     args = parser.parse_args()
+    if args.kv_dtypes:
+        return compare_kv_dtypes(args)
     dev, dt = torch.device("cuda"), torch.bfloat16
     g = torch.Generator().manual_seed(0)
     lens = torch.randint(args.min_ctx, args.max_ctx + 1, (args.seqs,), generator=g)
@@ -62,6 +70,60 @@ def main() -> None:
             print(f"block_size {block_size:3d} BLOCK_N {block_n:3d} warps {warps} stages {stages}: "
                   f"{ms * 1e3:8.1f} us  {kv_bytes / ms / 1e9:6.2f} TB/s  max|diff| {err:.3g}")
         del cache
+
+
+def _time_ms(fn, iters: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def compare_kv_dtypes(args: argparse.Namespace) -> None:
+    from novainfer.kernels.decode_attention import decode_attention
+    from novainfer.kernels.fp8 import dequantize_fp8, quantize_fp8
+
+    dev, block_size = torch.device("cuda"), 16
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(args.min_ctx, args.max_ctx + 1, (args.seqs,), generator=g)
+    tokens = int(lens.sum())
+    q = torch.randn(args.seqs, args.heads, args.head_dim, device=dev, dtype=torch.bfloat16)
+    width = -(-args.max_ctx // block_size)
+    num_blocks = args.seqs * width
+    cache = torch.randn(2, num_blocks, block_size, args.kv_heads, args.head_dim, device=dev,
+                        dtype=torch.bfloat16)
+    scales = torch.tensor([0.01, 0.01], device=dev)
+    fp8 = torch.stack([quantize_fp8(cache[i], scales[i]) for i in (0, 1)])
+    deq = torch.stack([dequantize_fp8(fp8[i], scales[i], torch.bfloat16) for i in (0, 1)])
+    tables = torch.randperm(num_blocks, generator=g).view(args.seqs, width).int().to(dev)
+    seq_lens = lens.int().to(dev)
+    scale = args.head_dim**-0.5
+    print(f"{args.seqs} seqs, contexts {args.min_ctx}-{args.max_ctx}, {args.heads} / "
+          f"{args.kv_heads} heads x {args.head_dim}, block size 16, "
+          f"{torch.cuda.get_device_name()}")
+    print("| cache | dots | BLOCK_N | us | KV TB/s | max abs diff vs its reference |")
+    print("|---|---|---|---|---|---|")
+    for name, kv, ref_cache, dots in (("bf16", cache, cache, [None]),
+                                      ("fp8", fp8, deq, [False, True])):
+        nbytes = tokens * args.kv_heads * args.head_dim * 2 * kv.element_size()
+        ref = decode_attention(q, ref_cache, tables, seq_lens, scale, torch.empty_like(q))
+        for dot_f16 in dots:
+            for block_n in (64, 128):
+                out = torch.empty_like(q)
+                kw = {"block_n": block_n}
+                if name == "fp8":
+                    kw.update(kv_scales=scales, dot_f16=dot_f16)
+                run = lambda: decode_attention(q, kv, tables, seq_lens, scale, out, **kw)  # noqa: B023
+                ms = _time_ms(run)
+                err = (out.float() - ref.float()).abs().max().item()
+                label = "-" if dot_f16 is None else ("fp16" if dot_f16 else "bf16")
+                print(f"| {name} | {label} | {block_n} | {ms * 1e3:.1f} | "
+                      f"{nbytes / ms / 1e9:.2f} | {err:.3g} |")
 
 
 if __name__ == "__main__":

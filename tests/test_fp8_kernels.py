@@ -200,3 +200,36 @@ def test_bf16_fp8_backend_matches_reference_on_realistic_shapes(query_lens, seq_
     out = TritonBackend().forward(q, k, v, fp8, meta, 128**-0.5, scales)
     assert torch.equal(fp8.view(torch.uint8), ref_cache.view(torch.uint8))
     _close(out, ref, torch.bfloat16)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dot_f16", [False, True], ids=["bf16-dots", "fp16-dots"])
+def test_bf16_decode_over_fp8_in_either_dot_dtype(dot_f16):
+    """NOVAINFER_FP8_DOT's two kernels (the dots in bf16, or q narrowed and the cache widened
+    to fp16) both match the dequantized cache's reference, split and not."""
+    lens = [700 + 97 * i for i in range(32)]
+    q, _, _, fp8, deq, scales, meta = _attention_case(
+        [1] * 32, lens, torch.bfloat16, heads=(16, 8), head_dim=128, block=16)
+    out, ref = torch.empty_like(q), torch.empty_like(q)
+    TorchReferenceBackend().decode(q, deq, meta, 128**-0.5, ref)
+    for splits in (1, 4):
+        decode_attention(q, fp8, meta.block_tables, meta.seq_lens, 128**-0.5, out,
+                         num_splits=splits, kv_scales=scales, dot_f16=dot_f16)
+        _close(out, ref, torch.bfloat16)
+
+
+def test_fp8_dot_setting_is_checked(monkeypatch):
+    from novainfer.kernels import decode_attention as module
+
+    monkeypatch.setenv("NOVAINFER_FP8_DOT", "fp16")
+    module.fp8_dot_fp16.cache_clear()
+    try:
+        assert module.fp8_dot_fp16()
+        monkeypatch.setenv("NOVAINFER_FP8_DOT", "int8")
+        module.fp8_dot_fp16.cache_clear()
+        with pytest.raises(ValueError, match="NOVAINFER_FP8_DOT must be"):
+            module.fp8_dot_fp16()
+    finally:
+        monkeypatch.delenv("NOVAINFER_FP8_DOT")
+        module.fp8_dot_fp16.cache_clear()

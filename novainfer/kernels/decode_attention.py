@@ -15,6 +15,9 @@ block-table width and the SM count). Sequences with seq_len 0 produce zeros and 
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -46,6 +49,7 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
     FP8: tl.constexpr,
+    DOT_F16: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -74,9 +78,12 @@ def _decode_split_kernel(
     bt_row = BT + seq64 * stride_bt
     head_off = kvh * stride_cache_h
     if FP8:
-        # fp8 K/V widen exactly to q's dtype; K's scale folds into the softmax scale and
-        # V's into the output, so the tiles are never multiplied element by element
+        # fp8 K/V widen exactly to q's dtype (or fp16: DOT_F16); K's scale folds into the
+        # softmax scale and V's into the output, so the tiles are never multiplied element
+        # by element
         qk_scale = qk_scale * tl.load(SCALES)
+    if DOT_F16:
+        q = q.to(tl.float16)  # e4m3 -> fp16 is one conversion instruction, -> bf16 three
 
     for t in range(tile_lo, tile_hi):
         pos = t * BLOCK_N + offs_n
@@ -91,7 +98,7 @@ def _decode_split_kernel(
         kv_off = slots * stride_slot + head_off
         k = tl.load(KV + kv_off[None, :] + offs_d[:, None], mask=pmask[None, :], other=0.0)
         if FP8:
-            k = k.to(q.dtype)
+            k = k.to(q.dtype)  # (q is fp16 under DOT_F16)
         if IEEE:
             s = tl.dot(q, k, input_precision="ieee")
         else:
@@ -191,6 +198,18 @@ def alloc_decode_workspace(
     return torch.empty(n, dtype=torch.float32, device=device)
 
 
+@functools.cache
+def fp8_dot_fp16() -> bool:
+    """NOVAINFER_FP8_DOT: with a bf16 model over an fp8 cache, the decode kernel's dots run
+    in "bf16" (the cache widened to q's dtype) or "fp16" (q narrowed to fp16, whose range,
+    +-65504, query values stay far inside; the cache widened to fp16, a cheaper conversion
+    on the GPU). Read once per process."""
+    value = os.environ.get("NOVAINFER_FP8_DOT", "bf16").strip().lower()
+    if value not in ("bf16", "fp16"):
+        raise ValueError(f"NOVAINFER_FP8_DOT must be 'bf16' or 'fp16', got {value!r}")
+    return value == "fp16"
+
+
 def decode_attention(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -204,9 +223,12 @@ def decode_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     kv_scales: torch.Tensor | None = None,
+    dot_f16: bool | None = None,
 ) -> torch.Tensor:
     """q: [seqs, heads, D] (one token per sequence); kv_cache: [2, blocks, block_size, kv_heads, D]
     in q's dtype, or fp8 e4m3 with kv_scales (float32 [2]: k, v) on the device;
+    dot_f16 (bf16 q over an fp8 cache; None: NOVAINFER_FP8_DOT, `fp8_dot_fp16`): the dots in
+    fp16 instead of bf16;
     block_tables: [seqs, max_blocks] int32; seq_lens: [seqs] int32 (0 = padding row -> zeros);
     out: [seqs, heads, D], written in place and returned.
 
@@ -234,6 +256,8 @@ def decode_attention(
         block_n = kv_tile(block_size, 64 if head_dim <= 128 else 32)
     ieee = use_ieee(q.dtype)
     fp8 = check_kv_dtype(q, kv_cache, kv_scales)
+    dot_f16 = fp8 and q.dtype == torch.bfloat16 and (
+        fp8_dot_fp16() if dot_f16 is None else dot_f16)
     if num_splits > 1:
         need = decode_workspace_numel(num_seqs, num_heads, head_dim, num_splits)
         if workspace is None:
@@ -260,6 +284,7 @@ def decode_attention(
         BLOCK_N=block_n,
         IEEE=ieee,
         FP8=fp8,
+        DOT_F16=dot_f16,
         num_warps=num_warps,
         num_stages=num_stages,
     )
