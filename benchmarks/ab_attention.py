@@ -157,16 +157,22 @@ def _sdpa_call(cell: dict, backend: SDPBackend) -> Callable[[], torch.Tensor]:
 _FLEX: list[Callable] = []
 
 
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
 def _flex_call(cell: dict) -> Callable[[], torch.Tensor]:
     if cell["mode"] == "decode":
         raise NotRun(FLEX_DECODE)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    if not _FLEX:  # one compiled function; each new shape recompiles it
+    if not _FLEX:
+        # One compiled function for every cell: the second shape makes torch.compile mark the
+        # sizes dynamic, so a grid costs two or three compilations, not one per cell.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _FLEX.append(torch.compile(flex_attention, dynamic=False))
+        _FLEX.append(torch.compile(flex_attention))
     q, k, v, B, L = cell["q"], cell["k"], cell["v"], cell["batch"], cell["seq_len"]
-    mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, L, L, device=q.device)
+    mask = create_block_mask(_causal, None, None, L, L, device=q.device)
 
     def heads_first(x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(0, (B, L)).transpose(1, 2)
