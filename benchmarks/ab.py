@@ -5,6 +5,7 @@
     python benchmarks/ab.py rmsnorm-residual --batch 1,4 --seq-len 128,512 --repeats 50 --out /tmp/ab
     python benchmarks/ab.py fused-ops                      # eager vs compile vs triton, 1..512 tokens
     python benchmarks/ab.py top-k-filter --batch 1,64,256 --seq-len 32000,151936  # sampler
+    python benchmarks/ab.py attention                      # every attention backend (ab_attention.py)
 
 Per cell: warm-up, then `--repeats` timed runs (CUDA events on the GPU, perf_counter on the
 CPU) of `--inner` calls each; the median of A and of B, their spread (interquartile range
@@ -18,6 +19,7 @@ improvement itself (so two equal ops are called a regression in ~1 cell in 40, n
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import random
 import statistics
@@ -496,13 +498,27 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def attention_main(argv: list[str]) -> int:
+    """`ab.py attention`: benchmarks/ab_attention.py (beside this file), timed by this file's
+    time_calls."""
+    spec = importlib.util.spec_from_file_location(
+        "novainfer_ab_attention", Path(__file__).with_name("ab_attention.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv, time_calls, _iqr)
+
+
 def main(argv: list[str] | None = None, comparisons: dict[str, Comparison] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["attention"]:  # its own options: see ab_attention.py
+        return attention_main(argv[1:])
     comparisons = comparisons or COMPARISONS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("comparison", nargs="*",
                         help=f"which: {', '.join(comparisons)} (default all), or fused-ops "
                              "(RMSNorm, add + RMSNorm, SiLU-and-mul: eager vs torch.compile vs "
-                             "Triton, alone)")
+                             "Triton, alone), or attention (every attention backend; "
+                             "`attention --help` for its options)")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--batch", type=_ints, default=None,
                         help="default 1..64 (fused-ops: 1..512 tokens)")
@@ -523,6 +539,8 @@ def main(argv: list[str] | None = None, comparisons: dict[str, Comparison] | Non
             print(f"{c.name}: A = {c.label_a}, B = {c.label_b}. {c.description}")
         print(f"fused-ops: {', '.join(FUSED_VARIANTS)} for {', '.join(FUSED_OPS)} at "
               f"{', '.join(FUSED_MODELS)} shapes (alone: not an A/B pair)")
+        print("attention: triton vs SDPA (cudnn, flash, efficient, math) vs FlexAttention, "
+              "prefill and decode (ab.py attention --help)")
         return 0
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))

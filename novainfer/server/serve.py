@@ -53,7 +53,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
                         help="dummy: random weights of the checkpoint's shapes (benchmarks)")
     parser.add_argument("--attention-backend", default="auto",
-                        help="auto, torch, cpu, triton, flash_attn")
+                        help="auto, torch, cpu, triton, flash_attn, cudnn")
     parser.add_argument("--enable-lora", action="store_true",
                         help="serve LoRA adapters: a request names one as its model")
     parser.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",

@@ -69,6 +69,47 @@ def _flash_attn_problem(
     return None
 
 
+CUDNN_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _cudnn_problem(
+    device: torch.device,
+    head_dim: int | None = None,
+    dtype: torch.dtype | None = None,
+    kv_cache_dtype: torch.dtype | None = None,
+) -> str | None:
+    """Why the cudnn backend (cuDNN SDPA for pure prefills, Triton for the rest) cannot run
+    with these settings, or None if nothing known stops it (a None argument is not checked).
+    The static checks come first, so they answer the same with or without a GPU."""
+    if kv_cache_dtype == torch.float8_e4m3fn:
+        return "cuDNN SDPA has no fp8 KV cache (use kv_cache_dtype='auto')"
+    if device.type != "cuda":
+        return "it needs a CUDA device"
+    if importlib.util.find_spec("triton") is None:
+        return ("its KV-cache write and its other steps are Triton kernels and triton is not "
+                "installed")
+    if dtype is not None and dtype not in CUDNN_DTYPES:
+        return f"cuDNN attention runs float16 / bfloat16 only, got dtype {dtype}"
+    if head_dim is not None and (head_dim < 16 or head_dim & (head_dim - 1) or head_dim > 256):
+        return ("it needs head_dim a power of two from 16 to 128 (256 on compute capability "
+                f"9.0 with cuDNN >= 9.10): cuDNN needs a multiple of 8, the Triton kernels "
+                f"a power of two; got {head_dim}")
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    if not torch.backends.cudnn.is_available():
+        return "this torch build has no cuDNN"
+    version = torch.backends.cudnn.version() or 0
+    if version < 90000:
+        return f"cuDNN attention needs cuDNN >= 9.0, this torch has {version}"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 0):
+        return f"cuDNN attention needs compute capability >= 8.0, got {capability}"
+    if head_dim is not None and head_dim > 128 and (capability != (9, 0) or version < 91000):
+        return (f"cuDNN attention takes head_dim > 128 only on compute capability 9.0 with "
+                f"cuDNN >= 9.10, got {head_dim} on {capability} with cuDNN {version}")
+    return None
+
+
 def available_backends(
     device: torch.device,
     head_dim: int | None = None,
@@ -81,7 +122,8 @@ def available_backends(
 
     Only checks that packages are installed (no import: `import novainfer` never imports
     triton or flash_attn). flash_attn is listed only when the caller passes head_dim,
-    block_size and dtype and they fit, so "auto" never picks it on a guess. The Triton
+    block_size and dtype and they fit, so "auto" never picks it on a guess; cudnn only when
+    head_dim and dtype fit, after triton, so "auto" never picks it. The Triton
     kernels tile the head dimension, so they need a power of two >= 16, and read an fp8
     cache only where Triton has e4m3 (compute capability 8.9 and later).
     """
@@ -96,6 +138,11 @@ def available_backends(
         triton_ok = triton_ok and torch.cuda.get_device_capability(device) >= (8, 9)
     if device.type == "cuda" and triton_ok and importlib.util.find_spec("triton") is not None:
         names.append("triton")
+        # After triton, so "auto" never picks it: listed where it could run, for the message.
+        if None not in (head_dim, dtype) and _cudnn_problem(
+            device, head_dim, dtype, kv_cache_dtype
+        ) is None:
+            names.append("cudnn")
     if device.type == "cpu" and _cpu_kernel_fits(head_dim):
         names.append("cpu")
     names.append("torch")
@@ -133,6 +180,16 @@ def get_backend(
         from novainfer.layers.attention.flash_attn_backend import FlashAttnBackend
 
         return FlashAttnBackend(device)
+    if name == "cudnn":
+        problem = _cudnn_problem(device, head_dim, dtype, kv_cache_dtype)
+        if problem is not None:
+            raise ValueError(
+                f"attention_backend 'cudnn' is not available: {problem}; allowed: "
+                f"{', '.join(['auto', *allowed])}"
+            )
+        from novainfer.layers.attention.cudnn_backend import CudnnBackend
+
+        return CudnnBackend()
     if name not in allowed:
         raise ValueError(
             f"attention_backend '{name}' is not available on {device.type} with head_dim "
