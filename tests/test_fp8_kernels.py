@@ -154,6 +154,26 @@ def test_decode_reads_fp8_like_the_dequantized_cache(dtype):
         _close(out, ref, dtype)
 
 
+def test_decode_fp16_dots_narrow_and_clamp_q():
+    """The fp16-dot kernel (the default for bf16 models, run here on fp32 q, which the CPU
+    interpreter handles): q narrowed to fp16 gives the dequantized cache's answer within
+    fp16 rounding, and a query element beyond fp16's range saturates (no inf, no NaN)."""
+    lens = [5, 33, 17, 64]
+    q, _, _, fp8, deq, scales, meta = _attention_case([1] * 4, lens, torch.float32)
+    out, ref = torch.empty_like(q), torch.empty_like(q)
+    decode_attention(q, fp8, meta.block_tables, meta.seq_lens, 0.2, out, kv_scales=scales,
+                     dot_f16=True)
+    TorchReferenceBackend().decode(q.half().float(), deq, meta, 0.2, ref)
+    _close(out, ref, torch.float16)
+    q[0, 0, 0] = 1e6
+    decode_attention(q, fp8, meta.block_tables, meta.seq_lens, 0.2, out, kv_scales=scales,
+                     dot_f16=True)
+    assert torch.isfinite(out).all()
+    clamped = q.clamp(-65504, 65504).half().float()
+    TorchReferenceBackend().decode(clamped, deq, meta, 0.2, ref)
+    _close(out, ref, torch.float16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_prefill_reads_fp8_like_the_dequantized_cache(dtype):
     q, _, _, fp8, deq, scales, meta = _attention_case([7, 20], [7, 45], dtype)
@@ -222,14 +242,17 @@ def test_bf16_decode_over_fp8_in_either_dot_dtype(dot_f16):
 def test_fp8_dot_setting_is_checked(monkeypatch):
     from novainfer.kernels import decode_attention as module
 
-    monkeypatch.setenv("NOVAINFER_FP8_DOT", "fp16")
+    monkeypatch.delenv("NOVAINFER_FP8_DOT", raising=False)
     module.fp8_dot_fp16.cache_clear()
     try:
-        assert module.fp8_dot_fp16()
+        assert module.fp8_dot_fp16()  # the default
+        monkeypatch.setenv("NOVAINFER_FP8_DOT", "bf16")
+        module.fp8_dot_fp16.cache_clear()
+        assert not module.fp8_dot_fp16()
         monkeypatch.setenv("NOVAINFER_FP8_DOT", "int8")
         module.fp8_dot_fp16.cache_clear()
         with pytest.raises(ValueError, match="NOVAINFER_FP8_DOT must be"):
             module.fp8_dot_fp16()
     finally:
-        monkeypatch.delenv("NOVAINFER_FP8_DOT")
+        monkeypatch.delenv("NOVAINFER_FP8_DOT", raising=False)
         module.fp8_dot_fp16.cache_clear()

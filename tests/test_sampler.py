@@ -152,6 +152,9 @@ def test_top_k_without_a_vocabulary_sort_matches_the_sort():
         seqs.append(SimpleNamespace(generator=None, params=_params(top_p=0.9, temperature=1.0)))
         filter_logits(torch.cat([logits, logits[:1]]), seqs)  # top-p without top-k: a sort
         assert calls
+        calls.clear()
+        filter_logits(logits[:1], seqs[:1])  # one row: the sort (measured faster there)
+        assert calls
     finally:
         sampler._top_k_top_p_sorted = real
 

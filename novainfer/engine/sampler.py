@@ -52,6 +52,9 @@ def mask_stops_below_min_tokens(
                 logits[row, banned] = float("-inf")
 
 
+CANDIDATES_MIN_ROWS = 2
+
+
 def filter_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Temperature, top-k, top-p and min-p, vectorised over rows with per-row settings."""
     dev = logits.device
@@ -62,7 +65,10 @@ def filter_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     top_ks = [s.params.top_k for s in seqs]
     top_ps = [s.params.top_p for s in seqs]
     min_ps = [s.params.min_p for s in seqs]
-    if all(k != -1 or p >= 1.0 for k, p in zip(top_ks, top_ps)) and any(k != -1 for k in top_ks):
+    # topk's candidates instead of a vocabulary sort: 3.4x / 5.0x faster for 64 / 256 rows
+    # of a 151,936-token vocabulary on an H200, 26% slower for one row (ab.py top-k-filter).
+    candidates = len(seqs) >= CANDIDATES_MIN_ROWS and any(k != -1 for k in top_ks)
+    if candidates and all(k != -1 or p >= 1.0 for k, p in zip(top_ks, top_ps)):
         logits = _top_k_top_p_candidates(logits, top_ks, top_ps)
     elif any(k != -1 for k in top_ks) or any(p < 1.0 for p in top_ps):
         logits = _top_k_top_p_sorted(logits, top_ks, top_ps)
