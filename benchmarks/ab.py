@@ -107,13 +107,16 @@ def make_rmsnorm_residual(batch: int, seq_len: int, device: torch.device, dtype:
 def make_top_k_filter(batch: int, seq_len: int, device: torch.device, dtype: torch.dtype, *,
                       top_k: int = 50, top_p: float = 0.9):
     """The sampler's top-k + top-p over a full-vocabulary sort (A) vs over `topk`'s
-    candidates (B). Here `batch` is the rows that sample and `seq_len` the vocabulary."""
+    candidates (B). Here `batch` is the rows that sample and `seq_len` the vocabulary; the
+    logits are float32 whatever --dtype says (the sampler filters widened logits)."""
     from novainfer.engine import sampler
 
+    del dtype
     logits = torch.randn(batch, seq_len, device=device, dtype=torch.float32) * 3
     ks, ps = [top_k] * batch, [top_p] * batch
+    width = sampler.candidate_width(top_k, seq_len)
     return (lambda: sampler._top_k_top_p_sorted(logits, ks, ps),
-            lambda: sampler._top_k_top_p_candidates(logits, ks, ps))
+            lambda: sampler._top_k_top_p_candidates(logits, ks, ps, width))
 
 
 COMPARISONS: dict[str, Comparison] = {

@@ -136,8 +136,8 @@ def _peer_vs_nccl_rank(rank: int, port: int, queue) -> None:
     for dtype in (torch.bfloat16, torch.float32):
         size = torch.empty((), dtype=dtype).element_size()
         one_shot = peer_allreduce.ONE_SHOT_MAX_BYTES // size  # then two-shot
-        for numel in (1, 3, 1000, 4097, one_shot, one_shot + 2, one_shot + 4, one_shot + 8, limit // size,
-                      limit // size + 1):
+        for numel in (1, 3, 1000, 4097, one_shot, one_shot + 2, one_shot + 4, one_shot + 8,
+                      limit // size, limit // size + 1):
             gen = torch.Generator(device=device).manual_seed(numel * 10 + rank)
             x = (torch.randn(numel, generator=gen, device=device) * 100).to(dtype)
             want = x.clone()

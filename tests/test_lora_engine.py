@@ -333,6 +333,9 @@ def test_switch_spellings(monkeypatch):
     assert switches.qkv_fusion() == "off"
     monkeypatch.setenv("NOVAINFER_ENABLE_QKV_LORA_FUSION", "auto")
     assert switches.qkv_fusion() == "auto"
+    monkeypatch.setenv("NOVAINFER_ENABLE_QKV_LORA_FUSION", "enable")
+    with pytest.raises(ValueError, match="NOVAINFER_ENABLE_QKV_LORA_FUSION must be"):
+        switches.qkv_fusion()
     monkeypatch.delenv("VLLM_ENABLE_LORA_TIMING", raising=False)
     monkeypatch.delenv("NOVAINFER_ENABLE_LORA_TIMING", raising=False)
     assert not switches.timing()
@@ -400,6 +403,21 @@ def test_fused_weight_shares_the_layer_weight(model_dir, adapters, prompts, expe
     assert completion_tokens(outs) == [expected["all8"][0], expected[None][1],
                                        expected["qv4rs"][2]]
     assert qkv.lora.buffer is buffer and qkv.weight.data_ptr() == buffer.data_ptr()
+
+
+def test_unset_fusion_stays_off_on_the_cpu(model_dir, monkeypatch):
+    """The fusion switch unset means "auto", which is CUDA only: on the CPU the q/k/v layer
+    keeps its packed matmul (fusion would drop it for no saved launch)."""
+    monkeypatch.delenv("NOVAINFER_ENABLE_QKV_LORA_FUSION", raising=False)
+    monkeypatch.delenv("VLLM_ENABLE_QKV_LORA_FUSION", raising=False)
+    llm = make_llm(model_dir, enable_lora=True, max_loras=2, max_lora_rank=8)
+    qkv = llm.llm_engine.runner.model.model.layers[0].self_attn.qkv_proj
+    assert qkv.lora.fuse == "off" and qkv.lora.buffer is None
+    from novainfer.kernels import cpu_native
+    from novainfer.layers.fusion import PLAIN_PYTORCH
+
+    if cpu_native.native_available() and not PLAIN_PYTORCH:
+        assert qkv.cpu_matmul is not None
 
 
 def test_lora_settings_are_checked(model_dir):

@@ -175,6 +175,8 @@ def kernel_env(monkeypatch):
     for name in ("FORCE_TRITON_LORA", "VALIDATE_LORA"):
         for prefix in ("NOVAINFER_", "VLLM_"):
             monkeypatch.delenv(prefix + name, raising=False)
+    for name in ("LORA_CUDA_MAX_TOKENS", "LORA_FUSION_MAX_TOKENS"):
+        monkeypatch.delenv("NOVAINFER_" + name, raising=False)
     monkeypatch.setattr(ops, "_cuda_failure", None)
     switches.lora_settings.cache_clear()
     yield monkeypatch

@@ -124,45 +124,52 @@ def test_unfiltered_rows_are_untouched_by_filtered_batch_mates():
 
 
 def test_top_k_without_a_vocabulary_sort_matches_the_sort():
-    """When every top-p row also has top-k, the filter works on `topk`'s candidates and
-    never sorts the vocabulary; it keeps what the full sort keeps (random logits: no ties),
-    row by row: top-k alone, top-k with top-p, k above the vocabulary, k = 1, and rows with
-    no filter beside them."""
+    """Rows with top-k work on `topk`'s candidates and never sort the vocabulary; on
+    tie-free logits they keep what the full sort keeps, row by row: top-k alone, top-k with
+    top-p, k above the vocabulary, k = 1."""
     from novainfer.engine import sampler
 
     g = torch.Generator().manual_seed(21)
-    logits = torch.randn(6, 3000, generator=g) * 3
-    ks = [5, 40, 3000, 1, -1, 7000]
-    ps = [1.0, 0.8, 0.3, 0.5, 1.0, 0.95]
-    got = sampler._top_k_top_p_candidates(logits, ks, ps)
-    want = sampler._top_k_top_p_sorted(logits, ks, ps)
-    assert torch.equal(got.isinf(), want.isinf())
-    assert torch.equal(got, want)
-    kept = (~got.isinf()).sum(dim=-1).tolist()
-    assert kept[0] == 5 and kept[3] == 1 and kept[4] == 3000 and 1 <= kept[1] <= 40
-    # The engine's entry point takes the candidates path exactly when it applies.
-    calls = []
-    real = sampler._top_k_top_p_sorted
-    sampler._top_k_top_p_sorted = lambda *a: calls.append(1) or real(*a)
-    try:
-        seqs = [SimpleNamespace(generator=None, params=_params(top_k=k, top_p=p, temperature=1.0))
-                for k, p in zip(ks, ps)]
-        filter_logits(logits, seqs)
-        assert not calls
-        seqs.append(SimpleNamespace(generator=None, params=_params(top_p=0.9, temperature=1.0)))
-        filter_logits(torch.cat([logits, logits[:1]]), seqs)  # top-p without top-k: a sort
-        assert calls
-        calls.clear()
-        filter_logits(logits[:1], seqs[:1])  # one row: the sort (measured faster there)
-        assert calls
-    finally:
-        sampler._top_k_top_p_sorted = real
+    logits = torch.randn(5, 3000, generator=g) * 3
+    ks = [5, 40, 3000, 1, 7000]
+    ps = [1.0, 0.8, 0.3, 0.5, 0.95]
+    for row, (k, p) in enumerate(zip(ks, ps)):
+        width = sampler.candidate_width(k, 3000)
+        got = sampler._top_k_top_p_candidates(logits[row : row + 1], [k], [p], width)
+        want = sampler._top_k_top_p_sorted(logits[row : row + 1], [k], [p])
+        assert torch.equal(got, want), row
+    kept = [int((~sampler._top_k_top_p_candidates(
+        logits[r : r + 1], [k], [1.0], sampler.candidate_width(k, 3000)).isinf()).sum())
+        for r, k in ((0, 5), (3, 1))]
+    assert kept == [5, 1]
+    assert [sampler.candidate_width(k, 3000) for k in (1, 50, 64, 65, 3000, 7000)] == [
+        64, 64, 64, 128, 3000, 3000]
+
+
+def test_a_row_filters_the_same_alone_or_batched():
+    """A row's filtered logits (so a seeded row's token) do not depend on its batch-mates,
+    even over bf16 logits full of ties: alone, beside a top-k mate of another k, beside a
+    top-p-only mate (a full sort), beside an unfiltered one."""
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(2, 151_936, generator=g) * 3).bfloat16().float()
+    for mine in (_params(top_k=50, temperature=1.0),
+                 _params(top_k=50, top_p=0.9, temperature=1.0),
+                 _params(top_p=0.8, temperature=1.0)):
+        alone = filter_logits(logits[:1], [SimpleNamespace(generator=None, params=mine)])
+        for mate in (_params(top_k=400, temperature=1.0), _params(top_p=0.5, temperature=1.0),
+                     _params(temperature=1.0), mine):
+            seqs = [SimpleNamespace(generator=None, params=p) for p in (mine, mate)]
+            assert torch.equal(filter_logits(logits, seqs)[:1], alone), (mine, mate)
+    kept = int((~filter_logits(logits[:1], [SimpleNamespace(
+        generator=None, params=_params(top_k=50, temperature=1.0))]).isinf()).sum())
+    assert kept >= 50  # ties with the 50th logit survive too
 
 
 def test_top_k_keeps_a_tie_with_the_kth_logit():
-    """As vLLM does: every logit equal to the k-th survives top-k."""
+    """As vLLM does: every logit equal to the k-th survives top-k, by either path."""
     from novainfer.engine import sampler
 
     logits = torch.tensor([[5.0, 3.0, 3.0, 1.0, 0.0]])
-    got = sampler._top_k_top_p_candidates(logits, [2], [1.0])
-    assert (~got.isinf()).tolist() == [[True, True, True, False, False]]
+    for got in (sampler._top_k_top_p_candidates(logits, [2], [1.0], 5),
+                sampler._top_k_top_p_sorted(logits, [2], [1.0])):
+        assert (~got.isinf()).tolist() == [[True, True, True, False, False]]

@@ -9,8 +9,8 @@ all-reduce copies the message into the local buffer, then one kernel (PyTorch's
 buffer and writes the sum back into the message. Above ONE_SHOT_MAX_BYTES the kernel is
 `two_shot_all_reduce_out` instead: each rank sums its 1/N of the message from every buffer,
 then every rank gathers the N sums (no multicast either); with two ranks both give the
-same bits as NCCL (a sum of two is exact in either order). Messages larger than the buffer, of a size
-that is not a multiple of 4 bytes (the kernel's requirement: an odd bf16 count), of other
+same bits as NCCL (a sum of two numbers is rounded once, the same in either order).
+Messages larger than the buffer, of a size that is not a multiple of 4 bytes (the kernel's requirement: an odd bf16 count), of other
 dtypes, and non-contiguous tensors go to NCCL.
 
 The barrier kernel waits without a timeout. If a peer dies mid-step this rank's stream would

@@ -52,11 +52,13 @@ def mask_stops_below_min_tokens(
                 logits[row, banned] = float("-inf")
 
 
-CANDIDATES_MIN_ROWS = 2
-
-
 def filter_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Temperature, top-k, top-p and min-p, vectorised over rows with per-row settings."""
+    """Temperature, top-k, top-p and min-p, vectorised over rows with per-row settings.
+
+    Rows with top-k take `topk`'s candidates (no vocabulary sort; ties with the k-th logit
+    kept, as in vLLM), rows with top-p alone a full sort. Each row's path and arithmetic
+    depend on its own settings only, never on its batch-mates', so a seeded request draws
+    the same token alone or batched."""
     dev = logits.device
     # Times the float32 1 / temperature, exactly as `draw_rows` scales unfiltered rows: a row
     # gets the same values (a seeded row the same token) whether or not a batch-mate filters.
@@ -65,13 +67,24 @@ def filter_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     top_ks = [s.params.top_k for s in seqs]
     top_ps = [s.params.top_p for s in seqs]
     min_ps = [s.params.min_p for s in seqs]
-    # topk's candidates instead of a vocabulary sort: 3.4x / 5.0x faster for 64 / 256 rows
-    # of a 151,936-token vocabulary on an H200, 26% slower for one row (ab.py top-k-filter).
-    candidates = len(seqs) >= CANDIDATES_MIN_ROWS and any(k != -1 for k in top_ks)
-    if candidates and all(k != -1 or p >= 1.0 for k, p in zip(top_ks, top_ps)):
-        logits = _top_k_top_p_candidates(logits, top_ks, top_ps)
-    elif any(k != -1 for k in top_ks) or any(p < 1.0 for p in top_ps):
-        logits = _top_k_top_p_sorted(logits, top_ks, top_ps)
+    vocab = logits.shape[-1]
+    groups: dict[int, list[int]] = {}  # candidate width -> rows; 0: top-p alone (a sort)
+    for row, (k, p) in enumerate(zip(top_ks, top_ps)):
+        if k != -1:
+            groups.setdefault(candidate_width(k, vocab), []).append(row)
+        elif p < 1.0:
+            groups.setdefault(0, []).append(row)
+    for width, rows in groups.items():
+        ks, ps = [top_ks[r] for r in rows], [top_ps[r] for r in rows]
+        part = logits if len(rows) == len(seqs) else logits[to_device(rows, dev)]
+        if width:
+            part = _top_k_top_p_candidates(part, ks, ps, width)
+        else:
+            part = _top_k_top_p_sorted(part, ks, ps)
+        if len(rows) == len(seqs):
+            logits = part
+        else:
+            logits[to_device(rows, dev)] = part
     if any(m > 0 for m in min_ps):
         probs = logits.softmax(dim=-1)
         m = to_device(min_ps, dev, probs.dtype)
@@ -80,15 +93,22 @@ def filter_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits
 
 
-def _top_k_top_p_sorted(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
-    """Top-k then top-p over a full-vocabulary sort (the general case: some row has top-p
-    without top-k)."""
+def candidate_width(k: int, vocab: int) -> int:
+    """How many of a top-k row's largest logits its filter looks at: k rounded up to a power
+    of two (at least 64), so rows of similar k share one `topk` call, and a row's width, hence
+    its arithmetic, depends on its own k alone."""
+    return min(max(64, 1 << (min(k, vocab) - 1).bit_length()), vocab)
+
+
+def _top_k_top_p_sorted(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]
+                        ) -> torch.Tensor:
+    """Top-k then top-p over a full-vocabulary sort: the path of rows with top-p and no
+    top-k (and the reference the candidates path is tested against)."""
     dev, vocab = logits.device, logits.shape[-1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     k = to_device([vocab if k == -1 else min(k, vocab) for k in top_ks], dev)
-    ranks = torch.arange(vocab, device=dev)[None, :]
-    drop = ranks >= k[:, None]
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    kth = sorted_logits.gather(1, (k - 1)[:, None])
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))  # ties kept
     probs = sorted_logits.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass strictly ahead of each token
     p = to_device(top_ps, dev, probs.dtype)
@@ -96,30 +116,24 @@ def _top_k_top_p_sorted(logits: torch.Tensor, top_ks: list[int], top_ps: list[fl
     # float32 their cumsum reaches 1 before the tail, which would cut it.
     drop = (before >= p[:, None]) & (p[:, None] < 1.0)
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
-def _top_k_top_p_candidates(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]
-                            ) -> torch.Tensor:
-    """Top-k then top-p without sorting the vocabulary, when every row that has top-p also
-    has top-k: `topk` of the largest k (already sorted) holds every row's candidates, top-p
-    runs over them, and each row keeps the logits at or above its smallest survivor. As in
-    vLLM, a logit tied with the k-th is kept too (the sort keeps exactly k of a tie); rows
-    with neither filter keep everything."""
+def _top_k_top_p_candidates(logits: torch.Tensor, top_ks: list[int], top_ps: list[float],
+                            width: int) -> torch.Tensor:
+    """Top-k then top-p without sorting the vocabulary, for rows whose k <= `width`: their
+    `width` largest logits (`topk`, already sorted) hold every candidate; top-p runs over
+    the first k of them, and each row keeps the logits at or above its smallest survivor
+    (so a logit tied with the k-th is kept, as in vLLM)."""
     dev, vocab = logits.device, logits.shape[-1]
-    max_k = min(max(k for k in top_ks if k != -1), vocab)
-    values, _ = logits.topk(max_k, dim=-1)  # [rows, max_k], descending
-    k = to_device([max_k if k == -1 else min(k, vocab) for k in top_ks], dev)
-    ranks = torch.arange(max_k, device=dev)[None, :]
-    drop = ranks >= k[:, None]
+    values, _ = logits.topk(width, dim=-1)  # [rows, width], descending
+    k = to_device([min(k, vocab) for k in top_ks], dev)
+    drop = torch.arange(width, device=dev)[None, :] >= k[:, None]
     probs = values.masked_fill(drop, float("-inf")).softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass strictly ahead of each candidate
     p = to_device(top_ps, dev, probs.dtype)
     drop |= (before >= p[:, None]) & (p[:, None] < 1.0)  # the first always survives
     smallest = values.masked_fill(drop, float("inf")).amin(dim=-1)
-    unfiltered = to_device([k == -1 for k in top_ks], dev)
-    smallest = smallest.masked_fill(unfiltered, float("-inf"))
     return logits.masked_fill(logits < smallest[:, None], float("-inf"))
 
 

@@ -78,6 +78,7 @@ class ModelWorker:
             self.lora_timing = LoRATiming(device) if lora_switches.timing() else None
             # Fusion unset ("auto"): on CUDA only; on the CPU it would drop the packed
             # matmul's weight panels for no saved launch.
+            lora_switches.lora_settings()  # a bad NOVAINFER_LORA_* value fails here, not mid-step
             fusion = lora_switches.qkv_fusion()
             fusion = "off" if fusion == "auto" and device.type != "cuda" else fusion
             self.lora = attach_lora(self.model, config.max_loras, config.max_lora_rank,

@@ -13,7 +13,9 @@ kernels, batched matrix-vector products, serve steps of up to this many tokens, 
 tiled kernels the larger ones) and NOVAINFER_LORA_FUSION_MAX_TOKENS (the unset fusion
 switch's limit).
 
-Fusion and timing are read when an engine attaches its LoRA layers; the kernel switches once
+The two limits are read with the kernel switches, once per process (`lora_settings`): an
+engine built later in the same process keeps the first values. Fusion and timing are read
+when an engine attaches its LoRA layers; the kernel switches once
 per process, at the first LoRA op (`lora_settings`; tests call `lora_settings.cache_clear()`).
 """
 
@@ -42,15 +44,24 @@ CUDA_MAX_TOKENS = 512
 FUSION_MAX_TOKENS = 512
 
 
+FALSE = ("0", "false", "no", "off")
+
+
 def qkv_fusion() -> str:
-    """"on", "off", or "auto" (the switch unset, or set to auto)."""
-    value = os.environ.get("NOVAINFER_ENABLE_QKV_LORA_FUSION")
+    """"on", "off", or "auto" (the switch unset, empty or auto); any other value is a
+    ValueError naming the variable."""
+    name = "NOVAINFER_ENABLE_QKV_LORA_FUSION"
+    value = os.environ.get(name)
     if value is None:
-        value = os.environ.get("VLLM_ENABLE_QKV_LORA_FUSION", "auto")
+        name = "VLLM_ENABLE_QKV_LORA_FUSION"
+        value = os.environ.get(name, "auto")
     value = value.strip().lower()
     if value in ("", "auto"):
         return "auto"
-    return "on" if value in TRUE else "off"
+    if value in TRUE + FALSE:
+        return "on" if value in TRUE else "off"
+    raise ValueError(f"{name} must be 1/true/yes/on, 0/false/no/off or auto (unset: auto), "
+                     f"got {value!r}")
 
 
 def limit(name: str, default: int) -> int:
