@@ -14,6 +14,7 @@ against the reference of its own cache.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 
 import torch
@@ -54,15 +55,9 @@ def main() -> None:
                 o = decode_attention(q, cache, tables, seq_lens, 0.088, out, num_splits=1,
                                      block_n=block_n, num_warps=warps, num_stages=stages)
                 err = (o.float() - ref.float()).abs().max().item()
-                torch.cuda.synchronize()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(20):
-                    decode_attention(q, cache, tables, seq_lens, 0.088, out, num_splits=1,
-                                     block_n=block_n, num_warps=warps, num_stages=stages)
-                end.record()
-                torch.cuda.synchronize()
-                ms = start.elapsed_time(end) / 20
+                ms = _time_ms(functools.partial(
+                    decode_attention, q, cache, tables, seq_lens, 0.088, out, num_splits=1,
+                    block_n=block_n, num_warps=warps, num_stages=stages))
             except Exception as e:  # noqa: BLE001  (a config that does not compile: report it)
                 print(f"block_size {block_size:3d} BLOCK_N {block_n:3d} warps {warps} stages {stages}: "
                       f"failed ({type(e).__name__})")
@@ -118,8 +113,8 @@ def compare_kv_dtypes(args: argparse.Namespace) -> None:
                 kw = {"block_n": block_n}
                 if name == "fp8":
                     kw.update(kv_scales=scales, dot_f16=dot_f16)
-                run = lambda: decode_attention(q, kv, tables, seq_lens, scale, out, **kw)  # noqa: B023
-                ms = _time_ms(run)
+                ms = _time_ms(functools.partial(decode_attention, q, kv, tables, seq_lens,
+                                                scale, out, **kw))
                 err = (out.float() - ref.float()).abs().max().item()
                 label = "-" if dot_f16 is None else ("fp16" if dot_f16 else "bf16")
                 print(f"| {name} | {label} | {block_n} | {ms * 1e3:.1f} | "

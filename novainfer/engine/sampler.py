@@ -76,15 +76,17 @@ def filter_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
             groups.setdefault(0, []).append(row)
     for width, rows in groups.items():
         ks, ps = [top_ks[r] for r in rows], [top_ps[r] for r in rows]
-        part = logits if len(rows) == len(seqs) else logits[to_device(rows, dev)]
+        whole = len(rows) == len(seqs)
+        index = None if whole else to_device(rows, dev)
+        part = logits if whole else logits[index]
         if width:
             part = _top_k_top_p_candidates(part, ks, ps, width)
         else:
             part = _top_k_top_p_sorted(part, ks, ps)
-        if len(rows) == len(seqs):
+        if whole:
             logits = part
         else:
-            logits[to_device(rows, dev)] = part
+            logits[index] = part
     if any(m > 0 for m in min_ps):
         probs = logits.softmax(dim=-1)
         m = to_device(min_ps, dev, probs.dtype)
