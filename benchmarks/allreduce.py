@@ -3,7 +3,8 @@ NCCL through torch.distributed (eager and replayed inside a CUDA graph, 64 all-r
 graph, as a decode step of a 32-layer model issues) against the one-shot peer-to-peer path
 (novainfer/distributed/peer_allreduce.py, in a CUDA graph, its one-shot and its two-shot
 kernel at every size), bf16, per message size, with the peer path's results compared against
-NCCL's on random inputs.
+NCCL's on random inputs; then the peer all-reduce followed by the add + RMSNorm against the
+fused kernel (kernels/allreduce_norm.py).
 
     python benchmarks/allreduce.py [--gpus 2] [--json]
 """
@@ -48,6 +49,7 @@ def _rank(rank: int, size: int, port: int, queue) -> None:
     control = dist.new_group(backend="gloo")
     os.environ[peer_allreduce.ENV] = "peer"
     peer = peer_allreduce.create(dist.group.WORLD, control, device)
+    one_shot_max = peer_allreduce.ONE_SHOT_MAX_BYTES
     rows = []
     for kib in SIZES_KIB:
         x = torch.ones(kib * 1024 // 2, dtype=torch.bfloat16, device=device)
@@ -89,11 +91,50 @@ def _rank(rank: int, size: int, port: int, queue) -> None:
                 b = r.clone()
                 peer(b)
                 row["peer_equal"] = row["peer_equal"] and bool(torch.equal(a, b))
+            peer_allreduce.ONE_SHOT_MAX_BYTES = one_shot_max  # the engine's choice again
+        if peer is not None and kib * 1024 <= peer_allreduce.SLOT_BYTES and kib >= 8:
+            row.update(_fused_row(peer, kib, rank, device))
         rows.append(row)
     if rank == 0:
         queue.put(rows)
     torch.cuda.synchronize()
     dist.destroy_process_group()
+
+
+def _fused_row(peer, kib: int, rank: int, device: torch.device) -> dict:
+    """The all-reduce + residual add + RMSNorm of a 4096-wide bf16 hidden state (llama3-8b):
+    the peer all-reduce then the Triton add + RMSNorm, against the one fused kernel, both
+    64 per CUDA graph (the fused calls alternating slots, as the decoder's do)."""
+    from novainfer.kernels.norm_act import add_rms_norm
+
+    hidden = 4096
+    rows = kib * 1024 // 2 // hidden
+    gen = torch.Generator(device=device).manual_seed(2000 + rank)
+    x = torch.randn(rows, hidden, generator=gen, device=device).to(torch.bfloat16)
+    res = torch.randn(rows, hidden, generator=gen, device=device).to(torch.bfloat16)
+    weight = torch.ones(hidden, device=device, dtype=torch.bfloat16)
+
+    def apart(slot: int):
+        y = x.clone()
+        peer(y)
+        return add_rms_norm(y, res, weight, 1e-5)
+
+    def fused(slot: int):
+        return peer.add_rms_norm(x, res, weight, 1e-5, None, slot)
+
+    want, got = apart(0), fused(0)
+    same = min(float((w == g).float().mean()) for w, g in zip(want, got))
+    out = {"rows": rows, "fused_equal_frac": round(same, 4)}
+    for name, fn in (("apart_graph_us", apart), ("fused_graph_us", fused)):
+        fn(1)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(PER_GRAPH):
+                fn(i % 2)
+        out[name] = round(_time(graph.replay, 10) / PER_GRAPH * 1e3, 1)
+        del graph
+    return out
 
 
 def main() -> None:
@@ -119,6 +160,15 @@ def main() -> None:
         print(f"| {r['KiB']} | {r['eager_us']} | {r['graph_us']} | {r['graph_bus_GBps']} | "
               f"{r['correct']} | {r['peer_graph_us'] or '-'} | {r['two_shot_graph_us'] or '-'} | "
               f"{r['peer_equal'] or '-'} |")
+    fused = [r for r in rows if "fused_graph_us" in r]
+    if fused:
+        print("\nall-reduce + residual add + RMSNorm, bf16, hidden 4096, in a CUDA graph:")
+        print("| KiB | rows | peer all-reduce, then add + RMSNorm us | fused kernel us | "
+              "elements equal |")
+        print("|---|---|---|---|---|")
+        for r in fused:
+            print(f"| {r['KiB']} | {r['rows']} | {r['apart_graph_us']} | {r['fused_graph_us']} | "
+                  f"{r['fused_equal_frac']} |")
     if args.json:
         print(json.dumps(rows))
     for p in procs:

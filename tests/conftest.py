@@ -126,6 +126,21 @@ CHECKPOINTS: dict[str, dict] = {
         "rope_theta": 1000000.0,
         "rms_norm_eps": 1e-6,
     },
+    # Llama with o_proj/down_proj biases (attention_bias, mlp_bias): a row-parallel layer's
+    # bias is added once, after the sum over the ranks. Named to sort last: the other
+    # checkpoints' seeds follow their sorted position.
+    "z_llama_bias": {
+        "arch": "llama",
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "tie_word_embeddings": False,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-6,
+        "attention_bias": True,
+        "mlp_bias": True,
+    },
 }
 
 
@@ -241,6 +256,7 @@ def _make_config(spec: dict):
         "eos_token_id": EOS_ID,
         "dtype": "float32",
     }
+    common.update({k: spec[k] for k in ("attention_bias", "mlp_bias") if k in spec})
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[spec["arch"]]
     config = cls(**common)
     assert config.head_dim == spec["head_dim"]
@@ -263,7 +279,7 @@ def _randomize_(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(1.5 + rnd(p.shape, 0.1))
             elif name.endswith("norm.weight"):  # input/post-attn norms and q_norm/k_norm
                 p.copy_(1.0 + rnd(p.shape, 0.3))
-            elif name.endswith(".bias"):  # qwen2 q/k/v bias
+            elif name.endswith(".bias"):  # qwen2's q/k/v bias, z_llama_bias's every bias
                 # (a large v bias would add a constant direction to the residual stream)
                 p.copy_(rnd(p.shape, 0.1 if "v_proj" in name else 0.5))
             elif p.dim() == 2:

@@ -189,3 +189,126 @@ def test_peer_allreduce_matches_nccl(monkeypatch):
         nbytes = numel * (2 if "bfloat16" in dtype else 4)
         assert took == (nbytes <= limit and nbytes % 4 == 0), (dtype, numel)
         assert eager_equal and graph_equal, (dtype, numel)
+
+
+def _fused_vs_nccl_rank(rank: int, port: int, queue) -> None:
+    from novainfer.distributed.workers import Launch, join_group, leave_group
+    from novainfer.layers.norm import add_rms_norm, rms_norm
+
+    faulthandler.dump_traceback_later(150, exit=True)  # a hang guard that says where
+    launch = Launch(2, f"tcp://127.0.0.1:{port}", "nccl", torch.device("cuda", 0))
+    tp = join_group(launch, rank)
+    device = torch.device("cuda", rank)
+    hidden, results = 4096, []
+    for dtype in (torch.bfloat16, torch.float32):
+        for rows, with_res, with_bias in ((1, True, False), (7, False, False), (129, True, True),
+                                          (256, True, False), (1024 // (dtype.itemsize // 2),
+                                                               True, True)):
+            gen = torch.Generator(device=device).manual_seed(rows * 10 + rank)
+            x = (torch.randn(rows, hidden, generator=gen, device=device) * 3).to(dtype)
+            shared = torch.Generator(device=device).manual_seed(rows)  # same on both ranks
+            res = torch.randn(rows, hidden, generator=shared, device=device).to(dtype)
+            res = res if with_res else None
+            bias = torch.randn(hidden, generator=shared, device=device).to(dtype)
+            bias = bias if with_bias else None
+            w = (1 + 0.5 * torch.randn(hidden, generator=shared, device=device)).to(dtype)
+            s = x.clone()
+            torch.distributed.all_reduce(s, group=tp.group)
+            if bias is not None:
+                s = s + bias
+            want = (rms_norm(s, w, 1e-5), s) if res is None else add_rms_norm(s, res, w, 1e-5)
+            assert tp.peer.fuses(x, res, w)
+            eager = tp.peer.add_rms_norm(x, res, w, 1e-5, bias, 0)
+            eager2 = tp.peer.add_rms_norm(x, res, w, 1e-5, bias, 1)  # the next slot
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                first = tp.peer.add_rms_norm(x, res, w, 1e-5, bias, 2)
+                second = tp.peer.add_rms_norm(x, res, w, 1e-5, bias, 0)
+            for _ in range(3):
+                graph.replay()
+            torch.cuda.synchronize()
+            mine = torch.stack([eager[0].float(), eager[1].float()])
+            theirs = [torch.empty_like(mine) for _ in range(2)]
+            torch.distributed.all_gather(theirs, mine, group=tp.group)
+            same = [float((got == ref).float().mean())
+                    for got, ref in ((eager[0], want[0]), (eager[1], want[1]))]
+            close = all(torch.allclose(got.float(), ref.float(), rtol=1.6e-2, atol=1e-2)
+                        for got, ref in ((eager[0], want[0]), (eager[1], want[1])))
+            repeat = all(torch.equal(a, b) for a, b in zip(eager, eager2)) and all(
+                torch.equal(a, b) for out in (first, second) for a, b in zip(eager, out))
+            results.append((str(dtype), rows, same, close, repeat,
+                            bool(torch.equal(theirs[0], theirs[1]))))
+            del graph
+    if rank == 0:
+        queue.put(results)
+    torch.cuda.synchronize()
+    leave_group()
+
+
+def test_fused_allreduce_add_norm_matches_nccl_then_norm(monkeypatch):
+    """The peer path's fused all-reduce + residual add + RMSNorm (kernels/allreduce_norm.py)
+    against NCCL's sum, the bias and `add_rms_norm`: bf16 and fp32, one row to the slot's
+    limit, more rows than programs, with and without residual and bias; the same bits
+    eagerly, in the next slot and replayed in a CUDA graph, and on both ranks."""
+    import torch.multiprocessing as mp
+
+    from novainfer.distributed import peer_allreduce
+    from novainfer.distributed.workers import free_port
+
+    monkeypatch.setenv(peer_allreduce.ENV, "peer")  # the ranks inherit it
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_fused_vs_nccl_rank, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        results = queue.get(timeout=180)
+    finally:
+        for p in procs:
+            p.join(60)
+            if p.is_alive():
+                p.kill()
+    assert len(results) == 10
+    for dtype, rows, (same_out, same_sum), close, repeat, ranks_agree in results:
+        assert close and repeat and ranks_agree, (dtype, rows)
+        assert same_sum == 1.0, (dtype, rows)  # two ranks: the sum is NCCL's, bit for bit
+        assert same_out > (0.97 if "bfloat16" in dtype else 0.0), (dtype, rows)
+
+
+FUSED_ENGINE = """
+import json, sys
+from novainfer import LLM, SamplingParams
+from conftest import random_prompts
+llm = LLM(sys.argv[1], device="cuda", dtype="float32", tensor_parallel_size=2,
+          max_model_len=512, max_num_seqs=16, num_kv_blocks=512)
+tp = llm.llm_engine.runner.tp
+assert tp.peer is not None and tp.peer.fuse_norm and llm.llm_engine.runner.graphs is not None
+params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+outs = llm.generate(random_prompts({lengths}, seed=7), params, use_tqdm=False)
+print(json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+llm.shutdown()
+"""
+
+
+@pytest.mark.parametrize("name", ["llama", "z_llama_bias"])
+def test_fp32_greedy_two_gpus_fused_allreduce_norm(checkpoint, name):
+    """The peer path with its fused all-reduce + add + RMSNorm in a whole engine (CUDA
+    graphs, fp32): tokens equal to transformers'. In a process of its own: the peer path
+    serves only the first tensor-parallel engine of a process."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model_dir = checkpoint(name)
+    expected = hf_greedy(model_dir, random_prompts(LENGTHS, seed=7), 24)
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, NOVAINFER_ALLREDUCE="peer", NOVAINFER_FUSED_ALLREDUCE_NORM="1",
+               PYTHONPATH=os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", FUSED_ENGINE.format(lengths=LENGTHS),
+                           str(model_dir)], env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == expected

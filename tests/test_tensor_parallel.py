@@ -47,10 +47,11 @@ def _until(predicate, what: str, limit: float = 120.0) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("name", ["llama", "llama_untied", "qwen2", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "llama_untied", "qwen2", "qwen3", "z_llama_bias"])
 def test_two_ranks_match_transformers_and_one_rank(checkpoint, name):
     """llama: 4 q / 2 KV heads; llama_untied: 1 KV head, replicated on both ranks; qwen2:
-    q/k/v bias; qwen3: q/k norm and head_dim 32. Prompts share a prefix (prefix cache) and
+    q/k/v bias; qwen3: q/k norm and head_dim 32; z_llama_bias: o_proj and down_proj biases,
+    added once after the sum (the norm after the layer adds them). Prompts share a prefix (prefix cache) and
     overflow an 8-block cache (preemption) in 32-token chunks."""
     folder = checkpoint(name)
     prefix = random_prompts([20], seed=40)[0]

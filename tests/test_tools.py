@@ -64,7 +64,10 @@ def test_trace_counts_shapes_and_cleanup(checkpoint, name):
     names = [c.name.split("layers.0.", 1)[-1] for c in layer]
     assert names[:3] == ["model.layers.0", "input_layernorm", "self_attn"]
     by = {c.name.split("layers.0.", 1)[-1]: c for c in layer}
-    assert by["input_layernorm"].inputs == [[7, H]] and by["input_layernorm"].outputs == [7, H]
+    # the first norm takes the embedding's rows (the residual stream starts there) and
+    # returns (normed, residual), as every norm of the residual stream does
+    assert by["input_layernorm"].inputs == [[7, H]]
+    assert by["input_layernorm"].outputs == [[7, H], [7, H]]
     qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     assert by["self_attn.qkv_proj"].outputs == [7, qkv_out]
     # the second norm takes the residual too and returns (normed, residual)

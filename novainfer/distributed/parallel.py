@@ -36,6 +36,19 @@ class TensorParallel:
                     torch.distributed.all_reduce(x, group=self.group)
         return x
 
+    def fused_all_reduce_add_norm(
+        self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+        slot: int, bias: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(weight * RMSNorm(s + residual), s + residual), s = x summed over the ranks plus
+        `bias`, in one kernel on the peer path (distributed/peer_allreduce.py); None where
+        that path does not take x (the caller then all-reduces and normalises apart). `slot`
+        must differ between consecutive calls."""
+        if self.peer is None or not self.peer.fuses(x, residual, weight):
+            return None
+        with _profiled():
+            return self.peer.add_rms_norm(x, residual, weight, eps, bias, slot)
+
     def all_reduce_max(self, x: torch.Tensor) -> torch.Tensor:
         """The elementwise max of x over the ranks, in place (the fp8 KV scales, once)."""
         if self.size > 1:

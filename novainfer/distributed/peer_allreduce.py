@@ -48,10 +48,18 @@ import torch
 from novainfer.distributed.parallel import min_over
 
 ENV = "NOVAINFER_ALLREDUCE"
+FUSED_ENV = "NOVAINFER_FUSED_ALLREDUCE_NORM"  # 1 (default) / 0: the kernel below, or not
 BUFFER_BYTES = 8 << 20  # messages up to this size take the peer path (tuned on 2 x H200)
+# The fused all-reduce + add + RMSNorm (kernels/allreduce_norm.py) stages messages up to this
+# size in one of three slots after the all-reduce's buffer: the caller alternates them so
+# that consecutive calls never share one (the embedding, o_proj and down_proj outputs).
+SLOT_BYTES = 8 << 20
+SLOTS = 3
+MAX_PROGRAMS = 128  # per fused call: every one must be resident at once on every GPU
 ONE_SHOT_MAX_BYTES = 1 << 20  # larger ones: two-shot (each rank sums its share, then all
 # gather), half the NVLink traffic of one-shot's read of every peer's whole message
 DTYPES = (torch.bfloat16, torch.float32)
+FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Group names set up in this process. PyTorch keeps a symmetric-memory registration per group
 # name for the life of the process, and a later engine's group reuses the name ("0") with a
 # new store: its rendezvous would wait on the old store forever. So only the first engine of
@@ -71,11 +79,25 @@ class PeerAllReduce:
     False (nothing done) for a message it does not take, so the caller uses NCCL. Every rank
     decides from the message alone, so all ranks take the same path."""
 
-    def __init__(self, buffer: torch.Tensor, group_name: str, handle) -> None:
-        self.buffer = buffer  # uint8, BUFFER_BYTES, in symmetric memory, rendezvoused
+    def __init__(self, buffer: torch.Tensor, group_name: str, handle, fuse_norm: bool,
+                 programs: int) -> None:
+        # uint8 in symmetric memory, rendezvoused: BUFFER_BYTES for the all-reduce, then
+        # SLOTS x SLOT_BYTES for the fused all-reduce + add + RMSNorm.
+        self.buffer = buffer
         self.group_name = group_name
         self.handle = handle  # the rendezvous: every rank's buffer and signal pad, mapped
         self.two_shot = hasattr(torch.ops.symm_mem, "two_shot_all_reduce_out")
+        self.fuse_norm = fuse_norm
+        world = handle.world_size
+        device = buffer.device
+        self.buffer_ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
+        self.pad_ptrs = torch.tensor(handle.signal_pad_ptrs, dtype=torch.int64, device=device)
+        # The fused kernel's flags: the top of the signal pads, away from the flags PyTorch's
+        # kernels use from the bottom (sharing them would be safe too: every signal is a
+        # compare-and-swap that waits until the previous one was consumed).
+        flags = handle.signal_pad_size // 4
+        self.programs = max(1, min(programs, flags // (2 * world)))
+        self.pad_base = flags - self.programs * world
 
     def __call__(self, x: torch.Tensor) -> bool:
         nbytes = x.numel() * x.element_size()
@@ -90,6 +112,33 @@ class PeerAllReduce:
         else:
             torch.ops.symm_mem.two_shot_all_reduce_out(staged, "sum", self.group_name, flat)
         return True
+
+    def fuses(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> bool:
+        """Whether `add_rms_norm` takes x (the same answer on every rank: it depends on the
+        shapes and dtypes only)."""
+        return (self.fuse_norm and x.dim() == 2 and x.dtype in FUSED_DTYPES
+                and x.numel() * x.element_size() <= SLOT_BYTES and x.is_contiguous()
+                and x.shape[1] <= 16384 and weight.shape == (x.shape[1],)
+                and (residual is None or (residual.shape == x.shape
+                                          and residual.dtype == x.dtype)))
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
+                     weight: torch.Tensor, eps: float, bias: torch.Tensor | None,
+                     slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight * RMSNorm(s + bias + residual), s + bias + residual), s = x summed over
+        the ranks, in one kernel (kernels/allreduce_norm.py); `slot` (0 .. SLOTS-1) must
+        differ from the previous call's. Only for x that `fuses`."""
+        from novainfer.kernels.allreduce_norm import allreduce_add_rms_norm
+
+        if not 0 <= slot < SLOTS:
+            raise ValueError(f"slot must be in 0..{SLOTS - 1}, got {slot}")
+        if residual is not None and not residual.is_contiguous():
+            residual = residual.contiguous()
+        offset = (BUFFER_BYTES + slot * SLOT_BYTES) // x.element_size()
+        return allreduce_add_rms_norm(
+            x, residual, weight, eps, bias, buffers=self.buffer_ptrs, pads=self.pad_ptrs,
+            rank=self.handle.rank, world=self.handle.world_size, slot_offset=offset,
+            pad_base=self.pad_base, programs=self.programs)
 
     def release(self, drained: Callable[[], bool], timeout: float) -> bool:
         """After a peer died: let this rank's stuck barrier kernels pass until `drained()`
@@ -124,6 +173,9 @@ def create(group, control, device: torch.device) -> PeerAllReduce | None:
         sys.stderr.write(f"novainfer: {ENV}=peer: this engine uses NCCL: {why_not}\n")
     if not min_over(int(buffer is not None), control):
         return None
+    # The fused kernel's programs: as many on every rank, and all resident at once.
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = min_over(min(MAX_PROGRAMS, sms), control)
     import torch.distributed._symmetric_memory as symm
 
     with warnings.catch_warnings():  # deprecated (and unneeded) in newer PyTorch
@@ -132,7 +184,16 @@ def create(group, control, device: torch.device) -> PeerAllReduce | None:
             symm.enable_symm_mem_for_group(group.group_name)
     handle = symm.rendezvous(buffer, group.group_name)
     _REGISTERED.add(group.group_name)
-    return PeerAllReduce(buffer, group.group_name, handle)
+    return PeerAllReduce(buffer, group.group_name, handle, fused_setting(), programs)
+
+
+def fused_setting() -> bool:
+    """NOVAINFER_FUSED_ALLREDUCE_NORM: `1` (or unset) fuses each all-reduce with the add +
+    RMSNorm after it on the peer path, `0` keeps them apart. Every rank must see the same."""
+    value = os.environ.get(FUSED_ENV, "1").strip()
+    if value not in ("0", "1", ""):
+        raise ValueError(f"{FUSED_ENV} must be '0' or '1', got {value!r}")
+    return value != "0"
 
 
 def _allocate(device: torch.device, group) -> tuple[torch.Tensor | None, str]:
@@ -152,6 +213,7 @@ def _allocate(device: torch.device, group) -> tuple[torch.Tensor | None, str]:
         others = [d for d in range(torch.cuda.device_count()) if d != here]
         if not all(torch.cuda.can_device_access_peer(here, d) for d in others):
             return None, f"GPU {here} cannot access every other GPU of this host directly"
-        return symm.empty(BUFFER_BYTES, dtype=torch.uint8, device=device), ""
+        return symm.empty(BUFFER_BYTES + SLOTS * SLOT_BYTES, dtype=torch.uint8,
+                          device=device), ""
     except (ImportError, AttributeError, RuntimeError) as e:
         return None, f"symmetric memory is not available ({type(e).__name__}: {e})"

@@ -98,6 +98,7 @@ def launch_for(config: EngineConfig) -> Launch:
     size = config.tensor_parallel_size
     device = config.torch_device()
     peer_allreduce.setting()  # a bad NOVAINFER_ALLREDUCE fails here, before any rank starts
+    peer_allreduce.fused_setting()  # and a bad NOVAINFER_FUSED_ALLREDUCE_NORM
     external = torchrun_rank(size) is not None
     return Launch(
         size=size,

@@ -42,14 +42,16 @@ class Embedding(VocabParallel):
     def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel = SINGLE) -> None:
         super().__init__(vocab_size, hidden_size, tp)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """The rows of input_ids; with tensor parallelism and `reduce=False`, this rank's
+        part of them (zeros for tokens of other ranks' vocabulary) for the caller to sum."""
         if not self.tp.enabled:
             return self._lookup(input_ids)
         local = input_ids - self.vocab_start
         outside = (local < 0) | (local >= self.out_features)
         rows = self._lookup(local.masked_fill(outside, 0))
         rows.masked_fill_(outside[:, None], 0.0)
-        return self.tp.all_reduce(rows)
+        return self.tp.all_reduce(rows) if reduce else rows
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         panels = self._parameters.get("weight_panels")

@@ -118,17 +118,24 @@ class Linear(CpuPackable):
             return self.cpu_matmul(x, bias)
         return F.linear(x, self.weight, bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """x @ weight^T + bias. A row-parallel layer with `reduce=False` returns its partial
+        sum without the bias: the caller sums it (and adds `pending_bias`) later."""
         if self.lora is not None and self.lora.takes_over(x):  # fused QKV + LoRA shrink
             return self.lora.run_layer(self, x)
         y = self.matmul(x, None if self.reduce else self.bias)
         if self.lora is not None:  # before the all-reduce: a row-parallel update is partial
             y = self.lora(x, y)
-        if self.reduce:
+        if self.reduce and reduce:
             self.tp.all_reduce(y)
             if self.bias is not None:
                 y = y + self.bias
         return y
+
+    @property
+    def pending_bias(self) -> torch.Tensor | None:
+        """The bias that `forward(x, reduce=False)` left out (row-parallel layers only)."""
+        return self.bias if self.reduce else None
 
     def checkpoint_slice(self, param_name: str, shard: str | int | None) -> tuple[slice, ...]:
         """The part of a checkpoint tensor this rank loads (read lazily from the file)."""

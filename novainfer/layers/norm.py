@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -30,15 +32,38 @@ def add_rms_norm(
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    """RMSNorm, optionally after the residual add. Built with `sum_over` (a tensor-parallel
+    group, any size), its input is a partial sum over the ranks: a row-parallel output whose
+    all-reduce was left to this norm, so that the peer path can do both in one kernel.
+    `slot` tells that kernel which staging slot to use (models/decoder.py assigns them)."""
+
+    def __init__(self, hidden_size: int, eps: float, sum_over: Any = None, slot: int = 0) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.sum_over = sum_over  # TensorParallel (distributed/parallel.py) or None
+        self.slot = slot
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
+        self, x: torch.Tensor, residual: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Without `residual`: norm(x). With it: (norm(x + residual), x + residual)."""
+        """Without `sum_over`: norm(x), or with `residual` (norm(x + residual), x +
+        residual). With it: s = x summed over the ranks, plus `bias` (the row-parallel
+        layer's, which it left out), then (norm(s + residual), s + residual), or without
+        residual (norm(s), s)."""
+        if self.sum_over is None:
+            if residual is None:
+                return rms_norm(x, self.weight, self.eps)
+            return add_rms_norm(x, residual, self.weight, self.eps)
+        if self.sum_over.enabled:
+            fused = self.sum_over.fused_all_reduce_add_norm(x, residual, self.weight, self.eps,
+                                                            self.slot, bias)
+            if fused is not None:
+                return fused
+            self.sum_over.all_reduce(x)
+        if bias is not None:
+            x = x + bias
         if residual is None:
-            return rms_norm(x, self.weight, self.eps)
+            return rms_norm(x, self.weight, self.eps), x
         return add_rms_norm(x, residual, self.weight, self.eps)

@@ -19,6 +19,12 @@ from novainfer.layers.norm import RMSNorm
 from novainfer.layers.rotary import RotaryEmbedding, fused_qk_norm_rope_applies, qk_norm_rope
 from novainfer.models.config import ModelConfig
 
+# Each row-parallel output (the embedding rows, o_proj's, down_proj's) is summed over the
+# ranks by the RMSNorm after it (layers/norm.py, `sum_over`): one kernel on the peer
+# path, whose staging slot must differ from the previous call's. In call order, a forward
+# pass uses EMBED, then ATTN, MLP for each layer (the last MLP's sum is the final norm's).
+ATTN_SLOT, MLP_SLOT, EMBED_SLOT = 0, 1, 2
+
 # transformers' separate tensors -> (our fused module, shard within it)
 PACKED_MODULES = {
     "q_proj": ("qkv_proj", "q"),
@@ -78,7 +84,8 @@ class SelfAttention(nn.Module):
             self.tp.all_reduce_max(self.kv_scales)
         out = self.backend.forward(q, k, v.contiguous(), kv_cache, meta, self.scale,
                                    self.kv_scales)
-        return self.o_proj(out.view(-1, self.num_heads * self.head_dim))
+        # A partial sum with tensor parallelism: the next norm sums it (DecoderLayer).
+        return self.o_proj(out.view(-1, self.num_heads * self.head_dim), reduce=False)
 
 
 class MLP(nn.Module):
@@ -89,18 +96,22 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(size, cfg.hidden_size, cfg.mlp_bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        # A partial sum with tensor parallelism: the next norm sums it (DecoderLayer).
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)), reduce=False)
 
 
 class DecoderLayer(nn.Module):
     def __init__(
         self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend,
-        tp: TensorParallel,
+        tp: TensorParallel, first: bool = False,
     ) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # The first layer's input is the embedding's rows: its own slot (see ATTN_SLOT).
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, tp,
+                                       EMBED_SLOT if first else MLP_SLOT)
         self.self_attn = SelfAttention(cfg, rotary, backend, tp)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, tp,
+                                                ATTN_SLOT)
         self.mlp = MLP(cfg, tp)
 
     def forward(
@@ -110,13 +121,15 @@ class DecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
+        bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        """`hidden`: the previous layer's MLP output (or the embedding rows, residual None),
+        a partial sum over the ranks still missing `bias` (its producer's pending bias);
+        returns this layer's MLP output, likewise, and the residual stream."""
+        hidden, residual = self.input_layernorm(hidden, residual, bias)
         hidden = self.self_attn(positions, hidden, kv_cache, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        hidden, residual = self.post_attention_layernorm(hidden, residual,
+                                                         self.self_attn.o_proj.pending_bias)
         return self.mlp(hidden), residual
 
 
@@ -130,9 +143,9 @@ class DecoderModel(nn.Module):
         # One rotary table shared by all layers (it is a buffer, not a weight).
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, rotary, backend, tp) for _ in range(cfg.num_layers)
+            DecoderLayer(cfg, rotary, backend, tp, first=i == 0) for i in range(cfg.num_layers)
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, tp, MLP_SLOT)
 
     def forward(
         self,
@@ -141,10 +154,11 @@ class DecoderModel(nn.Module):
         kv_caches: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None
+        hidden, residual, bias = self.embed_tokens(input_ids, reduce=False), None, None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
-        hidden, _ = self.norm(hidden, residual)
+            hidden, residual = layer(positions, hidden, residual, kv_cache, meta, bias)
+            bias = layer.mlp.down_proj.pending_bias
+        hidden, _ = self.norm(hidden, residual, bias)
         return hidden
 
 
