@@ -13,6 +13,7 @@ CPU, `pack_for_cpu` may replace a float32 weight by the C matmul's panels after 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +26,25 @@ from novainfer.kernels import cpu_native
 from novainfer.layers.fusion import PLAIN_PYTORCH
 
 SINGLE = TensorParallel()
+
+
+def gemv_setting(value: str | None) -> bool:
+    """NOVAINFER_GEMV's value, checked: `1` (or unset) sends one-row matmuls of the weights
+    where kernels/gemv.py beats cuBLAS to it on CUDA, `0` keeps cuBLAS everywhere."""
+    text = (value or "").strip() or "1"
+    if text not in ("0", "1"):
+        raise ValueError(f"NOVAINFER_GEMV must be '0' or '1', got {value!r}")
+    return text == "1"
+
+
+# Read once: matmul runs ~200 times per step.
+GEMV = gemv_setting(os.environ.get("NOVAINFER_GEMV"))
+GEMV_DTYPES = (torch.bfloat16, torch.float16)
+# Where the one-row kernel won on an H200 (benchmarks/gemv.py): weights of up to 2**24
+# elements whose rows are at most 4096 long; cuBLAS is as fast or faster beyond.
+GEMV_MAX_K = 4096
+GEMV_MAX_ELEMENTS = 1 << 24
+_gemv: Callable | None = None
 
 # x, bias -> x @ weight^T + bias, with the weight captured in a CPU-friendly layout.
 CpuMatmul = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -110,12 +130,21 @@ class Linear(CpuPackable):
         self.in_slice = in_slice
         self.reduce = in_slice is not None and tp.enabled
         self.cpu_matmul: CpuMatmul | None = None  # set by pack_for_cpu after loading
+        self.gemv_fits = (in_features <= GEMV_MAX_K
+                          and in_features * out_features <= GEMV_MAX_ELEMENTS)
         self.lora: nn.Module | None = None  # LoRASlots (lora/layers.py) with enable_lora
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """This rank's x @ weight^T (+ bias)."""
+        """This rank's x @ weight^T (+ bias): on CUDA, one 16-bit row (a batch-1 decode
+        step) through kernels/gemv.py where that beats cuBLAS (docs/performance.md)."""
         if self.cpu_matmul is not None:
             return self.cpu_matmul(x, bias)
+        if (GEMV and x.is_cuda and x.dim() == 2 and x.shape[0] == 1
+                and x.dtype in GEMV_DTYPES and x.stride(1) == 1 and self.gemv_fits):
+            global _gemv
+            if _gemv is None:
+                from novainfer.kernels.gemv import gemv as _gemv
+            return _gemv(x, self.weight, bias)
         return F.linear(x, self.weight, bias)
 
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:

@@ -1,0 +1,81 @@
+"""The one-row GEMV kernel (kernels/gemv.py) against its twin F.linear: odd sizes (masks on
+both dimensions), a row of a wider tensor, with and without bias, every block shape the
+config and the sweep use; and the switch that routes a batch-1 step's linear layers to it.
+Without a GPU the kernel runs in the Triton interpreter (fp32/fp16)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from novainfer.kernels import gemv
+from novainfer.layers import linear
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEV = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV.type == "cuda" else [])
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", [(64, 128), (77, 300), (5, 1030), (3, 2048)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv_matches_linear(dtype, n, k, with_bias):
+    g = torch.Generator().manual_seed(n + k)
+    x = torch.randn(1, k, generator=g).to(dtype).to(DEV)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype).to(DEV)
+    b = torch.randn(n, generator=g).to(dtype).to(DEV) if with_bias else None
+    got = gemv.gemv(x, w, b)
+    want = F.linear(x.float(), w.float(), None if b is None else b.float())
+    assert got.dtype == dtype and got.shape == (1, n)
+    torch.testing.assert_close(got.float(), want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("block", [(2, 128, 2), (16, 1024, 8), (4, 256, 4)])
+def test_block_shapes_and_a_row_of_a_wider_tensor(block):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 700, generator=g).to(DEV)[1:, 50:650]
+    w = torch.randn(33, 600, generator=g).to(DEV)
+    torch.testing.assert_close(gemv.gemv(x, w, block=block), F.linear(x, w), rtol=1e-5,
+                               atol=1e-5)
+    torch.testing.assert_close(gemv.gemv(x[0], w, block=block), F.linear(x[0], w), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_more_rows_or_a_column_major_weight_is_an_error():
+    with pytest.raises(ValueError, match="one contiguous row"):
+        gemv.gemv(torch.randn(2, 8, device=DEV), torch.randn(4, 8, device=DEV))
+    with pytest.raises(ValueError, match="row-major"):
+        gemv.gemv(torch.randn(1, 8, device=DEV), torch.randn(8, 4, device=DEV).t())
+
+
+def test_the_switch_and_which_weights_fit():
+    assert linear.gemv_setting(None) and linear.gemv_setting("1")
+    assert not linear.gemv_setting("0")
+    with pytest.raises(ValueError, match="NOVAINFER_GEMV must be '0' or '1'"):
+        linear.gemv_setting("yes")
+    assert linear.Linear(1024, 2048).gemv_fits  # qwen3-0.6b's o_proj: 4.7 -> 3.9 us
+    assert not linear.Linear(4096, 28672).gemv_fits  # llama3-8b gate/up: cuBLAS is faster
+    assert not linear.Linear(8960, 1536).gemv_fits  # rows over 4096 long: cuBLAS
+
+
+@pytest.mark.skipif(DEV.type != "cuda", reason="the routing is CUDA-only")
+def test_linear_routes_one_bf16_row_to_the_kernel(monkeypatch):
+    layer = linear.Linear(64, 32).to(DEV, torch.bfloat16)
+    layer.weight.data.normal_()
+    calls = []
+    real = gemv.gemv
+    monkeypatch.setattr(gemv, "gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(linear, "_gemv", None)
+    x = torch.randn(1, 64, device=DEV, dtype=torch.bfloat16)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1.6e-2, atol=1e-2)
+    layer(torch.randn(2, 64, device=DEV, dtype=torch.bfloat16))
+    assert calls == [1]
