@@ -48,7 +48,7 @@ import torch
 from novainfer.distributed.parallel import min_over
 
 ENV = "NOVAINFER_ALLREDUCE"
-FUSED_ENV = "NOVAINFER_FUSED_ALLREDUCE_NORM"  # 1 (default) / 0: the kernel below, or not
+FUSED_ENV = "NOVAINFER_FUSED_ALLREDUCE_NORM"  # 1 / 0 (default): the kernel below, or not
 BUFFER_BYTES = 8 << 20  # messages up to this size take the peer path (tuned on 2 x H200)
 # The fused all-reduce + add + RMSNorm (kernels/allreduce_norm.py) stages messages up to this
 # size in one of three slots after the all-reduce's buffer: the caller alternates them so
@@ -91,17 +91,19 @@ class PeerAllReduce:
         world = handle.world_size
         device = buffer.device
         self.buffer_ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
+        # `buffer_ptrs` are the allocations' bases; the buffer may start further in (the
+        # same distance on every rank: `create` checks).
+        self.base_offset = base_offset(buffer, handle)
         self.pad_ptrs = torch.tensor(handle.signal_pad_ptrs, dtype=torch.int64, device=device)
         # The fused kernel's flags: the top of the signal pads, away from the flags PyTorch's
-        # kernels use from the bottom (sharing them would be safe too: every signal is a
-        # compare-and-swap that waits until the previous one was consumed).
+        # kernels use from the bottom.
         flags = handle.signal_pad_size // 4
         self.programs = max(1, min(programs, flags // (2 * world)))
         self.pad_base = flags - self.programs * world
 
     def __call__(self, x: torch.Tensor) -> bool:
         nbytes = x.numel() * x.element_size()
-        if (nbytes > self.buffer.numel() or nbytes % 4 or x.dtype not in DTYPES
+        if (nbytes > BUFFER_BYTES or nbytes % 4 or x.dtype not in DTYPES
                 or not x.is_contiguous()):
             return False
         flat = x.view(-1)
@@ -134,7 +136,7 @@ class PeerAllReduce:
             raise ValueError(f"slot must be in 0..{SLOTS - 1}, got {slot}")
         if residual is not None and not residual.is_contiguous():
             residual = residual.contiguous()
-        offset = (BUFFER_BYTES + slot * SLOT_BYTES) // x.element_size()
+        offset = (self.base_offset + BUFFER_BYTES + slot * SLOT_BYTES) // x.element_size()
         return allreduce_add_rms_norm(
             x, residual, weight, eps, bias, buffers=self.buffer_ptrs, pads=self.pad_ptrs,
             rank=self.handle.rank, world=self.handle.world_size, slot_offset=offset,
@@ -184,16 +186,29 @@ def create(group, control, device: torch.device) -> PeerAllReduce | None:
             symm.enable_symm_mem_for_group(group.group_name)
     handle = symm.rendezvous(buffer, group.group_name)
     _REGISTERED.add(group.group_name)
-    return PeerAllReduce(buffer, group.group_name, handle, fused_setting(), programs)
+    # The fused kernel only where every rank asked for it (and none for plain PyTorch ops)
+    # and every rank's buffer sits as far into its allocation: a rank spinning on flags
+    # while another sums through NCCL would hang, a slot at another address corrupt the sum.
+    offset = base_offset(buffer, handle)
+    wanted = fused_setting() and os.environ.get("NOVAINFER_NO_COMPILE") != "1"
+    fuse = bool(min_over(int(wanted), control)) and (
+        min_over(offset, control) == -min_over(-offset, control))
+    return PeerAllReduce(buffer, group.group_name, handle, fuse, programs)
 
 
 def fused_setting() -> bool:
-    """NOVAINFER_FUSED_ALLREDUCE_NORM: `1` (or unset) fuses each all-reduce with the add +
-    RMSNorm after it on the peer path, `0` keeps them apart. Every rank must see the same."""
-    value = os.environ.get(FUSED_ENV, "1").strip()
+    """NOVAINFER_FUSED_ALLREDUCE_NORM: `1` fuses each all-reduce with the add + RMSNorm after
+    it on the peer path, `0` (or unset: the kernel has not yet run on two GPUs) keeps them
+    apart. The ranks agree on it: any rank's `0` turns it off for all."""
+    value = os.environ.get(FUSED_ENV, "0").strip()
     if value not in ("0", "1", ""):
         raise ValueError(f"{FUSED_ENV} must be '0' or '1', got {value!r}")
-    return value != "0"
+    return value == "1"
+
+
+def base_offset(buffer: torch.Tensor, handle) -> int:
+    """Bytes from this rank's symmetric allocation's base to `buffer`."""
+    return buffer.data_ptr() - handle.buffer_ptrs[handle.rank]
 
 
 def _allocate(device: torch.device, group) -> tuple[torch.Tensor | None, str]:

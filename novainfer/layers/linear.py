@@ -38,7 +38,7 @@ def gemv_setting(value: str | None) -> bool:
 
 
 # Read once: matmul runs ~200 times per step.
-GEMV = gemv_setting(os.environ.get("NOVAINFER_GEMV"))
+GEMV = gemv_setting(os.environ.get("NOVAINFER_GEMV")) and not PLAIN_PYTORCH
 GEMV_DTYPES = (torch.bfloat16, torch.float16)
 # Where the one-row kernel won on an H200 (benchmarks/gemv.py): weights of up to 2**24
 # elements whose rows are at most 4096 long; cuBLAS is as fast or faster beyond.
@@ -140,7 +140,8 @@ class Linear(CpuPackable):
         if self.cpu_matmul is not None:
             return self.cpu_matmul(x, bias)
         if (GEMV and x.is_cuda and x.dim() == 2 and x.shape[0] == 1
-                and x.dtype in GEMV_DTYPES and x.stride(1) == 1 and self.gemv_fits):
+                and x.dtype in GEMV_DTYPES and x.stride(1) == 1 and self.gemv_fits
+                and self.weight.stride(1) == 1):
             global _gemv
             if _gemv is None:
                 from novainfer.kernels.gemv import gemv as _gemv
