@@ -123,6 +123,28 @@ def test_killed_gpu_worker_is_an_error_not_a_hang(checkpoint, allreduce, monkeyp
     assert not drained.is_alive(), "rank 0's GPU stayed busy after the worker died"
 
 
+def _two_ranks(target) -> list:
+    """Run target(rank, port, queue) in two spawned processes; what rank 0 puts in the
+    queue (a hang guard of 180 s, then both are reaped)."""
+    import torch.multiprocessing as mp
+
+    from novainfer.distributed.workers import free_port
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        return queue.get(timeout=180)
+    finally:
+        for p in procs:
+            p.join(60)
+            if p.is_alive():
+                p.kill()
+
+
 def _peer_vs_nccl_rank(rank: int, port: int, queue) -> None:
     from novainfer.distributed import peer_allreduce
     from novainfer.distributed.workers import Launch, join_group, leave_group
@@ -165,25 +187,10 @@ def test_peer_allreduce_matches_nccl(monkeypatch):
     not 4-byte aligned: NCCL then), the one-shot kernel's limit and just over it (two-shot,
     16-, 8- and 4-byte aligned), the buffer's limit, one element over it (NCCL), bf16 and
     fp32, eager and in a CUDA graph."""
-    import torch.multiprocessing as mp
-
     from novainfer.distributed import peer_allreduce
-    from novainfer.distributed.workers import free_port
 
     monkeypatch.setenv(peer_allreduce.ENV, "peer")  # the ranks inherit it
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_peer_vs_nccl_rank, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        results = queue.get(timeout=180)
-    finally:
-        for p in procs:
-            p.join(60)
-            if p.is_alive():
-                p.kill()
+    results = _two_ranks(_peer_vs_nccl_rank)
     for dtype, numel, took, eager_equal, graph_equal in results:
         limit = peer_allreduce.BUFFER_BYTES
         nbytes = numel * (2 if "bfloat16" in dtype else 4)
@@ -257,26 +264,11 @@ def test_fused_allreduce_add_norm_matches_nccl_then_norm(monkeypatch):
     limit, more rows than programs, with and without residual and bias; four consecutive
     calls on different data (eager in slots 0 and 1, then a CUDA graph replayed in slots 2
     and 0), each checked; both ranks' results identical."""
-    import torch.multiprocessing as mp
-
     from novainfer.distributed import peer_allreduce
-    from novainfer.distributed.workers import free_port
 
     monkeypatch.setenv(peer_allreduce.ENV, "peer")  # the ranks inherit both
     monkeypatch.setenv(peer_allreduce.FUSED_ENV, "1")
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_fused_vs_nccl_rank, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        results = queue.get(timeout=180)
-    finally:
-        for p in procs:
-            p.join(60)
-            if p.is_alive():
-                p.kill()
+    results = _two_ranks(_fused_vs_nccl_rank)
     assert len(results) == 10
     for dtype, rows, same_out, close, sums_equal, ranks_agree in results:
         assert close and ranks_agree, (dtype, rows)
