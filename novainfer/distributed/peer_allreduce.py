@@ -33,6 +33,11 @@ at N=2 13,620 against 13,190 tok/s with NCCL (asynchronous scheduling, same call
 made it the default. Its GPU tests (results against NCCL's, a worker killed mid-step) pass.
 Whether every rank could allocate its buffer is agreed over the control group before the
 collective setup, so a rank that cannot never leaves another waiting.
+
+The same allocation holds, after the all-reduce's BUFFER_BYTES, the staging slots of the
+fused all-reduce + residual add + RMSNorm (kernels/allreduce_norm.py; `add_rms_norm`),
+which the decoder's norms call on this path with NOVAINFER_FUSED_ALLREDUCE_NORM=1 (agreed
+by every rank; off by default until it has run on two GPUs).
 """
 
 from __future__ import annotations
