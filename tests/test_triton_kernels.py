@@ -165,6 +165,7 @@ def test_store_kv_empty_and_all_padding():
         (8, 1, 64, 16, 2),  # GQA 8
         (4, 1, 128, 8, 2),  # head_dim 128
         (2, 2, 32, 128, 2),  # big blocks (KV tile inside one block)
+        (4, 2, 32, 16, 32),  # the most splits (batch 1's default): most of them empty
     ],
 )
 def test_decode_matches_reference(num_heads, num_kv_heads, head_dim, block_size, num_splits):
