@@ -18,23 +18,10 @@ import os
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from cuda_timing import ms_per_call
 
 SIZES_KIB = [8, 32, 128, 512, 1024, 2048, 4096, 8192, 32768, 131072]
 PER_GRAPH = 64
-
-
-def _time(fn, iters: int) -> float:
-    """Milliseconds per call of fn, after a warm-up, measured with CUDA events."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def _rank(rank: int, size: int, port: int, queue) -> None:
@@ -53,14 +40,14 @@ def _rank(rank: int, size: int, port: int, queue) -> None:
     rows = []
     for kib in SIZES_KIB:
         x = torch.ones(kib * 1024 // 2, dtype=torch.bfloat16, device=device)
-        eager = _time(lambda: dist.all_reduce(x), 50)
+        eager = ms_per_call(lambda: dist.all_reduce(x), 50)
         graph = torch.cuda.CUDAGraph()
         dist.all_reduce(x)
         torch.cuda.synchronize()
         with torch.cuda.graph(graph):
             for _ in range(PER_GRAPH):
                 dist.all_reduce(x)
-        in_graph = _time(graph.replay, 10) / PER_GRAPH
+        in_graph = ms_per_call(graph.replay, 10) / PER_GRAPH
         x.fill_(1.0)
         dist.all_reduce(x)
         correct = bool((x == size).all())
@@ -86,7 +73,7 @@ def _rank(rank: int, size: int, port: int, queue) -> None:
                 with torch.cuda.graph(graph):
                     for _ in range(PER_GRAPH):
                         peer(y)
-                row[kernel] = round(_time(graph.replay, 10) / PER_GRAPH * 1e3, 1)
+                row[kernel] = round(ms_per_call(graph.replay, 10) / PER_GRAPH * 1e3, 1)
                 del graph
                 b = r.clone()
                 peer(b)
@@ -132,7 +119,7 @@ def _fused_row(peer, kib: int, rank: int, device: torch.device) -> dict:
         with torch.cuda.graph(graph):
             for i in range(PER_GRAPH):
                 fn(i % 2)
-        out[name] = round(_time(graph.replay, 10) / PER_GRAPH * 1e3, 1)
+        out[name] = round(ms_per_call(graph.replay, 10) / PER_GRAPH * 1e3, 1)
         del graph
     return out
 

@@ -18,6 +18,7 @@ import functools
 import itertools
 
 import torch
+from cuda_timing import ms_per_call
 
 
 def main() -> None:
@@ -55,7 +56,7 @@ def main() -> None:
                 o = decode_attention(q, cache, tables, seq_lens, 0.088, out, num_splits=1,
                                      block_n=block_n, num_warps=warps, num_stages=stages)
                 err = (o.float() - ref.float()).abs().max().item()
-                ms = _time_ms(functools.partial(
+                ms = ms_per_call(functools.partial(
                     decode_attention, q, cache, tables, seq_lens, 0.088, out, num_splits=1,
                     block_n=block_n, num_warps=warps, num_stages=stages))
             except Exception as e:  # noqa: BLE001  (a config that does not compile: report it)
@@ -65,18 +66,6 @@ def main() -> None:
             print(f"block_size {block_size:3d} BLOCK_N {block_n:3d} warps {warps} stages {stages}: "
                   f"{ms * 1e3:8.1f} us  {kv_bytes / ms / 1e9:6.2f} TB/s  max|diff| {err:.3g}")
         del cache
-
-
-def _time_ms(fn, iters: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def compare_kv_dtypes(args: argparse.Namespace) -> None:
@@ -113,7 +102,7 @@ def compare_kv_dtypes(args: argparse.Namespace) -> None:
                 kw = {"block_n": block_n}
                 if name == "fp8":
                     kw.update(kv_scales=scales, dot_f16=dot_f16)
-                ms = _time_ms(functools.partial(decode_attention, q, kv, tables, seq_lens,
+                ms = ms_per_call(functools.partial(decode_attention, q, kv, tables, seq_lens,
                                                 scale, out, **kw))
                 err = (out.float() - ref.float()).abs().max().item()
                 label = "-" if dot_f16 is None else ("fp16" if dot_f16 else "bf16")

@@ -17,6 +17,7 @@ import json
 
 import torch
 import torch.nn.functional as F
+from cuda_timing import ms_per_call
 
 SHAPES = {  # name: (out_features n, in_features k)
     "qwen3-0.6b qkv": (4096, 1024), "qwen3-0.6b o": (1024, 2048),
@@ -41,24 +42,17 @@ def _us_per_call(fn, weights, x) -> float:
     with torch.cuda.graph(graph):
         for i in range(CALLS):
             fn(x, weights[i % len(weights)])
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(5):
-        start.record()
-        for _ in range(4):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / (4 * CALLS))
+    # The best of five timings of four replays each.
+    best = min(ms_per_call(graph.replay, 4, warmup=1) for _ in range(5)) * 1e3 / CALLS
     del graph
     return best
 
 
 def main() -> None:
+    import triton
+
     from novainfer.kernels import gemv
-    from novainfer.layers.linear import Linear
+    from novainfer.layers.linear import gemv_fits
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sweep", action="store_true")
@@ -73,41 +67,35 @@ def main() -> None:
     for name, (n, k) in SHAPES.items():
         copies = max(2, min(64, L2_BYTES // (n * k * 2)))
         weights = [torch.randn(n, k, device=device, dtype=dtype) / k**0.5 for _ in range(copies)]
-        for m in (1,):
-            x = torch.randn(m, k, device=device, dtype=dtype)
-            want = F.linear(x, weights[0]).float()
-            got = gemv.gemv(x, weights[0]).float()
-            err = float((got - want).abs().max() / want.abs().max())
-            base = _us_per_call(lambda x, w: F.linear(x, w), weights, x)
-            ours = _us_per_call(lambda x, w: gemv.gemv(x, w), weights, x)
-            tbs = n * k * 2 / (ours * 1e-6) / 1e12
-            fits = Linear(k, n).gemv_fits
-            row = {"weight": name, "n": n, "k": k, "routed": fits, "linear_us": round(base, 2),
-                   "gemv_us": round(ours, 2), "gemv_TBps": round(tbs, 2),
-                   "speedup": round(base / ours, 2), "rel_err": err}
-            if args.sweep and m == 1:
-                timed = {}
-                for bn, bk, warps in itertools.product((2, 4, 8, 16), (128, 256, 512, 1024),
-                                                       (2, 4, 8)):
-                    if bk > triton_pow2(k):
-                        continue
+        x = torch.randn(1, k, device=device, dtype=dtype)
+        want = F.linear(x, weights[0]).float()
+        got = gemv.gemv(x, weights[0]).float()
+        err = float((got - want).abs().max() / want.abs().max())
+        base = _us_per_call(lambda x, w: F.linear(x, w), weights, x)
+        ours = _us_per_call(lambda x, w: gemv.gemv(x, w), weights, x)
+        tbs = n * k * 2 / (ours * 1e-6) / 1e12
+        fits = gemv_fits(k, n)
+        row = {"weight": name, "n": n, "k": k, "routed": fits, "linear_us": round(base, 2),
+               "gemv_us": round(ours, 2), "gemv_TBps": round(tbs, 2),
+               "speedup": round(base / ours, 2), "rel_err": err}
+        extra = ""
+        if args.sweep:
+            timed = {}
+            for bn, bk, warps in itertools.product((2, 4, 8, 16), (128, 256, 512, 1024),
+                                                   (2, 4, 8)):
+                if bk <= triton.next_power_of_2(k):
                     timed[(bn, bk, warps)] = _us_per_call(
                         lambda x, w, b=(bn, bk, warps): gemv.gemv(x, w, block=b), weights, x)
-                best = min(timed, key=timed.get)
-                row["best_block"], row["best_us"] = list(best), round(timed[best], 2)
-            rows_out.append(row)
-            extra = (f" (best {row['best_block']}: {row['best_us']})" if "best_us" in row
-                     else "")
-            print(f"| {name} | {n} x {k} | {fits} | {row['linear_us']} | {row['gemv_us']}{extra} | "
-                  f"{row['gemv_TBps']} | {row['speedup']}x | {err:.1e} |", flush=True)
+            best = min(timed, key=timed.get)
+            row["best_block"], row["best_us"] = list(best), round(timed[best], 2)
+            extra = f" (best {row['best_block']}: {row['best_us']})"
+        rows_out.append(row)
+        print(f"| {name} | {n} x {k} | {fits} | {row['linear_us']} | {row['gemv_us']}{extra} | "
+              f"{row['gemv_TBps']} | {row['speedup']}x | {err:.1e} |", flush=True)
         del weights
         torch.cuda.empty_cache()
     if args.json:
         print(json.dumps(rows_out))
-
-
-def triton_pow2(k: int) -> int:
-    return 1 << (k - 1).bit_length()
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def _gemv_kernel(
     tl.store(Y + cols, acc.to(Y.dtype.element_ty), mask=col_ok)
 
 
-def config(n: int, k: int) -> tuple[int, int, int]:
+def config(k: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, warps): two weight rows per program, 1024-wide tiles, two warps:
     the best of a sweep (benchmarks/gemv.py --sweep) for nearly every weight where the kernel
     beats cuBLAS on an H200."""
@@ -56,7 +56,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     if n == 0:
         return y
-    block_n, block_k, warps = block or config(n, k)
+    block_n, block_k, warps = block or config(k)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,

@@ -46,6 +46,11 @@ GEMV_MAX_K = 4096
 GEMV_MAX_ELEMENTS = 1 << 24
 _gemv: Callable | None = None
 
+
+def gemv_fits(in_features: int, out_features: int) -> bool:
+    """Whether one-row matmuls of a weight [out_features, in_features] go to kernels/gemv.py."""
+    return in_features <= GEMV_MAX_K and in_features * out_features <= GEMV_MAX_ELEMENTS
+
 # x, bias -> x @ weight^T + bias, with the weight captured in a CPU-friendly layout.
 CpuMatmul = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -130,8 +135,7 @@ class Linear(CpuPackable):
         self.in_slice = in_slice
         self.reduce = in_slice is not None and tp.enabled
         self.cpu_matmul: CpuMatmul | None = None  # set by pack_for_cpu after loading
-        self.gemv_fits = (in_features <= GEMV_MAX_K
-                          and in_features * out_features <= GEMV_MAX_ELEMENTS)
+        self.gemv_fits = gemv_fits(in_features, out_features)
         self.lora: nn.Module | None = None  # LoRASlots (lora/layers.py) with enable_lora
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
