@@ -154,3 +154,26 @@ def test_overlapped_steps_match_synchronous_steps(checkpoint, dtype):
                          for o in llm.generate(prompts, params, use_tqdm=False)]
         del llm
     assert outs[True] == outs[False]
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINTS))
+def test_fp32_prefill_graphs_match_transformers(checkpoint, name):
+    """Prefill steps replayed from CUDA graphs (engine/cuda_graphs.py): prompts one at a
+    time, then three at a time behind their cached prefixes, give transformers' greedy
+    tokens; each prompt alone ran from a graph."""
+    _skip_if_no_triton(name)
+    model_dir = checkpoint(name)
+    prompts = random_prompts(PROMPT_LENGTHS, seed=7)[1:]  # length 1 is a decode step
+    expected = hf_greedy(model_dir, prompts, MAX_TOKENS)
+    llm = _llm(model_dir, dtype="float32", attention_backend="triton")
+    graphs = llm.llm_engine.runner.worker.prefill_graphs
+    assert graphs is not None
+    got = [_greedy(llm, [p])[0] for p in prompts]
+    assert got == expected
+    assert graphs.replays == len(prompts)
+    got = []
+    for lo in range(0, len(prompts), 3):
+        got += _greedy(llm, prompts[lo : lo + 3])  # cached now: the prefill is the tail
+    assert got == expected
+    # A tail of one token is a decode (that step runs eagerly); the others replay.
+    assert graphs.replays > len(prompts)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 
 from novainfer.config import EngineConfig
 from novainfer.distributed.parallel import TensorParallel, kv_heads_per_rank, split
-from novainfer.engine.cuda_graphs import DecodeGraphs
+from novainfer.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, prefill_graph_tokens
 from novainfer.engine.step_inputs import HEADER, StepInputs, unpack_step
 from novainfer.layers.attention import AttentionMetadata, get_backend
 from novainfer.layers.linear import CpuPackable, pack_for_cpu
@@ -87,6 +88,20 @@ class ModelWorker:
                 timing = self.lora_timing
                 atexit.register(lambda: timing.calls and timing.report())
         self.adapt_cpu_threads = cpu_thread_control(device)  # novainfer/threads.py
+        capture = (
+            device.type == "cuda"
+            and not config.enforce_eager
+            and (not config.enable_lora or lora_switches.capturable())
+            and getattr(self.backend, "supports_cuda_graphs", False)
+        )
+        # The largest prefill step replayed from a graph (0: none); its graphs' memory is
+        # kept out of the KV cache's share.
+        self.prefill_graph_tokens = 0
+        if capture:
+            tokens = prefill_graph_tokens(os.environ.get("NOVAINFER_PREFILL_GRAPH_TOKENS"))
+            self.prefill_graph_tokens = min(tokens, config.max_num_batched_tokens or 0)
+            if self.prefill_graph_tokens < 16:
+                self.prefill_graph_tokens = 0
         # Every rank must hold the same number of blocks: the driver's block ids index all.
         self.num_blocks = tp.min_over_ranks(self._num_kv_blocks())
         self.kv_cache = torch.zeros(
@@ -94,20 +109,23 @@ class ModelWorker:
             dtype=self.kv_dtype, device=device,
         )
         self.graphs: DecodeGraphs | None = None
-        if (
-            device.type == "cuda"
-            and not config.enforce_eager
-            and (not config.enable_lora or lora_switches.capturable())
-            and getattr(self.backend, "supports_cuda_graphs", False)
-        ):
+        self.prefill_graphs: PrefillGraphs | None = None
+        if capture:
             # Scratch for the largest decode split count, so replays never see a reallocation.
             self.backend.reserve_workspace(
                 config.max_num_seqs, self.num_heads, cfg.head_dim, MAX_DECODE_SPLITS, device
             )
+            blocks_per_seq = -(-max_model_len // self.block_size)
+            pool = None
+            if self.prefill_graph_tokens:  # first: the largest graphs, whose pool all share
+                self.prefill_graphs = PrefillGraphs(
+                    self.model, self.kv_cache, self.prefill_graph_tokens, blocks_per_seq,
+                    max_model_len, cfg.hidden_size, self.dtype, device,
+                )
+                pool = self.prefill_graphs.pool()
             self.graphs = DecodeGraphs(
-                self.model, self.kv_cache, config.max_num_seqs,
-                -(-max_model_len // self.block_size), max_model_len,
-                cfg.hidden_size, self.dtype, device, self.lora, config.max_loras,
+                self.model, self.kv_cache, config.max_num_seqs, blocks_per_seq, max_model_len,
+                cfg.hidden_size, self.dtype, device, self.lora, config.max_loras, pool,
             )
 
     def _build_model(self, folder: Path) -> torch.nn.Module:
@@ -164,7 +182,9 @@ class ModelWorker:
         return blocks
 
     def _profile_gpu_blocks(self) -> int:
-        """Blocks that fit in gpu_memory_utilization after a forward pass at the largest batch."""
+        """Blocks that fit in gpu_memory_utilization after a forward pass at the largest batch
+        and the prefill graphs' memory pool (estimated from the same pass: its activations,
+        scaled to the largest prefill graph's tokens)."""
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         tokens = self.config.max_num_batched_tokens or 1
@@ -183,6 +203,7 @@ class ModelWorker:
             query_lens_host=[tokens], seq_lens_host=[tokens],
         )
         ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
+        before = torch.cuda.memory_allocated(self.device)
         with torch.inference_mode():
             # Positions wrap at max_model_len (the rotary table's size); memory use is the same.
             positions = torch.arange(tokens, device=self.device) % self.max_model_len
@@ -190,10 +211,11 @@ class ModelWorker:
             self.model.compute_logits(hidden[-min(tokens, self.config.max_num_seqs):])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
+        graph_pool = (peak - before) * min(1.0, self.prefill_graph_tokens / tokens)
         del probe, hidden
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(self.device).total_memory
-        budget = int(total * self.config.gpu_memory_utilization) - peak
+        budget = int(total * self.config.gpu_memory_utilization - peak - graph_pool)
         return max(budget // self.kv_bytes_per_block(), 0)
 
     # -- a step -------------------------------------------------------------------------------
@@ -231,8 +253,13 @@ class ModelWorker:
             self.lora.batch = inputs.lora
         if self.calibrating:
             return self._calibrate(inputs)
-        if self.graphs is not None and self.graphs.can_run(inputs.meta):
-            return self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta, inputs.lora)
+        meta = inputs.meta
+        if self.graphs is not None and self.graphs.can_run(meta):
+            return self.graphs.run(inputs.input_ids, inputs.positions, meta, inputs.lora)
+        prefill = self.prefill_graphs
+        if (prefill is not None and inputs.lora is None
+                and prefill.can_run(meta, inputs.input_ids.shape[0])):
+            return prefill.run(inputs.input_ids, inputs.positions, meta)
         return self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
 
     def _calibrate(self, inputs: StepInputs) -> torch.Tensor:
@@ -259,8 +286,8 @@ class ModelWorker:
     def release_graphs(self) -> None:
         """Free the CUDA graphs, before the process group they captured collectives of goes
         (NCCL's teardown waits forever on a communicator that live graphs still use)."""
-        if self.graphs is not None:
-            self.graphs = None
+        if self.graphs is not None or self.prefill_graphs is not None:
+            self.graphs = self.prefill_graphs = None
             gc.collect()
             torch.cuda.synchronize(self.device)
 
