@@ -4,7 +4,9 @@ For the weight shapes of the presets (and llama3-8b's tensor-parallel shards), o
 row, bf16: microseconds per call replayed in a CUDA graph, cycling over enough
 copies of the weight that none is read from L2 (as in a decode step, where every layer's
 weight is new), and the kernel's result against F.linear's. `--sweep` also times every
-(BLOCK_N, BLOCK_K, warps) at one row and prints the best, for `gemv.config`.
+(BLOCK_N, BLOCK_K, warps) at one row and prints the best, for `gemv.config`. A second
+table times the prologue: the separate residual add + RMSNorm and the GEMV against the one
+fused kernel, for the layers the engine fuses it into (gemv-routed q/k/v and gate/up).
 
     python benchmarks/gemv.py [--sweep] [--json]
 """
@@ -94,8 +96,42 @@ def main() -> None:
               f"{row['gemv_TBps']} | {row['speedup']}x | {err:.1e} |", flush=True)
         del weights
         torch.cuda.empty_cache()
+    rows_out += _prologues(device, dtype)
     if args.json:
         print(json.dumps(rows_out))
+
+
+def _prologues(device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """Separate add + RMSNorm + GEMV against the fused kernel, us per call in a graph."""
+    from novainfer.kernels import gemv
+    from novainfer.layers.linear import gemv_fits
+    from novainfer.layers.norm import add_rms_norm
+
+    print("\n| weight | add + RMSNorm, then gemv us | fused us | speed-up | max rel err |")
+    print("|---|---|---|---|---|")
+    out = []
+    for name, (n, k) in SHAPES.items():
+        if not name.endswith(("qkv", "gate_up")) or not gemv_fits(k, n):
+            continue
+        copies = max(2, min(64, L2_BYTES // (n * k * 2)))
+        weights = [torch.randn(n, k, device=device, dtype=dtype) / k**0.5 for _ in range(copies)]
+        x, r = (torch.randn(1, k, device=device, dtype=dtype) for _ in range(2))
+        nw = torch.rand(k, device=device, dtype=dtype) + 0.5
+
+        def separate(x, w, r=r, nw=nw):
+            return gemv.gemv(add_rms_norm(x, r, nw, 1e-6)[0], w)
+
+        def fused(x, w, r=r, nw=nw):
+            return gemv.gemv_add_rms_norm(x, r, nw, 1e-6, w)[0]
+        want, got = separate(x, weights[0]).float(), fused(x, weights[0]).float()
+        err = float((got - want).abs().max() / want.abs().max())
+        base, ours = _us_per_call(separate, weights, x), _us_per_call(fused, weights, x)
+        out.append({"weight": name, "prologue": "add_rms_norm", "separate_us": round(base, 2),
+                    "fused_us": round(ours, 2), "rel_err": err})
+        print(f"| {name} | {base:.2f} | {ours:.2f} | {base / ours:.2f}x | {err:.1e} |", flush=True)
+        del weights
+        torch.cuda.empty_cache()
+    return out
 
 
 if __name__ == "__main__":

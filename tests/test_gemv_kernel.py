@@ -50,6 +50,40 @@ def test_block_shapes_and_a_row_of_a_wider_tensor(block):
                                atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", [(64, 128), (77, 300), (5, 1030)])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("block", [None, (4, 128, 2)])
+def test_add_rms_norm_prologue_matches_the_unfused_ops(dtype, n, k, with_residual, block):
+    from novainfer.layers.norm import add_rms_norm, rms_norm
+
+    g = torch.Generator().manual_seed(n + 7 * k)
+    h = (3 * torch.randn(1, k, generator=g)).to(dtype).to(DEV)
+    r = torch.randn(1, k, generator=g).to(dtype).to(DEV) if with_residual else None
+    nw = (1 + torch.rand(k, generator=g)).to(dtype).to(DEV)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype).to(DEV)
+    b = torch.randn(n, generator=g).to(dtype).to(DEV)
+    if with_residual:
+        x, summed_want = add_rms_norm.reference(h, r, nw, 1e-6)
+    else:
+        x, summed_want = rms_norm.reference(h, nw, 1e-6), h
+    want = F.linear(x.float(), w.float(), b.float())
+    # k within one tile (the weight's load first), or several tiles (statistics first).
+    got, summed = gemv.gemv_add_rms_norm(h, r, nw, 1e-6, w, b, block=block)
+    assert torch.equal(summed, summed_want)  # the next residual: the same rounding exactly
+    assert (summed is h) == (not with_residual)
+    assert got.dtype == dtype and got.shape == (1, n)
+    # bf16: the statistics' summation order may flip a rounding of the normalised x.
+    torch.testing.assert_close(got.float(), want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_the_prologue_checks_its_shapes():
+    w = torch.randn(4, 8, device=DEV)
+    with pytest.raises(ValueError, match="residual"):
+        gemv.gemv_add_rms_norm(torch.randn(1, 8, device=DEV), torch.randn(1, 4, device=DEV),
+                               torch.ones(8, device=DEV), 1e-6, w)
+
+
 def test_more_rows_or_a_column_major_weight_is_an_error():
     with pytest.raises(ValueError, match="one contiguous row"):
         gemv.gemv(torch.randn(2, 8, device=DEV), torch.randn(4, 8, device=DEV))
@@ -74,7 +108,6 @@ def test_linear_routes_one_bf16_row_to_the_kernel(monkeypatch):
     calls = []
     real = gemv.gemv
     monkeypatch.setattr(gemv, "gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(linear, "_gemv", None)
     x = torch.randn(1, 64, device=DEV, dtype=torch.bfloat16)
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1.6e-2, atol=1e-2)
     layer(torch.randn(2, 64, device=DEV, dtype=torch.bfloat16))

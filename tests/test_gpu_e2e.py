@@ -177,3 +177,32 @@ def test_fp32_prefill_graphs_match_transformers(checkpoint, name):
     assert got == expected
     # A tail of one token is a decode (that step runs eagerly); the others replay.
     assert graphs.replays > len(prompts)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_bf16_one_row_steps_through_the_fused_gemv(checkpoint, name, tmp_path, monkeypatch):
+    """A one-token step in bf16 runs its linear layers in kernels/gemv.py, q/k/v's and
+    gate/up's with the residual add + RMSNorm folded in: its logits stay as close to cuBLAS
+    + the separate ops, and to transformers' fp32 logits, as the bf16 tolerance above
+    allows (two bf16 implementations sit ~1.2% apart)."""
+    from conftest import hf_next_logits
+
+    from novainfer.kernels import gemv
+    from novainfer.layers import linear
+
+    _skip_if_no_triton(name)
+    model_dir = _calm_copy(checkpoint(name), tmp_path)
+    llm = _llm(model_dir, dtype="bfloat16", attention_backend="triton", enforce_eager=True)
+    calls = []
+    real = gemv.gemv_add_rms_norm
+    monkeypatch.setattr(gemv, "gemv_add_rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prompts = [[t] for t in (5, 77, 301)]
+    fused = [_engine_logits(llm, p) for p in prompts]
+    assert len(calls) == 2 * llm.llm_engine.model_config.num_layers * len(prompts)
+    monkeypatch.setattr(linear, "GEMV", False)
+    unfused = [_engine_logits(llm, p) for p in prompts]
+    for prompt, a, b in zip(prompts, fused, unfused):
+        exact = hf_next_logits(model_dir, prompt)
+        allowed = max(1e-2, 2.0 * _rel(_hf_bf16_logits(model_dir, prompt), exact))
+        assert _rel(a, b) <= allowed, f"{name}: fused vs unfused {_rel(a, b):.3e}"
+        assert _rel(a, exact) <= allowed, f"{name}: fused vs fp32 {_rel(a, exact):.3e}"

@@ -62,7 +62,9 @@ def test_trace_counts_shapes_and_cleanup(checkpoint, name):
     # shapes: prefill of 7 tokens, then decodes of 1
     layer = result.layer_calls(0)
     names = [c.name.split("layers.0.", 1)[-1] for c in layer]
-    assert names[:3] == ["model.layers.0", "input_layernorm", "self_attn"]
+    # the layer runs q/k/v's projection after the norm (one kernel at batch 1 on CUDA), then
+    # the attention on its output
+    assert names[:4] == ["model.layers.0", "input_layernorm", "self_attn.qkv_proj", "self_attn"]
     by = {c.name.split("layers.0.", 1)[-1]: c for c in layer}
     # the first norm takes the embedding's rows (the residual stream starts there) and
     # returns (normed, residual), as every norm of the residual stream does

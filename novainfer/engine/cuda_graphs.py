@@ -28,7 +28,6 @@ from novainfer.layers.attention import AttentionMetadata
 from novainfer.lora.layers import LoRAState
 from novainfer.lora.ops import LoRABatch
 
-
 PREFILL_GRAPH_SEQS = 4  # prefill graphs take steps of at most this many sequences
 PREFILL_GRAPH_TOKENS = 2048  # default largest prefill bucket (NOVAINFER_PREFILL_GRAPH_TOKENS)
 

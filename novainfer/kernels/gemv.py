@@ -7,6 +7,14 @@ weights (llama3-8b's gate/up, 28672 x 4096) cuBLAS is 4% faster (`benchmarks/gem
 docs/performance.md). Each program streams BLOCK_N weight rows once, in BLOCK_K-wide tiles,
 multiplies them by x into float32 accumulators and adds the bias in float32 before the one
 rounding to the output dtype. Its twin is `F.linear` (tests/test_gemv_kernel.py).
+
+`gemv_add_rms_norm` folds the residual add + RMSNorm before q/k/v's and gate/up's
+projections into the kernel, one launch fewer each (a batch-1 decode step of qwen3-0.6b is
+~400 launches of 1-6 us, so launches count): every program computes the row's statistics
+itself (the row is a few KiB, read from L2), the first one also writes h + residual (the
+next residual stream), and x is rounded where layers/norm.py's `add_rms_norm` rounds it.
+(A SiLU-and-mul prologue for down_proj was measured slower than the two launches: every
+program re-reads both halves of the wider gate/up row.)
 """
 
 from __future__ import annotations
@@ -15,22 +23,71 @@ import torch
 import triton
 import triton.language as tl
 
+PLAIN, ADD_RMS_NORM = 0, 1  # the prologue that makes x
+
+
+@triton.jit
+def _summed(X, R, ks, k_ok, HAS_RES: tl.constexpr):
+    """h (+ residual) at ks, rounded to X's dtype as the unfused add is; float32."""
+    h = tl.load(X + ks, mask=k_ok, other=0.0)
+    if HAS_RES:
+        h = (h.to(tl.float32) + tl.load(R + ks, mask=k_ok, other=0.0).to(tl.float32))
+        h = h.to(X.dtype.element_ty)
+    return h.to(tl.float32)
+
+
+@triton.jit
+def _normed(h, NW, ks, k_ok, rstd, dtype: tl.constexpr):
+    """RMSNorm's output at ks from `_summed`'s h and the row's 1 / rms, rounded as
+    layers/norm.py rounds it."""
+    normed = (h * rstd).to(dtype).to(tl.float32)
+    return (tl.load(NW + ks, mask=k_ok, other=0.0).to(tl.float32) * normed).to(dtype)
+
 
 @triton.jit
 def _gemv_kernel(
     X, W, B, Y, n, k, stride_wn,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    R, NW, RES_OUT, eps,  # ADD_RMS_NORM: residual, norm weight, h + residual out, epsilon
+    HAS_BIAS: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr,
 ):
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     w_rows = W + cols.to(tl.int64)[:, None] * stride_wn
-    for k0 in range(0, k, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
+    rstd = 0.0
+    if PROLOGUE == 1 and ONE_TILE:  # k <= BLOCK_K: the weight's load goes out first
+        ks = tl.arange(0, BLOCK_K)
         k_ok = ks < k
         w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        x = tl.load(X + ks, mask=k_ok, other=0.0)
+        h = _summed(X, R, ks, k_ok, HAS_RES)
+        if HAS_RES and pid == 0:
+            tl.store(RES_OUT + ks, h.to(X.dtype.element_ty), mask=k_ok)
+        rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / k + eps)
+        x = _normed(h, NW, ks, k_ok, rstd, X.dtype.element_ty)
         acc += tl.sum(x.to(tl.float32)[None, :] * w.to(tl.float32), axis=1)
+    elif PROLOGUE == 1:  # the row's statistics first; program 0 writes the new residual
+        sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, k, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < k
+            h = _summed(X, R, ks, k_ok, HAS_RES)
+            sq += h * h
+            if HAS_RES and pid == 0:
+                tl.store(RES_OUT + ks, h.to(X.dtype.element_ty), mask=k_ok)
+        rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / k + eps)
+    if PROLOGUE == 0 or not ONE_TILE:
+        for k0 in range(0, k, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < k
+            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if PROLOGUE == 1:
+                h = _summed(X, R, ks, k_ok, HAS_RES)
+                x = _normed(h, NW, ks, k_ok, rstd, X.dtype.element_ty)
+            else:
+                x = tl.load(X + ks, mask=k_ok, other=0.0)
+            acc += tl.sum(x.to(tl.float32)[None, :] * w.to(tl.float32), axis=1)
     if HAS_BIAS:
         acc += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
     tl.store(Y + cols, acc.to(Y.dtype.element_ty), mask=col_ok)
@@ -43,22 +100,53 @@ def config(k: int) -> tuple[int, int, int]:
     return 2, min(1024, triton.next_power_of_2(k)), 2
 
 
+def _check(x: torch.Tensor, weight: torch.Tensor, k: int) -> None:
+    if x.numel() != k or weight.shape[1] != k or weight.stride(1) != 1 or x.stride(-1) != 1:
+        raise ValueError(f"gemv takes one contiguous row x [1, {k}] and a row-major weight "
+                         f"[n, {k}]; got x {tuple(x.shape)} {x.stride()}, weight "
+                         f"{tuple(weight.shape)} {weight.stride()}")
+
+
+def _launch(x, weight, bias, y, prologue, block, residual=None, norm_weight=None,
+            residual_out=None, eps=0.0) -> None:
+    n, k = weight.shape
+    if n == 0:
+        return
+    block_n, block_k, warps = block or config(k)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),
+        residual if residual is not None else x, norm_weight if norm_weight is not None else x,
+        residual_out if residual_out is not None else y, eps,
+        HAS_BIAS=bias is not None, PROLOGUE=prologue, HAS_RES=residual is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, ONE_TILE=k <= block_k, num_warps=warps,
+    )
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          block: tuple[int, int, int] | None = None) -> torch.Tensor:
     """x @ weight^T + bias for x: [1, k] (or [k]), weight: [n, k] row-major; a new [1, n]
     (or [n]) tensor of x's dtype. `block` overrides `config`."""
     k = x.shape[-1]
-    n = weight.shape[0]
-    if x.numel() != k or weight.shape[1] != k or weight.stride(1) != 1 or x.stride(-1) != 1:
-        raise ValueError(f"gemv takes one contiguous row x [1, k] and a row-major weight "
-                         f"[n, k]; got x {tuple(x.shape)} {x.stride()}, weight "
-                         f"{tuple(weight.shape)} {weight.stride()}")
-    y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-    if n == 0:
-        return y
-    block_n, block_k, warps = block or config(k)
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-    )
+    _check(x, weight, k)
+    y = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
+    _launch(x, weight, bias, y, PLAIN, block)
     return y
+
+
+def gemv_add_rms_norm(
+    h: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+    weight: torch.Tensor, bias: torch.Tensor | None = None,
+    block: tuple[int, int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(h + residual) @ weight^T + bias, h + residual) for h, residual: [1, k]
+    (residual None: RMSNorm(h), and h itself as the second result), the norm's weight [k],
+    weight [n, k]; the results are new tensors (h itself without a residual)."""
+    k = h.shape[-1]
+    _check(h, weight, k)
+    if residual is not None and (residual.shape != h.shape or residual.stride(-1) != 1):
+        raise ValueError(f"gemv_add_rms_norm: residual {tuple(residual.shape)} must match h "
+                         f"{tuple(h.shape)}, contiguous")
+    y = torch.empty(*h.shape[:-1], weight.shape[0], dtype=h.dtype, device=h.device)
+    summed = torch.empty_like(h) if residual is not None else h
+    _launch(h, weight, bias, y, ADD_RMS_NORM, block, residual, norm_weight, summed, eps)
+    return y, summed

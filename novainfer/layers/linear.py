@@ -44,7 +44,16 @@ GEMV_DTYPES = (torch.bfloat16, torch.float16)
 # elements whose rows are at most 4096 long; cuBLAS is as fast or faster beyond.
 GEMV_MAX_K = 4096
 GEMV_MAX_ELEMENTS = 1 << 24
-_gemv: Callable | None = None
+_gemv_module = None  # novainfer.kernels.gemv, imported on first use (it imports triton)
+
+
+def _gemv_kernels():
+    global _gemv_module
+    if _gemv_module is None:
+        from novainfer.kernels import gemv
+
+        _gemv_module = gemv
+    return _gemv_module
 
 
 def gemv_fits(in_features: int, out_features: int) -> bool:
@@ -138,19 +147,36 @@ class Linear(CpuPackable):
         self.gemv_fits = gemv_fits(in_features, out_features)
         self.lora: nn.Module | None = None  # LoRASlots (lora/layers.py) with enable_lora
 
+    def takes_gemv(self, x: torch.Tensor) -> bool:
+        """Whether this rank's matmul of `x` (or of the row it is made from) runs in
+        kernels/gemv.py: on CUDA, one contiguous 16-bit row (a batch-1 decode step), for
+        the weights where that beats cuBLAS (docs/performance.md)."""
+        return (GEMV and self.cpu_matmul is None and x.is_cuda and x.dim() == 2
+                and x.shape[0] == 1 and x.dtype in GEMV_DTYPES and x.stride(1) == 1
+                and self.gemv_fits and self.weight.stride(1) == 1)
+
+    def takes_prologue(self, x: torch.Tensor) -> bool:
+        """Whether the norm that makes this layer's input from `x` may run inside its
+        one-row kernel (`after_norm`): not with LoRA, whose update needs the input itself."""
+        return self.lora is None and self.takes_gemv(x)
+
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """This rank's x @ weight^T (+ bias): on CUDA, one 16-bit row (a batch-1 decode
-        step) through kernels/gemv.py where that beats cuBLAS (docs/performance.md)."""
+        """This rank's x @ weight^T (+ bias), one row through kernels/gemv.py where
+        `takes_gemv`."""
         if self.cpu_matmul is not None:
             return self.cpu_matmul(x, bias)
-        if (GEMV and x.is_cuda and x.dim() == 2 and x.shape[0] == 1
-                and x.dtype in GEMV_DTYPES and x.stride(1) == 1 and self.gemv_fits
-                and self.weight.stride(1) == 1):
-            global _gemv
-            if _gemv is None:
-                from novainfer.kernels.gemv import gemv as _gemv
-            return _gemv(x, self.weight, bias)
+        if self.takes_gemv(x):
+            return _gemv_kernels().gemv(x, self.weight, bias)
         return F.linear(x, self.weight, bias)
+
+    def after_norm(
+        self, h: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(forward(RMSNorm(h + residual), reduce=False), h + residual) in one kernel, for a
+        row where `takes_prologue(h)`."""
+        return _gemv_kernels().gemv_add_rms_norm(h, residual, norm_weight, eps, self.weight,
+                                                 None if self.reduce else self.bias)
 
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         """x @ weight^T + bias. A row-parallel layer with `reduce=False` returns its partial

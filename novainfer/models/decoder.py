@@ -62,11 +62,12 @@ class SelfAttention(nn.Module):
     def forward(
         self,
         positions: torch.Tensor,
-        hidden: torch.Tensor,
+        qkv: torch.Tensor,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        """Attention of `qkv` (qkv_proj's output: the layer runs it, after the norm)."""
+        q, k, v = self.qkv_proj.split(qkv)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -95,9 +96,25 @@ class MLP(nn.Module):
         self.gate_up_proj = gate_up_linear(cfg.hidden_size, size, cfg.mlp_bias, tp)
         self.down_proj = RowParallelLinear(size, cfg.hidden_size, cfg.mlp_bias, tp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A partial sum with tensor parallelism: the next norm sums it (DecoderLayer).
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)), reduce=False)
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """down_proj(silu_and_mul(gate_up)) (gate_up_proj's output: the layer runs it, after
+        the norm). A partial sum with tensor parallelism: the next norm sums it
+        (DecoderLayer)."""
+        return self.down_proj(silu_and_mul(gate_up), reduce=False)
+
+
+def norm_then_linear(
+    norm: RMSNorm, linear: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear(norm's output), the residual stream) for a norm of the residual stream
+    (RMSNorm.forward's arguments): one kernel for a batch-1 row (kernels/gemv.py) when no
+    all-reduce and no pending bias sit between them."""
+    if (bias is None and not (norm.sum_over is not None and norm.sum_over.enabled)
+            and linear.takes_prologue(hidden)):
+        return linear.after_norm(hidden, residual, norm.weight, norm.eps)
+    hidden, residual = norm(hidden, residual, bias)
+    return linear(hidden), residual
 
 
 class DecoderLayer(nn.Module):
@@ -126,11 +143,13 @@ class DecoderLayer(nn.Module):
         """`hidden`: the previous layer's MLP output (or the embedding rows, residual None),
         a partial sum over the ranks still missing `bias` (its producer's pending bias);
         returns this layer's MLP output, likewise, and the residual stream."""
-        hidden, residual = self.input_layernorm(hidden, residual, bias)
-        hidden = self.self_attn(positions, hidden, kv_cache, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual,
-                                                         self.self_attn.o_proj.pending_bias)
-        return self.mlp(hidden), residual
+        attn, mlp = self.self_attn, self.mlp
+        qkv, residual = norm_then_linear(self.input_layernorm, attn.qkv_proj, hidden,
+                                         residual, bias)
+        hidden = attn(positions, qkv, kv_cache, meta)
+        gate_up, residual = norm_then_linear(self.post_attention_layernorm, mlp.gate_up_proj,
+                                             hidden, residual, attn.o_proj.pending_bias)
+        return mlp(gate_up), residual
 
 
 class DecoderModel(nn.Module):
