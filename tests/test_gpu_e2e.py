@@ -180,29 +180,54 @@ def test_fp32_prefill_graphs_match_transformers(checkpoint, name):
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
-def test_bf16_one_row_steps_through_the_fused_gemv(checkpoint, name, tmp_path, monkeypatch):
-    """A one-token step in bf16 runs its linear layers in kernels/gemv.py, q/k/v's and
-    gate/up's with the residual add + RMSNorm folded in: its logits stay as close to cuBLAS
-    + the separate ops, and to transformers' fp32 logits, as the bf16 tolerance above
-    allows (two bf16 implementations sit ~1.2% apart)."""
+def test_bf16_one_row_steps_through_the_fused_kernels(checkpoint, name, tmp_path, monkeypatch):
+    """One-token steps in bf16: the linear layers in kernels/gemv.py (q/k/v's and gate/up's
+    with the residual add + RMSNorm folded in), and the q/k norms, rotary and KV store in
+    kernels/rope_store.py. Alone, and behind a cached 3-block prefix (so attention reads
+    the stored K/V of 48 earlier tokens and the new one): the logits stay as close to the
+    separate ops (NOVAINFER_GEMV=0) and to transformers' fp32 logits as the bf16 tolerance
+    above allows (two bf16 implementations sit ~1.2% apart)."""
     from conftest import hf_next_logits
 
-    from novainfer.kernels import gemv
+    from novainfer import SamplingParams
+    from novainfer.kernels import gemv, rope_store
     from novainfer.layers import linear
 
     _skip_if_no_triton(name)
     model_dir = _calm_copy(checkpoint(name), tmp_path)
     llm = _llm(model_dir, dtype="bfloat16", attention_backend="triton", enforce_eager=True)
-    calls = []
-    real = gemv.gemv_add_rms_norm
-    monkeypatch.setattr(gemv, "gemv_add_rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
-    prompts = [[t] for t in (5, 77, 301)]
-    fused = [_engine_logits(llm, p) for p in prompts]
-    assert len(calls) == 2 * llm.llm_engine.model_config.num_layers * len(prompts)
+    engine = llm.llm_engine
+    calls = {"gemv_add_rms_norm": 0, "rope_store": 0}
+    for module, fn in ((gemv, "gemv_add_rms_norm"), (rope_store, "rope_store")):
+        real = getattr(module, fn)
+        monkeypatch.setattr(module, fn, lambda *a, _f=fn, _r=real, **k:
+                            calls.__setitem__(_f, calls[_f] + 1) or _r(*a, **k))
+    prefix = random_prompts([3 * engine.config.block_size], seed=5)[0]
+    llm.generate([prefix], SamplingParams(max_tokens=1), use_tqdm=False)  # now cached
+    calls.update({"gemv_add_rms_norm": 0, "rope_store": 0})
+    prompts = [[5], [301], prefix + [77]]
+
+    def logits(prompt):
+        engine.add_request("probe", prompt, SamplingParams(max_tokens=1))
+        try:
+            runner = engine.runner
+            inputs = runner.prepare(engine.scheduler.schedule())
+            assert inputs.input_ids.numel() == 1  # the prefix came from the cache
+            with torch.inference_mode():
+                hidden = runner.model(inputs.input_ids, inputs.positions, runner.kv_cache,
+                                      inputs.meta)
+                return runner.model.compute_logits(hidden[inputs.logits_indices])[0].float().cpu()
+        finally:
+            engine.abort_request("probe")
+
+    fused = [logits(p) for p in prompts]
+    layers = engine.model_config.num_layers
+    assert calls == {"gemv_add_rms_norm": 2 * layers * 3, "rope_store": layers * 3}
     monkeypatch.setattr(linear, "GEMV", False)
-    unfused = [_engine_logits(llm, p) for p in prompts]
+    unfused = [logits(p) for p in prompts]
+    assert calls == {"gemv_add_rms_norm": 2 * layers * 3, "rope_store": layers * 3}
     for prompt, a, b in zip(prompts, fused, unfused):
         exact = hf_next_logits(model_dir, prompt)
         allowed = max(1e-2, 2.0 * _rel(_hf_bf16_logits(model_dir, prompt), exact))
-        assert _rel(a, b) <= allowed, f"{name}: fused vs unfused {_rel(a, b):.3e}"
+        assert _rel(a, b) <= allowed, f"{name}: fused vs separate ops {_rel(a, b):.3e}"
         assert _rel(a, exact) <= allowed, f"{name}: fused vs fp32 {_rel(a, exact):.3e}"

@@ -11,6 +11,7 @@ from torch import nn
 
 from novainfer.distributed.parallel import TensorParallel
 from novainfer.kernels.fp8 import calibrate_kv_scales
+from novainfer.layers import linear
 from novainfer.layers.activation import silu_and_mul
 from novainfer.layers.attention import AttentionBackend, AttentionMetadata
 from novainfer.layers.embedding import Embedding, LMHead
@@ -33,6 +34,25 @@ PACKED_MODULES = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
+
+
+def rope_store_applies(q: torch.Tensor, kv_cache: torch.Tensor, backend: AttentionBackend,
+                       meta: AttentionMetadata) -> bool:
+    """Whether a step's q/k norms, rotary embedding and KV store run as one launch
+    (kernels/rope_store.py): one-row steps on CUDA (batch-1 decode, where launches decide),
+    16-bit, a cache in q's dtype (not fp8), a backend that attends to K/V stored already
+    (`attend`: Triton), not the fp8 calibration step. NOVAINFER_GEMV=0 (the switch of the
+    one-row kernels) keeps the separate ops."""
+    return (linear.GEMV and q.is_cuda and q.shape[0] == 1 and q.dtype in linear.GEMV_DTYPES
+            and kv_cache.dtype == q.dtype and not meta.calibrate_kv_scales
+            and hasattr(backend, "attend"))
+
+
+def _rope_store():
+    """kernels/rope_store.py's launcher (imported on first use: it imports triton)."""
+    from novainfer.kernels.rope_store import rope_store
+
+    return rope_store
 
 
 class SelfAttention(nn.Module):
@@ -71,22 +91,34 @@ class SelfAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and fused_qk_norm_rope_applies(q):
-            q, k = qk_norm_rope(q, k, positions, self.q_norm.weight, self.k_norm.weight,
-                                self.q_norm.eps, self.rotary.cos, self.rotary.sin)
+        if rope_store_applies(q, kv_cache, self.backend, meta):
+            norm = () if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight,
+                                                   self.q_norm.eps)
+            q = _rope_store()(q, k, v, positions, self.rotary.cos, self.rotary.sin, kv_cache,
+                              meta.slot_mapping, *norm)
+            out = self.backend.attend(q, kv_cache, meta, self.scale, self.kv_scales)
         else:
-            if self.q_norm is not None:
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k = self.rotary(positions, q, k)
-        if meta.calibrate_kv_scales:
-            # Every rank holds other KV heads: the max over ranks, before the first store,
-            # gives each layer one scale, and the cache of a single rank holding every head.
-            calibrate_kv_scales(k, v, self.kv_scales)
-            self.tp.all_reduce_max(self.kv_scales)
-        out = self.backend.forward(q, k, v.contiguous(), kv_cache, meta, self.scale,
-                                   self.kv_scales)
+            q, k = self._norm_rope(q, k, positions)
+            if meta.calibrate_kv_scales:
+                # Every rank holds other KV heads: the max over ranks, before the first
+                # store, gives each layer one scale, and the cache of a single rank holding
+                # every head.
+                calibrate_kv_scales(k, v, self.kv_scales)
+                self.tp.all_reduce_max(self.kv_scales)
+            out = self.backend.forward(q, k, v.contiguous(), kv_cache, meta, self.scale,
+                                       self.kv_scales)
         # A partial sum with tensor parallelism: the next norm sums it (DecoderLayer).
         return self.o_proj(out.view(-1, self.num_heads * self.head_dim), reduce=False)
+
+    def _norm_rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Qwen3's q/k norms (if the model has them), then the rotary embedding."""
+        if self.q_norm is not None and fused_qk_norm_rope_applies(q):
+            return qk_norm_rope(q, k, positions, self.q_norm.weight, self.k_norm.weight,
+                                self.q_norm.eps, self.rotary.cos, self.rotary.sin)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return self.rotary(positions, q, k)
 
 
 class MLP(nn.Module):

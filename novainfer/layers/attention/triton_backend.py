@@ -65,6 +65,18 @@ class TritonBackend:
         kv_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
         store_kv(k, v, kv_cache, meta.slot_mapping, kv_scales)
+        return self.attend(q, kv_cache, meta, scale, kv_scales)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        kv_scales: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`forward` without the store: the step's K/V are in the cache already (a one-row
+        step's kernels/rope_store.py wrote them)."""
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:

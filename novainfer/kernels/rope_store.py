@@ -1,0 +1,126 @@
+"""Qwen3's q/k RMSNorm (when the model has it), the rotary embedding, and the KV-cache
+store, in one launch: what a decoder layer does between q/k/v's projection and attention.
+
+Unfused, a one-token decode step of qwen3-0.6b runs five kernels per layer here (q norm,
+k norm, q rotary, k rotary, `store_kv`), each ~1.3 us plus the gap between graph nodes;
+the engine takes this kernel for one-row steps (layers/rotary.py, `rope_store_applies`).
+One program per token: it writes the rotated q to a new tensor and the rotated k and the v
+to the token's cache slot (none for slot < 0). Each value is rounded where the PyTorch
+twins round it (`rms_norm`, `apply_rope`, then the store), so the result matches them to
+the last bit but for the norm's summation order. Its tests: tests/test_rope_store_kernel.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _norm_rope(X, W, row, stride_h, c1, c2, s1, s2, eps,
+               H: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+               BLOCK_HALF: tl.constexpr, NORM: tl.constexpr):
+    """One token's H heads at X + row (each head's two halves x1, x2): RMSNorm with W
+    (NORM), then out1 = x1 cos - x2 sin, out2 = x2 cos + x1 sin; every product and sum
+    rounded to X's dtype as the PyTorch twins do. Returns (out1, out2, mask)."""
+    dt = X.dtype.element_ty
+    heads = tl.arange(0, BLOCK_H)
+    cols = tl.arange(0, BLOCK_HALF)
+    mask = (heads[:, None] < H) & (cols[None, :] < HALF)
+    src = X + row + heads[:, None] * stride_h + cols[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        ms = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF)
+        rstd = 1.0 / tl.sqrt_rn(ms + eps)
+        w1 = tl.load(W + cols, mask=cols < HALF, other=0.0).to(tl.float32)
+        w2 = tl.load(W + HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)
+        x1 = (w1[None, :] * (x1 * rstd[:, None]).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        x2 = (w2[None, :] * (x2 * rstd[:, None]).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    o1 = (x1 * c1[None, :]).to(dt).to(tl.float32) + (-x2 * s1[None, :]).to(dt).to(tl.float32)
+    o2 = (x2 * c2[None, :]).to(dt).to(tl.float32) + (x1 * s2[None, :]).to(dt).to(tl.float32)
+    return o1.to(dt), o2.to(dt), mask
+
+
+@triton.jit(do_not_specialize=["POS", "SLOTS"])
+def _rope_store_kernel(
+    Q, K, V, QO, KV, QW, KW, POS, SLOTS, COS, SIN,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_kv, stride_slot, stride_cos, eps,
+    HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    NORM: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    pos = tl.load(POS + tok).to(tl.int64)
+    cols = tl.arange(0, BLOCK_HALF)
+    m = cols < HALF
+    dt = Q.dtype.element_ty
+    row = pos * stride_cos
+    # cos[positions].to(q.dtype): the fp32 table rounded to the activations' dtype
+    c1 = tl.load(COS + row + cols, mask=m, other=0.0).to(dt).to(tl.float32)
+    c2 = tl.load(COS + row + HALF + cols, mask=m, other=0.0).to(dt).to(tl.float32)
+    s1 = tl.load(SIN + row + cols, mask=m, other=0.0).to(dt).to(tl.float32)
+    s2 = tl.load(SIN + row + HALF + cols, mask=m, other=0.0).to(dt).to(tl.float32)
+    q1, q2, qmask = _norm_rope(Q, QW, tok * stride_qt, stride_qh, c1, c2, s1, s2, eps,
+                               HQ, HALF, BLOCK_HQ, BLOCK_HALF, NORM)
+    heads = tl.arange(0, BLOCK_HQ)
+    dst = QO + tok * (HQ * 2 * HALF) + heads[:, None] * (2 * HALF) + cols[None, :]
+    tl.store(dst, q1, mask=qmask)
+    tl.store(dst + HALF, q2, mask=qmask)
+    slot = tl.load(SLOTS + tok).to(tl.int64)
+    if slot >= 0:
+        k1, k2, kmask = _norm_rope(K, KW, tok * stride_kt, stride_kh, c1, c2, s1, s2, eps,
+                                   HK, HALF, BLOCK_HK, BLOCK_HALF, NORM)
+        kheads = tl.arange(0, BLOCK_HK)
+        cache = KV + slot * stride_slot + kheads[:, None] * (2 * HALF) + cols[None, :]
+        tl.store(cache, k1, mask=kmask)
+        tl.store(cache + HALF, k2, mask=kmask)
+        v = V + tok * stride_vt + kheads[:, None] * stride_vh + cols[None, :]
+        tl.store(cache + stride_kv, tl.load(v, mask=kmask), mask=kmask)
+        tl.store(cache + stride_kv + HALF, tl.load(v + HALF, mask=kmask), mask=kmask)
+
+
+def rope_store(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+    cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+) -> torch.Tensor:
+    """q [tokens, heads, d], k and v [tokens, kv_heads, d] (views of the qkv output, each
+    head contiguous); positions [tokens]; cos/sin [max_positions, d] fp32 tables;
+    kv_cache [2, blocks, block_size, kv_heads, d] in q's dtype (contiguous); slot_mapping
+    [tokens] (< 0: not stored). With q_weight and k_weight (both or neither, [d]) q and k are
+    RMS-normalised first. Stores k and v into the cache; returns the new q (contiguous)."""
+    tokens, hq, d = q.shape
+    hk = k.shape[1]
+    if d % 2 or k.shape != (tokens, hk, d) or v.shape != k.shape:
+        raise ValueError(f"rope_store: q {tuple(q.shape)}, k {tuple(k.shape)}, v "
+                         f"{tuple(v.shape)} must share tokens and an even head_dim")
+    if kv_cache.dtype != q.dtype or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"rope_store: q, k, v and the cache share one dtype (no fp8 cache); "
+                         f"got {q.dtype}, {k.dtype}, {v.dtype}, {kv_cache.dtype}")
+    if not kv_cache.is_contiguous() or kv_cache.shape[-2:] != (hk, d):
+        raise ValueError(f"rope_store: kv_cache {tuple(kv_cache.shape)} must be contiguous "
+                         f"[2, blocks, block_size, {hk}, {d}]")
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError("rope_store: give both q_weight and k_weight, or neither")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"rope_store: {name}'s heads must be contiguous")
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if tokens == 0:
+        return q_out
+    norm = q_weight is not None
+    half = d // 2
+    _rope_store_kernel[(tokens,)](
+        q, k, v, q_out, kv_cache, q_weight if norm else q, k_weight if norm else q,
+        positions, slot_mapping, cos, sin,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        kv_cache.stride(0), kv_cache.stride(2), cos.stride(0), eps,
+        HQ=hq, HK=hk, HALF=half, BLOCK_HQ=triton.next_power_of_2(hq),
+        BLOCK_HK=triton.next_power_of_2(hk), BLOCK_HALF=triton.next_power_of_2(half),
+        NORM=norm, num_warps=4 if hq * d >= 1024 else 1,
+    )
+    return q_out
