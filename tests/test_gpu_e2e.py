@@ -207,16 +207,16 @@ def test_bf16_one_row_steps_through_the_fused_kernels(checkpoint, name, tmp_path
     calls.update({"gemv_add_rms_norm": 0, "rope_store": 0})
     prompts = [[5], [301], prefix + [77]]
 
+    @torch.inference_mode()  # generate() made the pinned staging buffer an inference tensor
     def logits(prompt):
         engine.add_request("probe", prompt, SamplingParams(max_tokens=1))
         try:
             runner = engine.runner
             inputs = runner.prepare(engine.scheduler.schedule())
             assert inputs.input_ids.numel() == 1  # the prefix came from the cache
-            with torch.inference_mode():
-                hidden = runner.model(inputs.input_ids, inputs.positions, runner.kv_cache,
-                                      inputs.meta)
-                return runner.model.compute_logits(hidden[inputs.logits_indices])[0].float().cpu()
+            hidden = runner.model(inputs.input_ids, inputs.positions, runner.kv_cache,
+                                  inputs.meta)
+            return runner.model.compute_logits(hidden[inputs.logits_indices])[0].float().cpu()
         finally:
             engine.abort_request("probe")
 

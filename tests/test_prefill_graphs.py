@@ -79,8 +79,8 @@ def _triton_model(folder):
 
 
 def _step(query_lens, seq_lens, first_block, vocab, seed):
-    """A prefill step: each sequence's blocks follow the previous one's (from
-    `first_block`); its query tokens are the last `query_len` of `seq_len`."""
+    """A step: each sequence's blocks follow the previous one's (from `first_block`); its
+    query tokens are the last `query_len` of `seq_len` (decodes, query_len 1, first)."""
     from novainfer.layers.attention import AttentionMetadata
 
     g = torch.Generator().manual_seed(seed)
@@ -98,7 +98,8 @@ def _step(query_lens, seq_lens, first_block, vocab, seed):
     meta = AttentionMetadata(
         slot_mapping=torch.tensor(slots, device=DEV), query_start_loc=qsl.to(DEV),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEV),
-        block_tables=tables.to(DEV), num_decodes=0, max_query_len=max(query_lens),
+        block_tables=tables.to(DEV), num_decodes=len(query_lens) - len(
+            [q for q in query_lens if q > 1]), max_query_len=max(query_lens),
         max_seq_len=max(seq_lens), query_lens_host=list(query_lens),
         seq_lens_host=list(seq_lens),
     )
