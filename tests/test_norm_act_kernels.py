@@ -188,8 +188,14 @@ def test_gpu_bf16_qk_norm_rope_matches_reference(tokens):
                                          torch.device("cuda"), max_pos=40960)
     got = norm_act.qk_norm_rope(q, k, pos, qw, kw, 1e-6, rope.cos, rope.sin)
     want = rotary.qk_norm_rope_reference(q, k, pos, qw, kw, 1e-6, rope.cos, rope.sin)
-    for a, b in zip(got, want):
-        _close(a, b, torch.bfloat16)
+    exact = rotary.qk_norm_rope_reference(q.double(), k.double(), pos, qw.double(),
+                                          kw.double(), 1e-6, rope.cos, rope.sin)
+    for a, b, x in zip(got, want, exact):
+        torch.testing.assert_close(a, b, **TOL[torch.bfloat16])
+        # Compiled, only 80-87% of the elements are bit-identical to PyTorch's eager ops
+        # (H200; > 97% in the interpreter): instead, as accurate as they are on average.
+        ours, theirs = ((t.double() - x).abs().mean().item() for t in (a, b))
+        assert ours <= 1.1 * theirs, f"mean error {ours:.3e} vs PyTorch's {theirs:.3e}"
 
 
 @gpu

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from novainfer.kernels.rope_store import norm_rope, rope_row, store_halves
+
 # Rows of a small hidden size (q/k norms: head_dim 128) share a program, so tiny rows do not
 # each pay a whole program's start-up.
 _ROW_ELEMS = 2048
@@ -145,32 +147,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@triton.jit
-def _norm_rope_heads(X, OUT, W, tok, stride_t, stride_h, c1, c2, s1, s2, eps,
-                     H: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                     BLOCK_HALF: tl.constexpr):
-    """RMSNorm then rotary of one token's H heads, each split in its two halves (x1, x2):
-    out1 = x1 cos - x2 sin, out2 = x2 cos + x1 sin, every product and sum rounded to the
-    dtype as the PyTorch twin does."""
-    heads = tl.arange(0, BLOCK_H)
-    cols = tl.arange(0, BLOCK_HALF)
-    mask = (heads[:, None] < H) & (cols[None, :] < HALF)
-    src = X + tok * stride_t + heads[:, None] * stride_h + cols[None, :]
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.math.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)
-    dt = OUT.dtype.element_ty
-    w1 = tl.load(W + cols, mask=cols < HALF, other=0.0).to(tl.float32)
-    w2 = tl.load(W + HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)
-    n1 = (w1[None, :] * (x1 * rstd[:, None]).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-    n2 = (w2[None, :] * (x2 * rstd[:, None]).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-    o1 = (n1 * c1[None, :]).to(dt).to(tl.float32) + (-n2 * s1[None, :]).to(dt).to(tl.float32)
-    o2 = (n2 * c2[None, :]).to(dt).to(tl.float32) + (n1 * s2[None, :]).to(dt).to(tl.float32)
-    dst = OUT + tok * (H * 2 * HALF) + heads[:, None] * (2 * HALF) + cols[None, :]
-    tl.store(dst, o1.to(dt), mask=mask)
-    tl.store(dst + HALF, o2.to(dt), mask=mask)
-
-
 # POS is a view into the step's packed buffer at an offset that changes with the token
 # count: specialising on its alignment compiled a second variant in the middle of a timed
 # run (bench --strict on an H200, 2026-11-30). Not yet re-run on a GPU.
@@ -181,21 +157,16 @@ def _qk_norm_rope_kernel(
     HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
+    # The helpers of kernels/rope_store.py (which also writes k and v to the cache).
     tok = tl.program_id(0).to(tl.int64)
-    pos = tl.load(POS + tok).to(tl.int64)
-    cols = tl.arange(0, BLOCK_HALF)
-    m = cols < HALF
-    dt = QO.dtype.element_ty
-    row = pos * stride_cos
-    # cos[positions].to(q.dtype): the fp32 table rounded to the activations' dtype
-    c1 = tl.load(COS + row + cols, mask=m, other=0.0).to(dt).to(tl.float32)
-    c2 = tl.load(COS + row + HALF + cols, mask=m, other=0.0).to(dt).to(tl.float32)
-    s1 = tl.load(SIN + row + cols, mask=m, other=0.0).to(dt).to(tl.float32)
-    s2 = tl.load(SIN + row + HALF + cols, mask=m, other=0.0).to(dt).to(tl.float32)
-    _norm_rope_heads(Q, QO, QW, tok, stride_qt, stride_qh, c1, c2, s1, s2, eps,
-                     HQ, HALF, BLOCK_HQ, BLOCK_HALF)
-    _norm_rope_heads(K, KO, KW, tok, stride_kt, stride_kh, c1, c2, s1, s2, eps,
-                     HK, HALF, BLOCK_HK, BLOCK_HALF)
+    c1, c2, s1, s2 = rope_row(COS, SIN, POS, tok, stride_cos, QO.dtype.element_ty, HALF,
+                              BLOCK_HALF)
+    q1, q2, qmask = norm_rope(Q, QW, tok * stride_qt, stride_qh, c1, c2, s1, s2, eps,
+                              HQ, HALF, BLOCK_HQ, BLOCK_HALF, True)
+    store_halves(QO + tok * (HQ * 2 * HALF), q1, q2, qmask, HALF, BLOCK_HQ, BLOCK_HALF)
+    k1, k2, kmask = norm_rope(K, KW, tok * stride_kt, stride_kh, c1, c2, s1, s2, eps,
+                              HK, HALF, BLOCK_HK, BLOCK_HALF, True)
+    store_halves(KO + tok * (HK * 2 * HALF), k1, k2, kmask, HALF, BLOCK_HK, BLOCK_HALF)
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,

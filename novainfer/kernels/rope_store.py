@@ -18,7 +18,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _norm_rope(X, W, row, stride_h, c1, c2, s1, s2, eps,
+def norm_rope(X, W, row, stride_h, c1, c2, s1, s2, eps,
                H: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
                BLOCK_HALF: tl.constexpr, NORM: tl.constexpr):
     """One token's H heads at X + row (each head's two halves x1, x2): RMSNorm with W
@@ -43,6 +43,32 @@ def _norm_rope(X, W, row, stride_h, c1, c2, s1, s2, eps,
     return o1.to(dt), o2.to(dt), mask
 
 
+@triton.jit
+def rope_row(COS, SIN, POS, tok, stride_cos, dt: tl.constexpr, HALF: tl.constexpr,
+              BLOCK_HALF: tl.constexpr):
+    """The token's cos and sin halves (c1, c2, s1, s2), float32: cos[positions].to(dt), the
+    fp32 table rounded to the activations' dtype as the PyTorch twin rounds it."""
+    row = tl.load(POS + tok).to(tl.int64) * stride_cos
+    cols = tl.arange(0, BLOCK_HALF)
+    m = cols < HALF
+    c1 = tl.load(COS + row + cols, mask=m, other=0.0).to(dt).to(tl.float32)
+    c2 = tl.load(COS + row + HALF + cols, mask=m, other=0.0).to(dt).to(tl.float32)
+    s1 = tl.load(SIN + row + cols, mask=m, other=0.0).to(dt).to(tl.float32)
+    s2 = tl.load(SIN + row + HALF + cols, mask=m, other=0.0).to(dt).to(tl.float32)
+    return c1, c2, s1, s2
+
+
+@triton.jit
+def store_halves(OUT, o1, o2, mask, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                 BLOCK_HALF: tl.constexpr):
+    """`norm_rope`'s (out1, out2) of one token to OUT: [heads, 2 * HALF], contiguous."""
+    heads = tl.arange(0, BLOCK_H)
+    cols = tl.arange(0, BLOCK_HALF)
+    dst = OUT + heads[:, None] * (2 * HALF) + cols[None, :]
+    tl.store(dst, o1, mask=mask)
+    tl.store(dst + HALF, o2, mask=mask)
+
+
 @triton.jit(do_not_specialize=["POS", "SLOTS"])
 def _rope_store_kernel(
     Q, K, V, QO, KV, QW, KW, POS, SLOTS, COS, SIN,
@@ -53,33 +79,23 @@ def _rope_store_kernel(
     NORM: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
-    pos = tl.load(POS + tok).to(tl.int64)
-    cols = tl.arange(0, BLOCK_HALF)
-    m = cols < HALF
-    dt = Q.dtype.element_ty
-    row = pos * stride_cos
-    # cos[positions].to(q.dtype): the fp32 table rounded to the activations' dtype
-    c1 = tl.load(COS + row + cols, mask=m, other=0.0).to(dt).to(tl.float32)
-    c2 = tl.load(COS + row + HALF + cols, mask=m, other=0.0).to(dt).to(tl.float32)
-    s1 = tl.load(SIN + row + cols, mask=m, other=0.0).to(dt).to(tl.float32)
-    s2 = tl.load(SIN + row + HALF + cols, mask=m, other=0.0).to(dt).to(tl.float32)
-    q1, q2, qmask = _norm_rope(Q, QW, tok * stride_qt, stride_qh, c1, c2, s1, s2, eps,
+    c1, c2, s1, s2 = rope_row(COS, SIN, POS, tok, stride_cos, Q.dtype.element_ty, HALF,
+                               BLOCK_HALF)
+    q1, q2, qmask = norm_rope(Q, QW, tok * stride_qt, stride_qh, c1, c2, s1, s2, eps,
                                HQ, HALF, BLOCK_HQ, BLOCK_HALF, NORM)
-    heads = tl.arange(0, BLOCK_HQ)
-    dst = QO + tok * (HQ * 2 * HALF) + heads[:, None] * (2 * HALF) + cols[None, :]
-    tl.store(dst, q1, mask=qmask)
-    tl.store(dst + HALF, q2, mask=qmask)
+    store_halves(QO + tok * (HQ * 2 * HALF), q1, q2, qmask, HALF, BLOCK_HQ, BLOCK_HALF)
     slot = tl.load(SLOTS + tok).to(tl.int64)
-    if slot >= 0:
-        k1, k2, kmask = _norm_rope(K, KW, tok * stride_kt, stride_kh, c1, c2, s1, s2, eps,
+    if slot >= 0:  # the cache's heads are contiguous too: [slots, kv_heads, 2 * HALF]
+        k1, k2, kmask = norm_rope(K, KW, tok * stride_kt, stride_kh, c1, c2, s1, s2, eps,
                                    HK, HALF, BLOCK_HK, BLOCK_HALF, NORM)
+        store_halves(KV + slot * stride_slot, k1, k2, kmask, HALF, BLOCK_HK, BLOCK_HALF)
         kheads = tl.arange(0, BLOCK_HK)
-        cache = KV + slot * stride_slot + kheads[:, None] * (2 * HALF) + cols[None, :]
-        tl.store(cache, k1, mask=kmask)
-        tl.store(cache + HALF, k2, mask=kmask)
+        cols = tl.arange(0, BLOCK_HALF)
         v = V + tok * stride_vt + kheads[:, None] * stride_vh + cols[None, :]
-        tl.store(cache + stride_kv, tl.load(v, mask=kmask), mask=kmask)
-        tl.store(cache + stride_kv + HALF, tl.load(v + HALF, mask=kmask), mask=kmask)
+        v1 = tl.load(v, mask=kmask)
+        v2 = tl.load(v + HALF, mask=kmask)
+        store_halves(KV + stride_kv + slot * stride_slot, v1, v2, kmask, HALF, BLOCK_HK,
+                     BLOCK_HALF)
 
 
 def rope_store(
