@@ -17,13 +17,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
+pytest.importorskip("triton")
+
 from test_prefill_graphs import DEV, _step, _triton_model
 
 from novainfer.kernels import gemv, rope_store
 from novainfer.layers import linear
 from novainfer.models import decoder
-
-pytest.importorskip("triton")
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
@@ -50,3 +50,70 @@ def test_one_row_kernels_match_the_separate_ops(checkpoint, name, monkeypatch):
     assert calls == {"gemv_add_rms_norm": 2 * cfg.num_layers, "rope_store": cfg.num_layers}
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cache, want_cache, rtol=1e-5, atol=1e-5)
+
+
+def test_when_the_one_row_kernels_apply(monkeypatch):
+    """rope_store: one 16-bit CUDA row, a cache in q's dtype (not fp8), a backend with
+    `attend`, not the fp8 calibration step, NOVAINFER_GEMV on. The norm prologue: no pending
+    bias, no all-reduce in the norm (tensor parallelism), no LoRA on the layer."""
+    from types import SimpleNamespace as NS
+
+    from novainfer.distributed.parallel import TensorParallel
+
+    triton_like = NS(attend=None)
+
+    def applies(rows=1, cuda=True, dtype=torch.bfloat16, cache=torch.bfloat16,
+                calibrate=False, backend=triton_like):
+        q = NS(is_cuda=cuda, shape=(rows, 4, 16), dtype=dtype)
+        return decoder.rope_store_applies(q, NS(dtype=cache), backend,
+                                          NS(calibrate_kv_scales=calibrate))
+
+    assert applies() and applies(dtype=torch.float16, cache=torch.float16)
+    assert not applies(rows=2)
+    assert not applies(cuda=False)
+    assert not applies(dtype=torch.float32, cache=torch.float32)
+    assert not applies(cache=torch.float8_e4m3fn)
+    assert not applies(calibrate=True)
+    assert not applies(backend=NS())  # no `attend`: the backend stores K/V itself
+    monkeypatch.setattr(linear, "GEMV", False)
+    assert not applies()
+    monkeypatch.undo()
+
+    class Norm:
+        def __init__(self, sum_over=None):
+            self.sum_over, self.weight, self.eps = sum_over, "w", 1e-6
+
+        def __call__(self, hidden, residual, bias):
+            return "normed", "summed"
+
+    class Layer:
+        def __init__(self, takes):
+            self.takes, self.calls = takes, []
+
+        def takes_prologue(self, x):
+            return self.takes
+
+        def after_norm(self, h, residual, weight, eps):
+            self.calls.append("fused")
+            return "y", "summed"
+
+        def __call__(self, x):
+            self.calls.append(("linear", x))
+            return "y"
+
+    cases = [  # (norm, layer takes the prologue, pending bias) -> fused?
+        (Norm(), True, None, True),
+        (Norm(), False, None, False),
+        (Norm(), True, "bias", False),
+        (Norm(TensorParallel(rank=0, size=2)), True, None, False),
+        (Norm(TensorParallel()), True, None, True),
+    ]
+    for norm, takes, bias, fused in cases:
+        layer = Layer(takes)
+        assert decoder.norm_then_linear(norm, layer, "h", "r", bias) == ("y", "summed")
+        assert layer.calls == (["fused"] if fused else [("linear", "normed")])
+    lora_layer = linear.Linear(16, 8)
+    monkeypatch.setattr(linear.Linear, "takes_gemv", lambda self, x: True)
+    assert lora_layer.takes_prologue(None)
+    lora_layer.lora = torch.nn.Identity()  # any attached LoRA module
+    assert not lora_layer.takes_prologue(None)

@@ -1,8 +1,8 @@
 """The q/k norm + rotary + KV-store kernel (kernels/rope_store.py) against its PyTorch twins
 (`rms_norm`, `apply_rope`, then the cache written at the slot), with and without the norm,
 GQA and single-KV-head shapes, odd head counts, padding slots (-1: nothing written), strided
-q/k/v views of one qkv row; and the engine's choice of it on a GPU. Interpreted on the CPU
-(fp32/fp16), compiled on a GPU (bf16 too)."""
+q/k/v views of one qkv row. Interpreted on the CPU (fp32/fp16), compiled on a GPU (bf16
+too). The engine's choice of it: tests/test_one_row_path.py."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def _inputs(tokens, heads, kv_heads, d, dtype, seed):
     blocks = 16
     cache = torch.randn(2, blocks, BLOCK, kv_heads, d, generator=g).to(dtype).to(DEV)
     slots = torch.randperm(blocks * BLOCK, generator=g)[:tokens]
-    slots[::3] = -1  # padding rows
+    slots[1::3] = -1  # padding rows (token 0 is stored: the one-token cases store)
     return q, k, v, qw, kw, rope, pos, cache, slots.to(DEV)
 
 

@@ -98,7 +98,7 @@ class ModelWorker:
         # kept out of the KV cache's share. One rank only for now: with tensor parallelism
         # the graphs would hold the prefill's all-reduces, not yet run on two GPUs.
         self.prefill_graph_tokens = 0
-        if capture and not tp.enabled:
+        if capture and not tp.enabled and getattr(self.backend, "supports_prefill_graphs", False):
             tokens = prefill_graph_tokens(os.environ.get("NOVAINFER_PREFILL_GRAPH_TOKENS"))
             self.prefill_graph_tokens = min(tokens, config.max_num_batched_tokens or 0)
             if self.prefill_graph_tokens < 16:

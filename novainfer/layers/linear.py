@@ -157,7 +157,8 @@ class Linear(CpuPackable):
 
     def takes_prologue(self, x: torch.Tensor) -> bool:
         """Whether the norm that makes this layer's input from `x` may run inside its
-        one-row kernel (`after_norm`): not with LoRA, whose update needs the input itself."""
+        one-row kernel (`after_norm`): not with LoRA attached (whatever the step), whose
+        update needs the input itself."""
         return self.lora is None and self.takes_gemv(x)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -26,6 +26,7 @@ from novainfer.layers.attention.triton_backend import TritonBackend
 class CudnnBackend(TritonBackend):
     name = "cudnn"
     supports_cuda_graphs = True  # decodes, the only captured steps, take the Triton path
+    supports_prefill_graphs = False  # its prefills are cuDNN's, sized from host lengths
     sdp_backend = SDPBackend.CUDNN_ATTENTION  # the CPU tests put MATH here
 
     def forward(

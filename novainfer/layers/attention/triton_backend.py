@@ -18,6 +18,9 @@ from novainfer.layers.attention.metadata import AttentionMetadata
 class TritonBackend:
     name = "triton"
     supports_cuda_graphs = True  # decode reads no host-side lengths; grid fixed per batch size
+    # Prefill steps too (engine/cuda_graphs.py, PrefillGraphs): the prefill kernel's grid
+    # comes from the bucket and its programs skip empty query ranges.
+    supports_prefill_graphs = True
 
     def __init__(self, num_splits: int | None = None) -> None:
         # None: derived per call from static shapes (batch size, block-table width, SM count),
