@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import torch
 
-from novainfer.kernels import cpu_native
+from novainfer.kernels import cpu_native, kernel_module
 
 F = TypeVar("F", bound=Callable)
 
@@ -46,9 +46,7 @@ FUSED_OPS = fused_ops_mode(os.environ.get("NOVAINFER_FUSED_OPS"))
 def triton_op(name: str) -> Callable:
     """The Triton twin `name` of kernels/norm_act.py, imported on first use (importing
     novainfer does not import triton)."""
-    from novainfer.kernels import norm_act
-
-    return getattr(norm_act, name)
+    return getattr(kernel_module("norm_act"), name)
 
 
 def fused(cpu: Callable | None = None, triton: str | None = None) -> Callable[[F], F]:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from novainfer.distributed.parallel import TensorParallel, kv_head_start, kv_heads_per_rank, split
-from novainfer.kernels import cpu_native
+from novainfer.kernels import cpu_native, kernel_module
 from novainfer.layers.fusion import PLAIN_PYTORCH
 
 SINGLE = TensorParallel()
@@ -44,16 +44,6 @@ GEMV_DTYPES = (torch.bfloat16, torch.float16)
 # elements whose rows are at most 4096 long; cuBLAS is as fast or faster beyond.
 GEMV_MAX_K = 4096
 GEMV_MAX_ELEMENTS = 1 << 24
-_gemv_module = None  # novainfer.kernels.gemv, imported on first use (it imports triton)
-
-
-def _gemv_kernels():
-    global _gemv_module
-    if _gemv_module is None:
-        from novainfer.kernels import gemv
-
-        _gemv_module = gemv
-    return _gemv_module
 
 
 def gemv_fits(in_features: int, out_features: int) -> bool:
@@ -167,7 +157,7 @@ class Linear(CpuPackable):
         if self.cpu_matmul is not None:
             return self.cpu_matmul(x, bias)
         if self.takes_gemv(x):
-            return _gemv_kernels().gemv(x, self.weight, bias)
+            return kernel_module("gemv").gemv(x, self.weight, bias)
         return F.linear(x, self.weight, bias)
 
     def after_norm(
@@ -176,7 +166,7 @@ class Linear(CpuPackable):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(forward(RMSNorm(h + residual), reduce=False), h + residual) in one kernel, for a
         row where `takes_prologue(h)`."""
-        return _gemv_kernels().gemv_add_rms_norm(h, residual, norm_weight, eps, self.weight,
+        return kernel_module("gemv").gemv_add_rms_norm(h, residual, norm_weight, eps, self.weight,
                                                  None if self.reduce else self.bias)
 
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from novainfer.distributed.parallel import TensorParallel
+from novainfer.kernels import kernel_module
 from novainfer.kernels.fp8 import calibrate_kv_scales
 from novainfer.layers import linear
 from novainfer.layers.activation import silu_and_mul
@@ -46,13 +47,6 @@ def rope_store_applies(q: torch.Tensor, kv_cache: torch.Tensor, backend: Attenti
     return (linear.GEMV and q.is_cuda and q.shape[0] == 1 and q.dtype in linear.GEMV_DTYPES
             and kv_cache.dtype == q.dtype and not meta.calibrate_kv_scales
             and hasattr(backend, "attend"))
-
-
-def _rope_store():
-    """kernels/rope_store.py's launcher (imported on first use: it imports triton)."""
-    from novainfer.kernels.rope_store import rope_store
-
-    return rope_store
 
 
 class SelfAttention(nn.Module):
@@ -94,8 +88,9 @@ class SelfAttention(nn.Module):
         if rope_store_applies(q, kv_cache, self.backend, meta):
             norm = () if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight,
                                                    self.q_norm.eps)
-            q = _rope_store()(q, k, v, positions, self.rotary.cos, self.rotary.sin, kv_cache,
-                              meta.slot_mapping, *norm)
+            q = kernel_module("rope_store").rope_store(
+                q, k, v, positions, self.rotary.cos, self.rotary.sin, kv_cache,
+                meta.slot_mapping, *norm)
             out = self.backend.attend(q, kv_cache, meta, self.scale, self.kv_scales)
         else:
             q, k = self._norm_rope(q, k, positions)
