@@ -29,6 +29,7 @@ from novainfer.lora.layers import LoRAState
 from novainfer.lora.ops import LoRABatch
 
 PREFILL_GRAPH_SEQS = 4  # prefill graphs take steps of at most this many sequences
+MIN_PREFILL_BUCKET = 16  # the smallest prefill bucket: no prefill graphs below it
 PREFILL_GRAPH_TOKENS = 2048  # default largest prefill bucket (NOVAINFER_PREFILL_GRAPH_TOKENS)
 
 
@@ -42,9 +43,9 @@ def prefill_buckets(max_tokens: int) -> list[int]:
     """Token counts a prefill graph is captured at: powers of two from 16 to 512, then every
     256 (a prompt pads by at most a quarter above 512 tokens, where the GPU work starts to
     count), and `max_tokens` itself. None below 16 tokens."""
-    if max_tokens < 16:
+    if max_tokens < MIN_PREFILL_BUCKET:
         return []
-    sizes = [s for s in (16, 32, 64, 128, 256) if s < max_tokens]
+    sizes = [s for s in (MIN_PREFILL_BUCKET, 32, 64, 128, 256) if s < max_tokens]
     sizes += list(range(512, max_tokens, 256))
     return sorted(set(sizes + [max_tokens]))
 

@@ -20,7 +20,12 @@ import torch
 
 from novainfer.config import EngineConfig
 from novainfer.distributed.parallel import TensorParallel, kv_heads_per_rank, split
-from novainfer.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, prefill_graph_tokens
+from novainfer.engine.cuda_graphs import (
+    MIN_PREFILL_BUCKET,
+    DecodeGraphs,
+    PrefillGraphs,
+    prefill_graph_tokens,
+)
 from novainfer.engine.step_inputs import HEADER, StepInputs, unpack_step
 from novainfer.layers.attention import AttentionMetadata, get_backend
 from novainfer.layers.linear import CpuPackable, pack_for_cpu
@@ -100,9 +105,8 @@ class ModelWorker:
         self.prefill_graph_tokens = 0
         if capture and not tp.enabled and getattr(self.backend, "supports_prefill_graphs", False):
             tokens = prefill_graph_tokens(os.environ.get("NOVAINFER_PREFILL_GRAPH_TOKENS"))
-            self.prefill_graph_tokens = min(tokens, config.max_num_batched_tokens or 0)
-            if self.prefill_graph_tokens < 16:
-                self.prefill_graph_tokens = 0
+            tokens = min(tokens, config.max_num_batched_tokens or 0)
+            self.prefill_graph_tokens = tokens if tokens >= MIN_PREFILL_BUCKET else 0
         # Every rank must hold the same number of blocks: the driver's block ids index all.
         self.num_blocks = tp.min_over_ranks(self._num_kv_blocks())
         self.kv_cache = torch.zeros(

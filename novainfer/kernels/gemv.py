@@ -23,8 +23,6 @@ import torch
 import triton
 import triton.language as tl
 
-PLAIN, ADD_RMS_NORM = 0, 1  # the prologue that makes x
-
 
 @triton.jit
 def _summed(X, R, ks, k_ok, HAS_RES: tl.constexpr):
@@ -47,8 +45,8 @@ def _normed(h, NW, ks, k_ok, rstd, dtype: tl.constexpr):
 @triton.jit
 def _gemv_kernel(
     X, W, B, Y, n, k, stride_wn,
-    R, NW, RES_OUT, eps,  # ADD_RMS_NORM: residual, norm weight, h + residual out, epsilon
-    HAS_BIAS: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr,
+    R, NW, RES_OUT, eps,  # NORM: residual, norm weight, h + residual out, epsilon
+    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -57,7 +55,7 @@ def _gemv_kernel(
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     w_rows = W + cols.to(tl.int64)[:, None] * stride_wn
     rstd = 0.0
-    if PROLOGUE == 1 and ONE_TILE:  # k <= BLOCK_K: the weight's load goes out first
+    if NORM and ONE_TILE:  # k <= BLOCK_K: the weight's load goes out first
         ks = tl.arange(0, BLOCK_K)
         k_ok = ks < k
         w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
@@ -67,7 +65,7 @@ def _gemv_kernel(
         rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / k + eps)
         x = _normed(h, NW, ks, k_ok, rstd, X.dtype.element_ty)
         acc += tl.sum(x.to(tl.float32)[None, :] * w.to(tl.float32), axis=1)
-    elif PROLOGUE == 1:  # the row's statistics first; program 0 writes the new residual
+    elif NORM:  # the row's statistics first; program 0 writes the new residual
         sq = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, k, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -77,12 +75,12 @@ def _gemv_kernel(
             if HAS_RES and pid == 0:
                 tl.store(RES_OUT + ks, h.to(X.dtype.element_ty), mask=k_ok)
         rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / k + eps)
-    if PROLOGUE == 0 or not ONE_TILE:
+    if not (NORM and ONE_TILE):
         for k0 in range(0, k, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < k
             w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            if PROLOGUE == 1:
+            if NORM:
                 h = _summed(X, R, ks, k_ok, HAS_RES)
                 x = _normed(h, NW, ks, k_ok, rstd, X.dtype.element_ty)
             else:
@@ -107,8 +105,9 @@ def _check(x: torch.Tensor, weight: torch.Tensor, k: int) -> None:
                          f"{tuple(weight.shape)} {weight.stride()}")
 
 
-def _launch(x, weight, bias, y, prologue, block, residual=None, norm_weight=None,
-            residual_out=None, eps=0.0) -> None:
+def _launch(x, weight, bias, y, block, residual=None, norm_weight=None, residual_out=None,
+            eps=0.0) -> None:
+    """The kernel, with the residual add + RMSNorm prologue when `norm_weight` is given."""
     n, k = weight.shape
     if n == 0:
         return
@@ -117,7 +116,7 @@ def _launch(x, weight, bias, y, prologue, block, residual=None, norm_weight=None
         x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),
         residual if residual is not None else x, norm_weight if norm_weight is not None else x,
         residual_out if residual_out is not None else y, eps,
-        HAS_BIAS=bias is not None, PROLOGUE=prologue, HAS_RES=residual is not None,
+        HAS_BIAS=bias is not None, NORM=norm_weight is not None, HAS_RES=residual is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, ONE_TILE=k <= block_k, num_warps=warps,
     )
 
@@ -129,7 +128,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     k = x.shape[-1]
     _check(x, weight, k)
     y = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
-    _launch(x, weight, bias, y, PLAIN, block)
+    _launch(x, weight, bias, y, block)
     return y
 
 
@@ -148,5 +147,5 @@ def gemv_add_rms_norm(
                          f"{tuple(h.shape)}, contiguous")
     y = torch.empty(*h.shape[:-1], weight.shape[0], dtype=h.dtype, device=h.device)
     summed = torch.empty_like(h) if residual is not None else h
-    _launch(h, weight, bias, y, ADD_RMS_NORM, block, residual, norm_weight, summed, eps)
+    _launch(h, weight, bias, y, block, residual, norm_weight, summed, eps)
     return y, summed

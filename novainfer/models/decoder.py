@@ -131,17 +131,17 @@ class MLP(nn.Module):
 
 
 def norm_then_linear(
-    norm: RMSNorm, linear: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None,
+    norm: RMSNorm, layer: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None,
     bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(linear(norm's output), the residual stream) for a norm of the residual stream
-    (RMSNorm.forward's arguments): one kernel for a batch-1 row (kernels/gemv.py) when no
-    all-reduce and no pending bias sit between them."""
+    """(layer(norm's output), the residual stream) for a norm of the residual stream
+    (RMSNorm.forward's arguments) and a linear layer: one kernel for a batch-1 row
+    (kernels/gemv.py) when no all-reduce and no pending bias sit between them."""
     if (bias is None and not (norm.sum_over is not None and norm.sum_over.enabled)
-            and linear.takes_prologue(hidden)):
-        return linear.after_norm(hidden, residual, norm.weight, norm.eps)
+            and layer.takes_prologue(hidden)):
+        return layer.after_norm(hidden, residual, norm.weight, norm.eps)
     hidden, residual = norm(hidden, residual, bias)
-    return linear(hidden), residual
+    return layer(hidden), residual
 
 
 class DecoderLayer(nn.Module):
