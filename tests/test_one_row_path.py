@@ -37,17 +37,23 @@ def test_one_row_kernels_match_the_separate_ops(checkpoint, name, monkeypatch):
         assert meta.num_decodes == 1
         want_cache = cache.clone()
         want = model(ids, positions, want_cache, meta)  # the separate ops (CPU)
-        calls = {"gemv_add_rms_norm": 0, "rope_store": 0}
+        calls = {"gemv_add_rms_norm": 0, "rope_store": 0, "silu_mul": 0}
         for module, fn in ((gemv, "gemv_add_rms_norm"), (rope_store, "rope_store")):
             real = getattr(module, fn)
-            monkeypatch.setattr(module, fn, lambda *a, _f=fn, _r=real, **k:
-                                calls.__setitem__(_f, calls[_f] + 1) or _r(*a, **k))
+
+            def counted(*a, _f=fn, _r=real, **k):
+                calls[_f] += 1
+                calls["silu_mul"] += bool(k.get("silu_mul"))
+                return _r(*a, **k)
+            monkeypatch.setattr(module, fn, counted)
         monkeypatch.setattr(linear.Linear, "takes_gemv",
                             lambda self, x: x.dim() == 2 and x.shape[0] == 1 and self.gemv_fits)
         monkeypatch.setattr(decoder, "rope_store_applies",
                             lambda q, kv_cache, backend, meta: q.shape[0] == 1)
         got = model(ids, positions, cache, meta)
-    assert calls == {"gemv_add_rms_norm": 2 * cfg.num_layers, "rope_store": cfg.num_layers}
+    # q/k/v's and gate/up's norms, gate/up's with the SiLU-and-mul epilogue.
+    assert calls == {"gemv_add_rms_norm": 2 * cfg.num_layers, "rope_store": cfg.num_layers,
+                     "silu_mul": cfg.num_layers}
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cache, want_cache, rtol=1e-5, atol=1e-5)
 
@@ -93,7 +99,7 @@ def test_when_the_one_row_kernels_apply(monkeypatch):
         def takes_prologue(self, x):
             return self.takes
 
-        def after_norm(self, h, residual, weight, eps):
+        def after_norm(self, h, residual, weight, eps, silu_mul):
             self.calls.append("fused")
             return "y", "summed"
 
@@ -112,6 +118,14 @@ def test_when_the_one_row_kernels_apply(monkeypatch):
         layer = Layer(takes)
         assert decoder.norm_then_linear(norm, layer, "h", "r", bias) == ("y", "summed")
         assert layer.calls == (["fused"] if fused else [("linear", "normed")])
+    # gate/up: SiLU-and-mul inside the fused kernel, or after the separate linear.
+    layer = Layer(True)
+    layer.after_norm = lambda h, residual, weight, eps, silu_mul: (silu_mul, "summed")
+    assert decoder.norm_then_linear(Norm(), layer, "h", "r", None, silu_mul=True)[0] is True
+    gate_up = torch.tensor([[1.0, -2.0, 3.0, 4.0]])
+    unfused = decoder.norm_then_linear(Norm(), lambda x: gate_up, "h", "r", "bias",
+                                       silu_mul=True)[0]
+    torch.testing.assert_close(unfused, torch.nn.functional.silu(gate_up[:, :2]) * gate_up[:, 2:])
     lora_layer = linear.Linear(16, 8)
     monkeypatch.setattr(linear.Linear, "takes_gemv", lambda self, x: True)
     assert lora_layer.takes_prologue(None)

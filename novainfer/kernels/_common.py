@@ -1,8 +1,10 @@
-"""Shared helpers for the attention kernels."""
+"""Shared helpers for the Triton kernels."""
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
 
@@ -50,3 +52,38 @@ def cdiv(a: int, b: int) -> int:
 
 def next_pow2(x: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, x))))
+
+
+def pdl_setting(value: str | None) -> bool:
+    """NOVAINFER_PDL's value, checked: `1` (or unset) launches the one-row GEMV, the q/k
+    rope + KV store and the decode attention kernels with programmatic dependent launch
+    where the GPU has it (compute capability 9.0 and later), `0` never."""
+    text = (value or "").strip() or "1"
+    if text not in ("0", "1"):
+        raise ValueError(f"NOVAINFER_PDL must be '0' or '1', got {value!r}")
+    return text == "1"
+
+
+PDL = pdl_setting(os.environ.get("NOVAINFER_PDL"))
+
+
+@functools.lru_cache(maxsize=None)
+def _has_pdl(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def pdl_applies(device: torch.device) -> bool:
+    """Whether launches on `device` use programmatic dependent launch (PDL): a CUDA device
+    of compute capability >= 9.0, the switch on, not the Triton interpreter."""
+    return (PDL and device.type == "cuda"
+            and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and _has_pdl(device))
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """The launch arguments of a kernel with a `PDL` constexpr: with PDL, the kernel may
+    start while the previous one in the stream still runs; it must call
+    `tl.extra.cuda.gdc_wait()` in every program before it reads what earlier kernels wrote
+    or writes anything they read, and `gdc_launch_dependents()` lets the next one start."""
+    if pdl_applies(device):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}

@@ -28,6 +28,7 @@ from novainfer.kernels._common import (
     check_kv_dtype,
     kv_tile,
     next_pow2,
+    pdl_launch,
     scale_log2,
     use_ieee,
 )
@@ -50,7 +51,11 @@ def _decode_split_kernel(
     IEEE: tl.constexpr,
     FP8: tl.constexpr,
     DOT_F16: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # before anything is read or written (kernels/_common.py, pdl_launch)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -143,7 +148,11 @@ def _decode_reduce_kernel(
     NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
@@ -295,6 +304,7 @@ def decode_attention(
         DOT_F16=dot_f16,
         num_warps=num_warps,
         num_stages=num_stages,
+        **pdl_launch(q.device),
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
@@ -305,5 +315,6 @@ def decode_attention(
             SPLITS_PAD=next_pow2(num_splits),
             HEAD_DIM=head_dim,
             num_warps=1 if head_dim <= 64 else 2,
+            **pdl_launch(q.device),
         )
     return out

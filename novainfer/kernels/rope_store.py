@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from novainfer.kernels._common import pdl_launch
+
 
 @triton.jit
 def norm_rope(X, W, row, stride_h, c1, c2, s1, s2, eps,
@@ -78,8 +80,11 @@ def _rope_store_kernel(
     stride_kv, stride_slot, stride_cos, eps,
     HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    NORM: tl.constexpr,
+    NORM: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # before anything is read: q/k/v are the previous kernel's output
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     tok = tl.program_id(0).to(tl.int64)
     c1, c2, s1, s2 = rope_row(COS, SIN, POS, tok, stride_cos, Q.dtype.element_ty, HALF,
                                BLOCK_HALF)
@@ -139,6 +144,6 @@ def rope_store(
         kv_cache.stride(0), kv_cache.stride(2), cos.stride(0), eps,
         HQ=hq, HK=hk, HALF=half, BLOCK_HQ=triton.next_power_of_2(hq),
         BLOCK_HK=triton.next_power_of_2(hk), BLOCK_HALF=triton.next_power_of_2(half),
-        NORM=norm, num_warps=4 if hq * d >= 1024 else 1,
+        NORM=norm, num_warps=4 if hq * d >= 1024 else 1, **pdl_launch(q.device),
     )
     return q_out

@@ -162,12 +162,14 @@ class Linear(CpuPackable):
 
     def after_norm(
         self, h: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
-        eps: float,
+        eps: float, silu_mul: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(forward(RMSNorm(h + residual), reduce=False), h + residual) in one kernel, for a
-        row where `takes_prologue(h)`."""
-        return kernel_module("gemv").gemv_add_rms_norm(h, residual, norm_weight, eps, self.weight,
-                                                 None if self.reduce else self.bias)
+        row where `takes_prologue(h)`; with `silu_mul` (gate/up: the output is [gate | up]),
+        silu_and_mul of the first result, in the same kernel."""
+        return kernel_module("gemv").gemv_add_rms_norm(
+            h, residual, norm_weight, eps, self.weight, None if self.reduce else self.bias,
+            silu_mul=silu_mul)
 
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         """x @ weight^T + bias. A row-parallel layer with `reduce=False` returns its partial

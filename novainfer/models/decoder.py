@@ -123,25 +123,27 @@ class MLP(nn.Module):
         self.gate_up_proj = gate_up_linear(cfg.hidden_size, size, cfg.mlp_bias, tp)
         self.down_proj = RowParallelLinear(size, cfg.hidden_size, cfg.mlp_bias, tp)
 
-    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """down_proj(silu_and_mul(gate_up)) (gate_up_proj's output: the layer runs it, after
-        the norm). A partial sum with tensor parallelism: the next norm sums it
-        (DecoderLayer)."""
-        return self.down_proj(silu_and_mul(gate_up), reduce=False)
+    def forward(self, act: torch.Tensor) -> torch.Tensor:
+        """down_proj(act) for act = silu_and_mul(gate_up_proj's output) (the layer runs both,
+        after the norm: one kernel at batch 1). A partial sum with tensor parallelism: the
+        next norm sums it (DecoderLayer)."""
+        return self.down_proj(act, reduce=False)
 
 
 def norm_then_linear(
     norm: RMSNorm, layer: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None,
-    bias: torch.Tensor | None,
+    bias: torch.Tensor | None, silu_mul: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(layer(norm's output), the residual stream) for a norm of the residual stream
     (RMSNorm.forward's arguments) and a linear layer: one kernel for a batch-1 row
-    (kernels/gemv.py) when no all-reduce and no pending bias sit between them."""
+    (kernels/gemv.py) when no all-reduce and no pending bias sit between them. `silu_mul`
+    (gate/up): silu_and_mul of the layer's output, in that kernel too."""
     if (bias is None and not (norm.sum_over is not None and norm.sum_over.enabled)
             and layer.takes_prologue(hidden)):
-        return layer.after_norm(hidden, residual, norm.weight, norm.eps)
+        return layer.after_norm(hidden, residual, norm.weight, norm.eps, silu_mul)
     hidden, residual = norm(hidden, residual, bias)
-    return layer(hidden), residual
+    out = layer(hidden)
+    return (silu_and_mul(out) if silu_mul else out), residual
 
 
 class DecoderLayer(nn.Module):
@@ -174,9 +176,10 @@ class DecoderLayer(nn.Module):
         qkv, residual = norm_then_linear(self.input_layernorm, attn.qkv_proj, hidden,
                                          residual, bias)
         hidden = attn(positions, qkv, kv_cache, meta)
-        gate_up, residual = norm_then_linear(self.post_attention_layernorm, mlp.gate_up_proj,
-                                             hidden, residual, attn.o_proj.pending_bias)
-        return mlp(gate_up), residual
+        act, residual = norm_then_linear(self.post_attention_layernorm, mlp.gate_up_proj,
+                                         hidden, residual, attn.o_proj.pending_bias,
+                                         silu_mul=True)
+        return mlp(act), residual
 
 
 class DecoderModel(nn.Module):
