@@ -97,6 +97,7 @@ def test_the_switch_and_which_weights_fit():
     with pytest.raises(ValueError, match="NOVAINFER_GEMV must be '0' or '1'"):
         linear.gemv_setting("yes")
     assert linear.Linear(1024, 2048).gemv_fits  # qwen3-0.6b's o_proj: 4.7 -> 3.9 us
+    assert linear.gemv_fits(1536, 17920)  # r1-distill-qwen-1.5b gate/up: 17.1 -> 15.3 us
     assert not linear.gemv_fits(4096, 28672)  # llama3-8b gate/up: cuBLAS is faster
     assert not linear.gemv_fits(8960, 1536)  # rows over 4096 long: cuBLAS
 

@@ -40,10 +40,12 @@ def gemv_setting(value: str | None) -> bool:
 # Read once: matmul runs ~200 times per step.
 GEMV = gemv_setting(os.environ.get("NOVAINFER_GEMV")) and not PLAIN_PYTORCH
 GEMV_DTYPES = (torch.bfloat16, torch.float16)
-# Where the one-row kernel won on an H200 (benchmarks/gemv.py): weights of up to 2**24
-# elements whose rows are at most 4096 long; cuBLAS is as fast or faster beyond.
+# Where the one-row kernel won on an H200 (benchmarks/gemv.py): weights of up to 2**25
+# elements (r1-distill-qwen-1.5b's gate/up, 17920 x 1536: 15.3 vs 17.1 us; llama3-8b's
+# q/k/v, 6144 x 4096: 14.2 vs 16.3 us) whose rows are at most 4096 long; cuBLAS is as fast
+# or faster beyond (llama3-8b's gate/up, 28672 x 4096; r1's down, rows of 8960).
 GEMV_MAX_K = 4096
-GEMV_MAX_ELEMENTS = 1 << 24
+GEMV_MAX_ELEMENTS = 1 << 25
 
 
 def gemv_fits(in_features: int, out_features: int) -> bool:
