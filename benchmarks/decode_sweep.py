@@ -1,7 +1,9 @@
 """Decode-attention tile sweep on the GPU: achieved KV bandwidth per (block_size, BLOCK_N,
 num_warps, num_stages) at a bench-like batch (256 sequences, contexts 100-2048, 8 KV heads,
 head_dim 128, bf16). One shape only: check a winner with the whole `novainfer bench` run
-before changing a default (128-token tiles won here and lost 24% end to end).
+before changing a default (128-token tiles won here, lost 24% end to end while kernels still
+recompiled on step-varying arguments, and won end to end once they did not: the default
+since 2026-12-02, kernels/decode_attention.py `default_tile`).
 
     python benchmarks/decode_sweep.py [--seqs 256] [--max-ctx 2048]
     python benchmarks/decode_sweep.py --kv-dtypes   # bf16 vs fp8 cache (bf16 or fp16 dots)

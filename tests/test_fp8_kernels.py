@@ -154,6 +154,18 @@ def test_decode_reads_fp8_like_the_dequantized_cache(dtype):
         _close(out, ref, dtype)
 
 
+def test_decode_fp8_128_token_tiles():
+    """fp8's default tile for long contexts (128 tokens, 3 stages) against the dequantized
+    cache, with lengths around the tile edge."""
+    lens = [127, 128, 129, 300]
+    q, _, _, fp8, deq, scales, meta = _attention_case([1] * 4, lens, torch.float32)
+    out, ref = torch.empty_like(q), torch.empty_like(q)
+    decode_attention(q, fp8, meta.block_tables, meta.seq_lens, 0.2, out, num_splits=1,
+                     kv_scales=scales, block_n=128, num_stages=3)
+    TorchReferenceBackend().decode(q, deq, meta, 0.2, ref)
+    _close(out, ref, torch.float32)
+
+
 def test_decode_fp16_dots_narrow_and_clamp_q():
     """The fp16-dot kernel (the default for bf16 models, run here on fp32 q, which the CPU
     interpreter handles): q narrowed to fp16 gives the dequantized cache's answer within

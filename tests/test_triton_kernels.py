@@ -25,6 +25,7 @@ from novainfer.kernels.decode_attention import (
     alloc_decode_workspace,
     decode_attention,
     decode_workspace_numel,
+    default_tile,
 )
 from novainfer.kernels.kv_cache import store_kv
 from novainfer.kernels.prefill_attention import prefill_attention
@@ -194,6 +195,38 @@ def test_decode_fp16_workspace_and_default_splits():
     out2 = torch.empty_like(q)
     decode_attention(q, cache, meta.block_tables, meta.seq_lens, 0.125, out2)  # default splits
     _assert_close(out2, ref, torch.float16)
+
+
+def test_decode_tile_rule():
+    """128-token tiles at one or two splits in a 1- or 2-byte cache (3 stages for fp8), 64 at
+    more splits or in fp32, 32 for head_dim > 128: a function of the split count only, so
+    eager steps (whose block tables vary in width) compile no extra variant."""
+    cpu = torch.device("cpu")
+    assert default_tile(128, 1, 2, cpu) == (128, 2)
+    assert default_tile(128, 1, 1, cpu) == (128, 3)
+    assert default_tile(128, 2, 2, cpu) == (128, 2)
+    assert default_tile(128, 4, 2, cpu) == (64, 2)
+    assert default_tile(128, 20, 1, cpu) == (64, 2)  # batch 1
+    assert default_tile(128, 1, 4, cpu) == (64, 2)  # fp32: twice the shared memory
+    assert default_tile(256, 1, 2, cpu) == (32, 2)
+
+
+@pytest.mark.parametrize("block_size,fp16", [(16, True), (256, True), (16, False)])
+def test_decode_128_token_tiles(block_size, fp16):
+    """The default tile for long contexts (gathered across blocks, or inside one), against the
+    reference, with lengths around the tile edge."""
+    lens = [1, 127, 128, 129, 300, 0]
+    dtype = torch.float16 if fp16 else torch.float32
+    q, _, _, cache, meta = _make_batch([1] * len(lens), lens, 8, 2, 32, block_size, dtype, DEV,
+                                       seed=5)
+    assert meta.block_tables.shape[1] * block_size >= 256
+    ref = _ref_decode(q, cache, meta.block_tables, lens, 0.2)
+    for stages in (2, 3):
+        out = torch.full_like(q, float("nan"))
+        decode_attention(q, cache, meta.block_tables, meta.seq_lens, 0.2, out, num_splits=1,
+                         block_n=128, num_stages=stages)
+        _assert_close(out, ref, dtype)
+        assert not out[-1].any()
 
 
 def test_decode_all_padding_rows_are_zero():

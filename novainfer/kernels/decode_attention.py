@@ -26,7 +26,6 @@ from novainfer.kernels._common import (
     cdiv,
     check_head_dim,
     check_kv_dtype,
-    kv_tile,
     next_pow2,
     pdl_launch,
     scale_log2,
@@ -199,6 +198,35 @@ def default_num_splits(
     return max(1, min(want, by_len, max_splits))
 
 
+def _smem_per_block(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1 << 30  # the interpreter: no limit
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 0)
+
+
+def default_tile(
+    head_dim: int, num_splits: int, kv_bytes: int, device: torch.device
+) -> tuple[int, int]:
+    """(BLOCK_N, num_stages) for the decode kernel. A function of the split count (not of a
+    step's block-table width, which varies in eager steps), so it adds no kernel variant.
+
+    128-token tiles at one or two splits (large batches) over a 1- or 2-byte cache (3 stages
+    for fp8); 64 at more splits (batch 1 cuts a 1,000-token context into ~64-token pieces);
+    32 for head_dim > 128. On an H200 (2026-12-01, one call, `novainfer bench`, 256 prompts)
+    128-token tiles gave qwen3-0.6b 22,715 / 22,617 tok/s vs 21,595 / 21,831 with 64, and
+    r1-distill-qwen-1.5b 29,099 vs 28,492; with the fp8 cache and 3 stages qwen3-0.6b
+    23,450 vs 21,834 (benchmarks/decode_sweep.py: fp8 128/3 250.7 us vs 64/2 276.0 us).
+    An earlier end-to-end loss with 128-token tiles (13,214 vs 17,375) came from kernels
+    recompiling on step-varying arguments, since fixed. The 128-token tile needs ~2x the
+    shared memory: fp32 caches, and GPUs with less than 160 KiB a block, keep 64."""
+    if head_dim > 128:
+        return 32, 2
+    if num_splits <= 2 and kv_bytes <= 2 and _smem_per_block(device) >= 160 * 1024:
+        return 128, 3 if kv_bytes == 1 else 2
+    return 64, 2
+
+
 def decode_workspace_numel(num_seqs: int, num_heads: int, head_dim: int, num_splits: int) -> int:
     return num_seqs * num_heads * num_splits * (head_dim + 2)
 
@@ -237,7 +265,7 @@ def decode_attention(
     workspace: torch.Tensor | None = None,
     block_n: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     kv_scales: torch.Tensor | None = None,
     dot_f16: bool | None = None,
 ) -> torch.Tensor:
@@ -265,12 +293,15 @@ def decode_attention(
         num_splits = default_num_splits(
             num_seqs, num_kv_heads, block_tables.shape[1] * block_size, q.device
         )
-    if block_n is None:
-        # 64-token tiles. benchmarks/decode_sweep.py (one 256-sequence shape) favoured 128
-        # (3.97 vs 3.78 TB/s on an H200), but the whole bench run was 24% slower with 128
-        # (13,214 vs 17,375 tok/s, qwen3-0.6b): the end-to-end run decides.
-        block_n = kv_tile(block_size, 64 if head_dim <= 128 else 32)
     fp8 = check_kv_dtype(q, kv_cache, kv_scales)
+    if block_n is None:
+        block_n, tile_stages = default_tile(
+            head_dim, num_splits, kv_cache.element_size(), q.device
+        )
+        if num_stages is None:
+            num_stages = tile_stages
+    if num_stages is None:
+        num_stages = 2
     if dot_f16 is None:
         dot_f16 = q.dtype == torch.bfloat16 and fp8_dot_fp16()
     dot_f16 = dot_f16 and fp8 and q.dtype != torch.float16
