@@ -60,7 +60,7 @@ def main() -> None:
                 err = (o.float() - ref.float()).abs().max().item()
                 ms = ms_per_call(functools.partial(
                     decode_attention, q, cache, tables, seq_lens, 0.088, out, num_splits=1,
-                    block_n=block_n, num_warps=warps, num_stages=stages))
+                    block_n=block_n, num_warps=warps, num_stages=stages), 50)
             except Exception as e:  # noqa: BLE001  (a config that does not compile: report it)
                 print(f"block_size {block_size:3d} BLOCK_N {block_n:3d} warps {warps} stages {stages}: "
                       f"failed ({type(e).__name__})")
@@ -105,7 +105,7 @@ def compare_kv_dtypes(args: argparse.Namespace) -> None:
                 if name == "fp8":
                     kw.update(kv_scales=scales, dot_f16=dot_f16)
                 ms = ms_per_call(functools.partial(decode_attention, q, kv, tables, seq_lens,
-                                                scale, out, **kw))
+                                                scale, out, **kw), 50)
                 err = (out.float() - ref.float()).abs().max().item()
                 label = "-" if dot_f16 is None else ("fp16" if dot_f16 else "bf16")
                 print(f"| {name} | {label} | {block_n} | {ms * 1e3:.1f} | "
