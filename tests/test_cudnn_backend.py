@@ -202,10 +202,14 @@ def test_gpu_cudnn_prefill_matches_reference(dtype, num_heads, num_kv_heads):
 @needs_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["llama_untied", "qwen3"])
-def test_gpu_engine_greedy_tokens_match_triton(checkpoint, monkeypatch, name):
+def test_gpu_engine_greedy_tokens_match_triton(checkpoint, monkeypatch, name, tmp_path):
     """fp16 engine, CUDA graphs on: cudnn's greedy tokens are triton's. The first batch is a
-    pure prefill (cuDNN); the second reuses the first's cached prefix and decodes (Triton)."""
+    pure prefill (cuDNN); the second reuses the first's cached prefix and decodes (Triton).
+    The checkpoint's o_proj/down_proj are scaled back to a 1/sqrt(fan_in) init (as in the
+    bf16 tests of tests/test_gpu_e2e.py): the random init's near-ties otherwise let one
+    rounding difference of the fused ops flip a token (seen once on an H200, 2026-12-02)."""
     from conftest import completion_tokens, random_prompts
+    from test_gpu_e2e import _calm_copy
 
     from novainfer import LLM, SamplingParams
     from novainfer.layers.attention import cudnn_backend
@@ -214,7 +218,7 @@ def test_gpu_engine_greedy_tokens_match_triton(checkpoint, monkeypatch, name):
     real = cudnn_backend.sdpa_prefill
     monkeypatch.setattr(cudnn_backend, "sdpa_prefill",
                         lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    model_dir = checkpoint(name)
+    model_dir = _calm_copy(checkpoint(name), tmp_path)
     long_prompt, other = random_prompts([100, 40], seed=11)
     batches = [[long_prompt, *random_prompts([5, 64, 33], seed=12)],
                [long_prompt[:64] + other, *random_prompts([17, 2], seed=13)]]

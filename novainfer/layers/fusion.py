@@ -1,9 +1,10 @@
 """Fused small element-wise ops: torch.compile or hand-written Triton on CUDA, C on the CPU.
 
-On CUDA, NOVAINFER_FUSED_OPS (read once, at import) picks how: `compile` (the default) has
-torch.compile compile each wrapped function (dynamic shapes, so one kernel serves every batch
-size) the first time it sees a CUDA tensor; `triton` calls the function's hand-written Triton
-twin (novainfer/kernels/norm_act.py) where it has one, torch.compile where it has not. On the
+On CUDA, NOVAINFER_FUSED_OPS (read once, at import) picks how: `triton` (the default) calls
+the function's hand-written Triton twin (novainfer/kernels/norm_act.py) where it has one,
+torch.compile where it has not; `compile` has torch.compile compile each wrapped function
+(dynamic shapes, so one kernel serves every batch size) the first time it sees a CUDA
+tensor. docs/performance.md ("Fused ops") has the measurements that chose the default. On the
 CPU, float32 calls go to the function's C twin (novainfer/kernels/cpu_elementwise.c) when
 that library could be built. Everything else runs the plain PyTorch code, which is also the
 reference all of them are tested against. Set NOVAINFER_NO_COMPILE=1 (before the process
@@ -30,8 +31,8 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def fused_ops_mode(value: str | None) -> str:
-    """NOVAINFER_FUSED_OPS's value, checked (unset or empty: compile)."""
-    mode = (value or "compile").strip().lower()
+    """NOVAINFER_FUSED_OPS's value, checked (unset or empty: triton)."""
+    mode = (value or "triton").strip().lower()
     if mode not in FUSED_OPS_CHOICES:
         raise ValueError(f"NOVAINFER_FUSED_OPS must be one of {', '.join(FUSED_OPS_CHOICES)}, "
                          f"got {value!r}")
