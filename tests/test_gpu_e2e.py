@@ -1,8 +1,9 @@
 """End to end on the GPU: triton backend vs reference backend vs transformers, CUDA graphs.
 
 Runs on the device (skipped without CUDA): greedy tokens identical to transformers in fp32
-(triton backend, eager and with CUDA graphs); last-position logits within 1e-2 relative
-error of transformers' fp32 logits in bf16, for both attention backends.
+(triton backend, eager and with CUDA graphs); in bf16, last-position logits as close to
+transformers' fp32 logits as transformers' own bf16 run (1e-2 relative error, or twice
+transformers'), for both attention backends and between them.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def test_bf16_logits_triton_vs_torch_vs_transformers(checkpoint, name, tmp_path)
         hf_err = _rel(_hf_bf16_logits(model_dir, prompt), exact)
         allowed = max(1e-2, 2.0 * hf_err)
         triton_l, torch_l = per_backend["triton"][i], per_backend["torch"][i]
-        assert _rel(triton_l, torch_l) <= allowed, f"{name}: triton vs torch {_rel(triton_l, torch_l):.3e}"
+        between = _rel(triton_l, torch_l)
+        assert between <= allowed, f"{name}: triton vs torch {between:.3e}"
         for label, ours in (("triton", triton_l), ("torch", torch_l)):
             err = _rel(ours, exact)
             assert err <= allowed, f"{name}/{label}: {err:.3e} vs fp32 (transformers bf16: {hf_err:.3e})"

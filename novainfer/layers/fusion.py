@@ -51,9 +51,9 @@ def triton_op(name: str) -> Callable:
 
 
 def fused(cpu: Callable | None = None, triton: str | None = None) -> Callable[[F], F]:
-    """Decorator: run `fn` compiled on CUDA (or as its Triton twin `triton`, a name in
-    kernels/norm_act.py, under NOVAINFER_FUSED_OPS=triton), as `cpu` (a C twin) on float32
-    CPU tensors.
+    """Decorator: run `fn` on CUDA as its Triton twin `triton` (a name in kernels/norm_act.py)
+    under NOVAINFER_FUSED_OPS=triton, the default, or compiled (no twin, or `compile`); as
+    `cpu` (a C twin) on float32 CPU tensors.
 
     The first argument's device and dtype decide (the other floating-point tensors of these
     ops share them).
