@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CHECKPOINTS, completion_tokens, hf_greedy, random_prompts
+from conftest import CHECKPOINTS, completion_tokens, hf_greedy, hf_next_logits, random_prompts
 
 pytestmark = [
     pytest.mark.gpu,
@@ -102,6 +102,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def _bf16_bound(model_dir, prompt: list[int]) -> tuple[torch.Tensor, float]:
+    """transformers' fp32 last-position logits (the exact answer) and the bf16 tests' bound
+    on a relative distance from them or between two bf16 runs: 1e-2, or twice transformers'
+    own bf16 error on this checkpoint."""
+    exact = hf_next_logits(model_dir, prompt)
+    return exact, max(1e-2, 2.0 * _rel(_hf_bf16_logits(model_dir, prompt), exact))
+
+
 @pytest.mark.parametrize("name", sorted(CHECKPOINTS))
 def test_bf16_logits_triton_vs_torch_vs_transformers(checkpoint, name, tmp_path):
     """bf16: the two backends agree, and each is as close to the exact (fp32) logits as
@@ -112,8 +120,6 @@ def test_bf16_logits_triton_vs_torch_vs_transformers(checkpoint, name, tmp_path)
     two bf16 implementations sit ~1.2% apart, so a flat 1e-2 would fail on rounding alone.
     A real bug (a wrong rope, head or mask) shows up as tens of percent. The fp32 test above checks exact agreement with transformers.
     """
-    from conftest import hf_next_logits
-
     _skip_if_no_triton(name)
     model_dir = _calm_copy(checkpoint(name), tmp_path)
     prompts = random_prompts([5, 64, 300], seed=3)
@@ -189,8 +195,6 @@ def test_bf16_one_row_steps_through_the_fused_kernels(checkpoint, name, tmp_path
     the stored K/V of 48 earlier tokens and the new one): the logits stay as close to the
     separate ops (NOVAINFER_GEMV=0) and to transformers' fp32 logits as the bf16 tolerance
     above allows (two bf16 implementations sit ~1.2% apart)."""
-    from conftest import hf_next_logits
-
     from novainfer import SamplingParams
     from novainfer.kernels import gemv, rope_store
     from novainfer.layers import linear
@@ -229,7 +233,6 @@ def test_bf16_one_row_steps_through_the_fused_kernels(checkpoint, name, tmp_path
     unfused = [logits(p) for p in prompts]
     assert calls == {"gemv_add_rms_norm": 2 * layers * 3, "rope_store": layers * 3}
     for prompt, a, b in zip(prompts, fused, unfused):
-        exact = hf_next_logits(model_dir, prompt)
-        allowed = max(1e-2, 2.0 * _rel(_hf_bf16_logits(model_dir, prompt), exact))
+        exact, allowed = _bf16_bound(model_dir, prompt)
         assert _rel(a, b) <= allowed, f"{name}: fused vs separate ops {_rel(a, b):.3e}"
         assert _rel(a, exact) <= allowed, f"{name}: fused vs fp32 {_rel(a, exact):.3e}"

@@ -303,13 +303,13 @@ def test_gpu_model_with_fused_ops(checkpoint, monkeypatch, name, mode):
     checkpoint, which is not calmed here). Two bf16 implementations of these random models
     sit ~1% apart on rounding alone (1.01e-2 against the plain ops, an H200, 2026-12-02); a
     wrong norm, rotation or head shows up as tens of percent."""
-    from conftest import hf_greedy, hf_next_logits, random_prompts
+    from conftest import hf_greedy, random_prompts
     from test_gpu_e2e import (
         MAX_TOKENS,
         PROMPT_LENGTHS,
+        _bf16_bound,
         _engine_logits,
         _greedy,
-        _hf_bf16_logits,
         _llm,
         _rel,
     )
@@ -327,7 +327,6 @@ def test_gpu_model_with_fused_ops(checkpoint, monkeypatch, name, mode):
         monkeypatch.setattr(fusion, "PLAIN_PYTORCH", True)
         plain = _engine_logits(llm, prompt)
         monkeypatch.setattr(fusion, "PLAIN_PYTORCH", False)
-        exact = hf_next_logits(model_dir, prompt)
-        allowed = max(1e-2, 2.0 * _rel(_hf_bf16_logits(model_dir, prompt), exact))
+        exact, allowed = _bf16_bound(model_dir, prompt)
         assert _rel(fused, plain) <= allowed, f"{name}/{mode}: vs plain {_rel(fused, plain):.3e}"
         assert _rel(fused, exact) <= allowed, f"{name}/{mode}: vs fp32 {_rel(fused, exact):.3e}"
