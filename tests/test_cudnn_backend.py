@@ -131,6 +131,9 @@ def test_backend_matches_reference_and_routes(monkeypatch, step, num_heads, num_
     torch.testing.assert_close(out[:n], ref[:n], atol=2e-5, rtol=1e-4)
     assert calls == [SDPBackend.MATH] * 2 * pure
     assert meta.backend_cache["cudnn_pure_prefill"] is pure
+    # The fused rope + store kernel (models/decoder.py) may store first and then `attend`
+    # on every step but a pure prefill, whose SDPA attention takes the new K/V directly.
+    assert backend.attends_to_stored_kv(_fresh(meta)) is not pure
 
 
 # ----------------------------------------------------------------------------- ab.py attention

@@ -58,15 +58,45 @@ def test_one_row_kernels_match_the_separate_ops(checkpoint, name, monkeypatch):
     torch.testing.assert_close(cache, want_cache, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_rope_store_on_every_step_matches_the_separate_ops(checkpoint, name, monkeypatch):
+    """Under NOVAINFER_FUSED_OPS=triton the fused q/k norm + rotary + KV store runs on every
+    step of the Triton backend, not only one-row ones: a step of two decodes and two
+    prefill chunks (one behind an earlier chunk) gives the hidden states and the cache of
+    the separate ops (the cache written by `store_kv`)."""
+    model, cfg = _triton_model(checkpoint(name))
+    shape = (cfg.num_layers, 2, 24, 8, cfg.num_kv_heads, cfg.head_dim)
+    cache = torch.zeros(shape, device=DEV)
+    with torch.inference_mode():
+        ids, positions, meta = _step([20, 9, 12, 5], [20, 9, 12, 5], 0, cfg.vocab_size, seed=3)
+        model(ids, positions, cache, meta)  # the contexts
+        ids, positions, meta = _step([1, 1, 6, 4], [21, 10, 18, 4], 0, cfg.vocab_size, seed=4)
+        assert meta.num_decodes == 2
+        want_cache = cache.clone()
+        want = model(ids, positions, want_cache, meta)
+        calls = []
+        real = rope_store.rope_store
+        monkeypatch.setattr(rope_store, "rope_store",
+                            lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+        monkeypatch.setattr(decoder, "rope_store_applies", lambda q, kv_cache, backend, meta:
+                            backend.attends_to_stored_kv(meta))
+        got = model(ids, positions, cache, meta)
+    assert calls == [12] * cfg.num_layers  # every layer, every row of the step
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache, want_cache, rtol=1e-5, atol=1e-5)
+
+
 def test_when_the_one_row_kernels_apply(monkeypatch):
-    """rope_store: one 16-bit CUDA row, a cache in q's dtype (not fp8), a backend with
-    `attend`, not the fp8 calibration step, NOVAINFER_GEMV on. The norm prologue: no pending
-    bias, no all-reduce in the norm (tensor parallelism), no LoRA on the layer."""
+    """rope_store: a 16-bit CUDA step, a cache in q's dtype or fp8, a backend that attends
+    to the stored K/V this step, not the fp8 calibration step; one row under NOVAINFER_GEMV,
+    more under NOVAINFER_FUSED_OPS=triton. The norm prologue: no pending bias, no
+    all-reduce in the norm (tensor parallelism), no LoRA on the layer."""
     from types import SimpleNamespace as NS
 
     from novainfer.distributed.parallel import TensorParallel
+    from novainfer.layers import fusion
 
-    triton_like = NS(attend=None)
+    triton_like = NS(attends_to_stored_kv=lambda meta: True)
 
     def applies(rows=1, cuda=True, dtype=torch.bfloat16, cache=torch.bfloat16,
                 calibrate=False, backend=triton_like):
@@ -74,15 +104,21 @@ def test_when_the_one_row_kernels_apply(monkeypatch):
         return decoder.rope_store_applies(q, NS(dtype=cache), backend,
                                           NS(calibrate_kv_scales=calibrate))
 
+    monkeypatch.setattr(fusion, "FUSED_OPS", "triton")
     assert applies() and applies(dtype=torch.float16, cache=torch.float16)
-    assert not applies(rows=2)
+    assert applies(rows=2) and applies(rows=300)
+    assert applies(cache=torch.float8_e4m3fn) and applies(rows=8, cache=torch.float8_e4m3fn)
+    assert not applies(cache=torch.float16)  # neither q's dtype nor fp8
     assert not applies(cuda=False)
     assert not applies(dtype=torch.float32, cache=torch.float32)
-    assert not applies(cache=torch.float8_e4m3fn)
     assert not applies(calibrate=True)
-    assert not applies(backend=NS())  # no `attend`: the backend stores K/V itself
+    assert not applies(backend=NS())  # the backend stores K/V itself
+    assert not applies(backend=NS(attends_to_stored_kv=lambda meta: False))  # cuDNN prefill
+    monkeypatch.setattr(fusion, "FUSED_OPS", "compile")
+    assert applies() and not applies(rows=2)
+    monkeypatch.setattr(fusion, "FUSED_OPS", "triton")
     monkeypatch.setattr(linear, "GEMV", False)
-    assert not applies()
+    assert not applies() and applies(rows=2)
     monkeypatch.undo()
 
     class Norm:

@@ -11,8 +11,8 @@ from torch import nn
 
 from novainfer.distributed.parallel import TensorParallel
 from novainfer.kernels import kernel_module
-from novainfer.kernels.fp8 import calibrate_kv_scales
-from novainfer.layers import linear
+from novainfer.kernels.fp8 import FP8_DTYPE, calibrate_kv_scales
+from novainfer.layers import fusion, linear
 from novainfer.layers.activation import silu_and_mul
 from novainfer.layers.attention import AttentionBackend, AttentionMetadata
 from novainfer.layers.embedding import Embedding, LMHead
@@ -40,13 +40,20 @@ PACKED_MODULES = {
 def rope_store_applies(q: torch.Tensor, kv_cache: torch.Tensor, backend: AttentionBackend,
                        meta: AttentionMetadata) -> bool:
     """Whether a step's q/k norms, rotary embedding and KV store run as one launch
-    (kernels/rope_store.py): one-row steps on CUDA (batch-1 decode, where launches decide),
-    16-bit, a cache in q's dtype (not fp8), a backend that attends to K/V stored already
-    (`attend`: Triton), not the fp8 calibration step. NOVAINFER_GEMV=0 (the switch of the
-    one-row kernels) keeps the separate ops."""
-    return (linear.GEMV and q.is_cuda and q.shape[0] == 1 and q.dtype in linear.GEMV_DTYPES
-            and kv_cache.dtype == q.dtype and not meta.calibrate_kv_scales
-            and hasattr(backend, "attend"))
+    (kernels/rope_store.py): on CUDA, 16-bit, a cache in q's dtype or fp8, a backend whose
+    attention of this step reads K/V from the cache (`attends_to_stored_kv`: Triton's, and
+    cuDNN's except its pure prefills), not the fp8 calibration step. One-row steps take it
+    under NOVAINFER_GEMV (the one-row kernels' switch), larger steps under
+    NOVAINFER_FUSED_OPS=triton; both are the defaults. Otherwise the separate ops run: the
+    q/k norms and rotary, then the backend's own store."""
+    reads_stored = getattr(backend, "attends_to_stored_kv", None)
+    if not (q.is_cuda and q.dtype in linear.GEMV_DTYPES and not meta.calibrate_kv_scales
+            and kv_cache.dtype in (q.dtype, FP8_DTYPE)
+            and reads_stored is not None and reads_stored(meta)):
+        return False
+    if q.shape[0] == 1:
+        return linear.GEMV
+    return fusion.FUSED_OPS == "triton" and not fusion.PLAIN_PYTORCH
 
 
 class SelfAttention(nn.Module):
@@ -90,7 +97,7 @@ class SelfAttention(nn.Module):
                                                    self.q_norm.eps)
             q = kernel_module("rope_store").rope_store(
                 q, k, v, positions, self.rotary.cos, self.rotary.sin, kv_cache,
-                meta.slot_mapping, *norm)
+                meta.slot_mapping, *norm, kv_scales=self.kv_scales)
             out = self.backend.attend(q, kv_cache, meta, self.scale, self.kv_scales)
         else:
             q, k = self._norm_rope(q, k, positions)

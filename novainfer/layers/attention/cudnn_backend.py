@@ -29,6 +29,17 @@ class CudnnBackend(TritonBackend):
     supports_prefill_graphs = False  # its prefills are cuDNN's, sized from host lengths
     sdp_backend = SDPBackend.CUDNN_ATTENTION  # the CPU tests put MATH here
 
+    @staticmethod
+    def _pure_prefill(meta: AttentionMetadata) -> bool:
+        pure = meta.backend_cache.get("cudnn_pure_prefill")
+        if pure is None:  # host lists only: decided once per step, no device sync
+            pure = meta.backend_cache["cudnn_pure_prefill"] = is_pure_prefill(meta)
+        return pure
+
+    def attends_to_stored_kv(self, meta: AttentionMetadata) -> bool:
+        """Every step but a pure prefill, whose attention is SDPA's over the new K/V."""
+        return not self._pure_prefill(meta)
+
     def forward(
         self,
         q: torch.Tensor,
@@ -39,10 +50,7 @@ class CudnnBackend(TritonBackend):
         scale: float,
         kv_scales: torch.Tensor | None = None,  # always None: get_backend refuses an fp8 cache
     ) -> torch.Tensor:
-        pure = meta.backend_cache.get("cudnn_pure_prefill")
-        if pure is None:  # host lists only: decided once per step, no device sync
-            pure = meta.backend_cache["cudnn_pure_prefill"] = is_pure_prefill(meta)
-        if not pure:
+        if not self._pure_prefill(meta):
             return super().forward(q, k, v, kv_cache, meta, scale, kv_scales)
         store_kv(k, v, kv_cache, meta.slot_mapping, kv_scales)
         out = torch.empty_like(q)

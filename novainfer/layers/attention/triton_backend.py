@@ -70,6 +70,11 @@ class TritonBackend:
         store_kv(k, v, kv_cache, meta.slot_mapping, kv_scales)
         return self.attend(q, kv_cache, meta, scale, kv_scales)
 
+    def attends_to_stored_kv(self, meta: AttentionMetadata) -> bool:
+        """Whether this step's attention may run as `attend` on K/V that a fused kernel
+        stored already (kernels/rope_store.py, models/decoder.py): always, here."""
+        return True
+
     def attend(
         self,
         q: torch.Tensor,
