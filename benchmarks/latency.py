@@ -1,6 +1,7 @@
 """Batch-1 latency: time to first token and ms per decoded token at a given context.
 
     python benchmarks/latency.py --preset qwen3-0.6b [--context 1000] [--tokens 256]
+        [--temperature 0.6]   # sampled, not greedy: the sampler's draw in every step
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ def main() -> None:
     parser.add_argument("--preset", choices=list(PRESETS), default="qwen3-0.6b")
     parser.add_argument("--context", type=int, default=1000)
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0: greedy (argmax); above: the sampler's draw")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--json", action="store_true")
@@ -32,7 +35,8 @@ def main() -> None:
     prompt = [(i * 7919) % 10000 for i in range(args.context)]
 
     def timed(max_tokens: int) -> float:
-        params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens)
+        params = SamplingParams(temperature=args.temperature, ignore_eos=True,
+                                max_tokens=max_tokens)
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -49,10 +53,11 @@ def main() -> None:
     tp = args.tensor_parallel_size
     name = f"{tp} x {name}" if tp > 1 else name
     print(f"{args.preset} on {name}: time to first token ({args.context}-token prompt) "
-          f"{ttft * 1e3:.2f} ms; decode {per_token_ms:.3f} ms/token at batch 1")
+          f"{ttft * 1e3:.2f} ms; decode {per_token_ms:.3f} ms/token at batch 1"
+          + (f", temperature {args.temperature}" if args.temperature else ""))
     if args.json:
         print(json.dumps({"preset": args.preset, "device": name, "tensor_parallel_size": tp,
-                          "context": args.context,
+                          "context": args.context, "temperature": args.temperature,
                           "ttft_ms": round(ttft * 1e3, 2), "decode_ms_per_token": round(per_token_ms, 3)}))
     llm.shutdown()
 

@@ -1,5 +1,5 @@
-"""The sampler's Triton chunk-statistics kernel (kernels/sampling.py) against its PyTorch twin
-(engine/sampler.py:chunk_stats on a CPU tensor).
+"""The sampler's Triton kernels (kernels/sampling.py: the chunk statistics and the token pick)
+against their PyTorch twins (engine/sampler.py: chunk_stats and pick_token on CPU tensors).
 
 Without a GPU the kernel runs in the Triton interpreter (fp32/fp16); with one, compiled, plus
 bf16 at the benchmark's shape (256 rows x 151,936 entries) and the whole draw on the GPU.
@@ -21,8 +21,8 @@ pytest.importorskip("triton")
 
 from types import SimpleNamespace
 
-from novainfer.engine.sampler import DRAW_CHUNK, chunk_stats, draw
-from novainfer.kernels.sampling import chunk_stats_triton
+from novainfer.engine.sampler import DRAW_CHUNK, chunk_stats, draw, pick_token
+from novainfer.kernels.sampling import chunk_stats_triton, pick_token_triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEV = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")
@@ -65,6 +65,73 @@ def test_chunk_stats_of_a_strided_view_and_no_rows():
     for g, w in zip(got, chunk_stats(view, None)):
         torch.testing.assert_close(g.cpu(), w, rtol=1e-5, atol=1e-6)
     assert chunk_stats_triton(x[:0].to(DEV), None, DRAW_CHUNK)[0].shape == (0, 3)
+
+
+def _cdf_bounds(x, scale, tokens):
+    """float64 cumulative weight before and through each row's token, over the row's total."""
+    w = x.double() * (1.0 if scale is None else scale.double()[:, None])
+    p = torch.softmax(w, dim=-1).nan_to_num(0.0)
+    cdf = p.cumsum(-1)
+    hi = cdf.gather(1, tokens[:, None]).squeeze(1)
+    return hi - p.gather(1, tokens[:, None]).squeeze(1), hi, p.gather(1, tokens[:, None])
+
+
+@pytest.mark.parametrize("vocab", [1, 1000, DRAW_CHUNK, DRAW_CHUNK + 1, 2500])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_pick_token_matches_reference(vocab, dtype, with_scale):
+    """The token for u: the twin's, and inside the float64 CDF interval that u falls in (up
+    to rounding at an interval's edge); never a token of weight 0; u at 0 and just below 1
+    included; rows of nothing but -inf give the last token (the twin's NaN-row fallback)."""
+    reps = 24
+    base = _logits(3, vocab, dtype)
+    x = base.repeat_interleave(reps, 0)
+    g = torch.Generator().manual_seed(vocab)
+    u = torch.rand(x.shape[0], 1, generator=g)
+    u[::reps] = 0.0
+    u[1::reps] = 1 - 2**-24
+    scale = torch.tensor([0.5, 1.0, 1 / 0.7]).repeat_interleave(reps) if with_scale else None
+    top, sums = chunk_stats(x, scale)
+    want = pick_token(x, scale, u, top, sums)
+    dev_scale = None if scale is None else scale.to(DEV)
+    got_top, got_sums = chunk_stats_triton(x.to(DEV), dev_scale, DRAW_CHUNK)
+    got = pick_token_triton(x.to(DEV), dev_scale, u.to(DEV), got_top, got_sums,
+                            DRAW_CHUNK).cpu()
+    assert got.dtype == torch.int64 and got.shape == (x.shape[0],)
+    live = torch.isfinite(x).any(-1)
+    assert (got[~live] == vocab - 1).all() and (want[~live] == vocab - 1).all()
+    lo, hi, weight = _cdf_bounds(x[live], None if scale is None else scale[live], got[live])
+    assert (weight > 0).all(), "drew a token of weight 0"
+    target = u[live].squeeze(1).double()
+    assert ((lo - 1e-5 <= target) & (target <= hi + 1e-5)).all()
+    # The same token as the twin's but where two float32 sums land on either side of u.
+    assert (got == want).float().mean() >= 0.95, f"{int((got != want).sum())} differ"
+
+
+def test_pick_token_of_no_rows():
+    x = _logits(2, 2100, torch.float32)[:0]
+    top, sums = chunk_stats_triton(x.to(DEV), None, DRAW_CHUNK)
+    assert pick_token_triton(x.to(DEV), None, torch.zeros(0, 1, device=DEV), top, sums,
+                             DRAW_CHUNK).shape == (0,)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_pick_token_agrees_with_the_twin_at_the_benchmark_shape():
+    """bf16 logits of 256 rows x 151,936 entries at temperature 0.6: the compiled kernel draws
+    the twin's token for (nearly) every u."""
+    x = _logits(256, 151_936, torch.bfloat16, seed=3).cuda()
+    scale = torch.full((256,), 1 / 0.6, device="cuda")
+    u = torch.rand(256, 1, generator=torch.Generator().manual_seed(1)).cuda()
+    top, sums = chunk_stats(x, scale)
+    got = pick_token_triton(x, scale, u, top, sums, DRAW_CHUNK).cpu()
+    want = pick_token(x.cpu(), scale.cpu(), u.cpu(), *chunk_stats(x.cpu(), scale.cpu()))
+    assert (got == want).float().mean() >= 0.98
+    live = torch.isfinite(x.cpu()).any(-1)
+    lo, hi, weight = _cdf_bounds(x.cpu()[live].float(), scale.cpu()[live], got[live])
+    assert (weight > 0).all()
+    target = u.cpu()[live].squeeze(1).double()
+    assert ((lo - 1e-4 <= target) & (target <= hi + 1e-4)).all()
 
 
 @gpu

@@ -177,20 +177,35 @@ def draw(
     draw from the engine's generator; a seeded request draws its number from its own
     generator, so its tokens do not depend on its batch-mates.
     """
-    rows, vocab = logits.shape
+    rows = logits.shape[0]
     device = logits.device
     u = torch.rand(rows, 1, generator=generator, device=device)
     for row, seq in enumerate(seqs):
         if seq.generator is not None:
             u[row].uniform_(generator=seq.generator)
     top, sums = chunk_stats(logits, scale)
+    if logits.is_cuda:
+        from novainfer.kernels.sampling import pick_token_triton
+
+        return pick_token_triton(logits, scale, u, top, sums, DRAW_CHUNK)
+    return pick_token(logits, scale, u, top, sums)
+
+
+def pick_token(
+    logits: torch.Tensor, scale: torch.Tensor | None, u: torch.Tensor, top: torch.Tensor,
+    sums: torch.Tensor,
+) -> torch.Tensor:
+    """The token of each row for its u (float32 [rows, 1]), given `chunk_stats`' (top, sums):
+    the chunk where the cumulative weight first exceeds u * (the row's total), then the token
+    inside it. One Triton program per row on CUDA (kernels/sampling.py); this is its twin."""
+    vocab = logits.shape[1]
     row_max = top.amax(dim=-1, keepdim=True)
     shift = row_max.masked_fill(row_max == float("-inf"), 0.0)
     totals = sums * torch.exp(top - shift)  # chunk weights on the row's common scale
     cdf = totals.cumsum(dim=-1)
     target = u * cdf[:, -1:]
     chunk = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[1] - 1)
-    cols = chunk * DRAW_CHUNK + torch.arange(DRAW_CHUNK, device=device)
+    cols = chunk * DRAW_CHUNK + torch.arange(DRAW_CHUNK, device=logits.device)
     values = logits.gather(1, cols.clamp(max=vocab - 1)).float()
     if scale is not None:
         values = values * scale[:, None]

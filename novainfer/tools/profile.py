@@ -63,7 +63,7 @@ NAME_RULES: list[tuple[str, re.Pattern]] = [
     ("rotary", re.compile(r"rope|rotary|fused_.*cat.*neg", re.I)),
     ("activation", re.compile(r"silu|gelu|act_and_mul", re.I)),
     ("sampling", re.compile(r"sort|softmax|argmax|topk|multinomial|exponential|cumsum|"
-                            r"searchsorted|chunk_stats", re.I)),
+                            r"searchsorted|chunk_stats|pick_token", re.I)),
 ]
 CAT_PREFIX = "novainfer.cat::"
 PHASE_PREFIX = "novainfer::"
