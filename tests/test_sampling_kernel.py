@@ -108,6 +108,28 @@ def test_pick_token_matches_reference(vocab, dtype, with_scale):
     assert (got == want).float().mean() >= 0.95, f"{int((got != want).sum())} differ"
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's NaN warnings (interpreter)
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_pick_token_of_nan_and_inf_rows_is_the_last_token(with_scale):
+    """A NaN logit (or +inf, whose weight is inf / inf) leaves the row without a distribution:
+    the kernel gives the last token, as the twin's searchsorted does with NaN."""
+    vocab = 2500
+    x = _logits(4, vocab, torch.float32)
+    x[0] = float("nan")
+    x[1, 1500] = float("nan")  # one NaN, in the second chunk
+    x[2, 10] = float("inf")
+    scale = torch.full((4,), 1 / 0.7) if with_scale else None
+    u = torch.full((4, 1), 0.3)
+    want = pick_token(x, scale, u, *chunk_stats(x, scale))
+    dev_scale = None if scale is None else scale.to(DEV)
+    got = pick_token_triton(x.to(DEV), dev_scale, u.to(DEV),
+                            *chunk_stats_triton(x.to(DEV), dev_scale, DRAW_CHUNK),
+                            DRAW_CHUNK).cpu()
+    assert want[:3].tolist() == [vocab - 1] * 3
+    assert got[:3].tolist() == [vocab - 1] * 3
+    assert got[3] == want[3] != vocab - 1  # the finite row beside them is drawn as usual
+
+
 def test_pick_token_of_no_rows():
     x = _logits(2, 2100, torch.float32)[:0]
     top, sums = chunk_stats_triton(x.to(DEV), None, DRAW_CHUNK)

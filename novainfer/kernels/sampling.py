@@ -21,6 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
+# x * scale rounded on its own before anything is subtracted, as PyTorch rounds it: a row
+# filtered in PyTorch first (scale applied there, none here) and an unfiltered row scaled
+# here then see the same float32 values, so a seeded row draws the same token whether or
+# not a batch-mate filters. Compiled, Triton would fuse the multiply and the subtraction.
+NO_FMA = {"enable_fp_fusion": False}
+
 
 @triton.jit
 def _chunk_stats_kernel(
@@ -56,7 +62,7 @@ def chunk_stats_triton(
         scale_arg = scale.float().contiguous() if scale is not None else top  # unread if None
         _chunk_stats_kernel[(rows, chunks)](
             logits, logits.stride(0), scale_arg, top, total, vocab, chunks,
-            HAS_SCALE=scale is not None, BLOCK=chunk,
+            HAS_SCALE=scale is not None, BLOCK=chunk, **NO_FMA,
         )
     return top, total
 
@@ -76,8 +82,10 @@ def _pick_token_kernel(
     totals = sums * tl.exp(top - shift)  # chunk weights on the row's common scale
     cdf = tl.cumsum(totals, axis=0)
     target = tl.load(U + row) * tl.max(cdf, axis=0)  # cdf is non-decreasing: max = last
-    # searchsorted(cdf, target, right=True), clamped to the last chunk
-    chunk = tl.minimum(tl.sum((cmask & (cdf <= target)).to(tl.int32), axis=0), chunks - 1)
+    # searchsorted(cdf, target, right=True): one past the last chunk whose cdf <= target (a
+    # position even if a parallel scan's rounding made cdf dip), clamped to the last chunk
+    after = tl.where(cmask & (cdf <= target), offs_c + 1, 0)
+    chunk = tl.minimum(tl.max(after, axis=0), chunks - 1)
     before = tl.sum(tl.where(offs_c == chunk, cdf - totals, 0.0), axis=0)
     cols = chunk * BLOCK + tl.arange(0, BLOCK)
     inside = cols < vocab
@@ -88,8 +96,11 @@ def _pick_token_kernel(
     rest = tl.maximum(target - before, 0.0)  # left to cover inside the chunk
     # Rounding may put `rest` at or past the chunk's own total; stay inside its tokens.
     rest = tl.minimum(rest, tl.max(local, axis=0) * (1 - 2**-20))
-    token = chunk * BLOCK + tl.sum((local <= rest).to(tl.int32), axis=0)
-    tl.store(OUT + row, tl.minimum(token, vocab - 1).to(tl.int64))
+    token = tl.minimum(chunk * BLOCK + tl.sum((local <= rest).to(tl.int32), axis=0), vocab - 1)
+    # A NaN anywhere in the row's weights (a NaN or +inf logit) gives the last token, as the
+    # twin's searchsorted does with NaN.
+    nan = tl.sum((totals != totals).to(tl.int32), axis=0) + (target != target).to(tl.int32)
+    tl.store(OUT + row, tl.where(nan > 0, vocab - 1, token).to(tl.int64))
 
 
 def pick_token_triton(
@@ -109,6 +120,6 @@ def pick_token_triton(
             logits, logits.stride(0), scale_arg, top.contiguous(), sums.contiguous(),
             u.float().contiguous(), out, vocab, chunks,
             HAS_SCALE=scale is not None, CHUNKS_PAD=max(16, triton.next_power_of_2(chunks)),
-            BLOCK=chunk, num_warps=4,
+            BLOCK=chunk, num_warps=4, **NO_FMA,
         )
     return out
