@@ -14,6 +14,17 @@ from novainfer.kernels.fp8 import FP8_DTYPE
 
 
 @triton.jit
+def to_cache(x, SCALES, WHICH: tl.constexpr, FP8: tl.constexpr, dt: tl.constexpr):
+    """x as the cache stores it: in the cache's dtype `dt`, or (FP8) x / scale saturated to
+    ±448 (SCALES[WHICH]: 0 for K, 1 for V). Every kernel that writes the cache uses this
+    (here and kernels/rope_store.py)."""
+    if FP8:
+        x = x.to(tl.float32) / tl.load(SCALES + WHICH)
+        x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    return x.to(dt)
+
+
+@triton.jit
 def _store_kv_kernel(
     K, V, KV, SLOTS, SCALES,
     stride_kt, stride_kh, stride_vt, stride_vh,
@@ -33,11 +44,8 @@ def _store_kv_kernel(
         tok64 = tok.to(tl.int64)
         k = tl.load(K + tok64 * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
         v = tl.load(V + tok64 * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
-        if FP8:
-            k = k.to(tl.float32) / tl.load(SCALES)
-            v = v.to(tl.float32) / tl.load(SCALES + 1)
-            k = tl.minimum(tl.maximum(k, -448.0), 448.0).to(KV.dtype.element_ty)
-            v = tl.minimum(tl.maximum(v, -448.0), 448.0).to(KV.dtype.element_ty)
+        k = to_cache(k, SCALES, 0, FP8, KV.dtype.element_ty)
+        v = to_cache(v, SCALES, 1, FP8, KV.dtype.element_ty)
         dst = slot * stride_slot + offs_h[:, None] * stride_cache_h + offs_d[None, :]
         tl.store(KV + dst, k, mask=mask)
         tl.store(KV + stride_kv + dst, v, mask=mask)

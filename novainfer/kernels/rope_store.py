@@ -24,6 +24,7 @@ import triton.language as tl
 
 from novainfer.kernels._common import pdl_launch
 from novainfer.kernels.fp8 import FP8_DTYPE
+from novainfer.kernels.kv_cache import to_cache
 
 
 @triton.jit
@@ -76,16 +77,6 @@ def store_halves(OUT, o1, o2, mask, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
     dst = OUT + heads[:, None] * (2 * HALF) + cols[None, :]
     tl.store(dst, o1, mask=mask)
     tl.store(dst + HALF, o2, mask=mask)
-
-
-@triton.jit
-def to_cache(x, SCALES, WHICH: tl.constexpr, FP8: tl.constexpr, dt: tl.constexpr):
-    """x as the cache stores it: in the model's dtype, or (FP8) x / scale saturated to ±448
-    (SCALES[WHICH]: 0 for K, 1 for V), as kernels/kv_cache.py stores it."""
-    if FP8:
-        x = x.to(tl.float32) / tl.load(SCALES + WHICH)
-        x = tl.minimum(tl.maximum(x, -448.0), 448.0)
-    return x.to(dt)
 
 
 @triton.jit(do_not_specialize=["POS", "SLOTS"])
