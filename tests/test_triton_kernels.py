@@ -25,6 +25,7 @@ from novainfer.kernels.decode_attention import (
     alloc_decode_workspace,
     decode_attention,
     decode_workspace_numel,
+    default_maxnreg,
     default_tile,
 )
 from novainfer.kernels.kv_cache import store_kv
@@ -209,6 +210,15 @@ def test_decode_tile_rule():
     assert default_tile(128, 20, 1, cpu) == (64, 2)  # batch 1
     assert default_tile(128, 1, 4, cpu) == (64, 2)  # fp32: twice the shared memory
     assert default_tile(256, 1, 2, cpu) == (32, 2)
+
+
+def test_decode_register_cap_rule():
+    """168 registers a thread for the fp8 cache's 128-token tiles at 4 warps (3 programs per
+    SM instead of 2 on an H200, no spills); no cap for other tiles, caches or warp counts."""
+    assert default_maxnreg(128, 1, 4) == 168
+    assert default_maxnreg(64, 1, 4) is None  # batch 1's split tiles
+    assert default_maxnreg(128, 2, 4) is None  # bf16: at the copy bandwidth already
+    assert default_maxnreg(128, 1, 8) is None
 
 
 @pytest.mark.parametrize("block_size,fp16", [(16, True), (256, True), (16, False)])
