@@ -11,6 +11,13 @@ qwen3-0.6b, against ~4 ms of GPU work). The padding tokens get slot -1 and belon
 sequence; the padding sequences have no query tokens, so the prefill kernel's programs for
 them return at once. Every graph shares one memory pool, the largest captured first.
 
+Decode buckets of at most `sample_seqs` rows (NOVAINFER_SAMPLE_GRAPH_SEQS, 8 by default)
+have two more graphs that hold the whole step: the forward pass, the LM head and the
+sampler ("greedy": the argmax; "draw": the temperature draw, with 1 / temperature and the
+uniforms in static buffers filled before the replay), for steps whose rows all sample that
+plainly (engine/sampler.py, `plain_sampling`). At batch 1 the host's launches of the LM head
+and the sampler's kernels cost more than their GPU time.
+
 With LoRA, each bucket has a second graph for steps where some token uses an adapter. Its
 LoRA kernels read static buffers: the adapter tokens grouped by slot, and one segment per
 slot (`max_loras` of them, empty ones included), so the launch grid never changes; a replay
@@ -31,6 +38,8 @@ from novainfer.lora.ops import LoRABatch
 PREFILL_GRAPH_SEQS = 4  # prefill graphs take steps of at most this many sequences
 MIN_PREFILL_BUCKET = 16  # the smallest prefill bucket: no prefill graphs below it
 PREFILL_GRAPH_TOKENS = 2048  # default largest prefill bucket (NOVAINFER_PREFILL_GRAPH_TOKENS)
+SAMPLE_GRAPH_SEQS = 8  # default largest decode batch sampled inside its graph
+SAMPLE_MODES = ("greedy", "draw")
 
 
 def bucket_sizes(max_num_seqs: int) -> list[int]:
@@ -59,6 +68,28 @@ def prefill_graph_tokens(value: str | None) -> int:
         raise ValueError("NOVAINFER_PREFILL_GRAPH_TOKENS must be a whole number of tokens "
                          f"(0 turns prefill graphs off), got {value!r}")
     return int(value)
+
+
+def sample_graph_seqs(value: str | None) -> int:
+    """NOVAINFER_SAMPLE_GRAPH_SEQS's value, checked: the largest decode batch whose LM head
+    and sampling replay inside its CUDA graph (0: never); unset or empty: 8."""
+    if value is None or value == "":
+        return SAMPLE_GRAPH_SEQS
+    if not value.isdigit():
+        raise ValueError("NOVAINFER_SAMPLE_GRAPH_SEQS must be a whole number of sequences "
+                         f"(0 samples outside the graphs), got {value!r}")
+    return int(value)
+
+
+def _forward_sample_into(
+    model: torch.nn.Module, logits: Callable[[torch.Tensor], torch.Tensor], out: torch.Tensor,
+    args: tuple, mode: str, scale: torch.Tensor, u: torch.Tensor,
+) -> Callable[[], None]:
+    """A call of the model, its LM head and the sampler on `args` that writes the sampled ids
+    into `out`."""
+    from novainfer.engine.sampler import sample_plain
+
+    return lambda: out.copy_(sample_plain(logits(model(*args)), mode, scale, u))
 
 
 def _forward_into(model: torch.nn.Module, out: torch.Tensor, args: tuple) -> Callable[[], None]:
@@ -91,6 +122,8 @@ class DecodeGraphs:
         lora: LoRAState | None = None,
         max_loras: int = 0,
         pool: tuple | None = None,
+        logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        sample_seqs: int = 0,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -111,7 +144,16 @@ class DecodeGraphs:
             self.lora_start = torch.zeros(max_loras + 1, dtype=torch.long, device=device)
             self.lora_slots = torch.arange(max_loras, dtype=torch.long, device=device)
             self.lora_counts = torch.zeros(max_loras, dtype=torch.long, device=device)
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        # The buckets whose whole step (LM head and sampling too) has graphs, and their
+        # static sampling inputs: 1 / temperature and the uniforms (finite in padding rows).
+        self.sample_sizes = [s for s in self.sizes if s <= sample_seqs] if logits else []
+        self.logits = logits
+        m = max(self.sample_sizes, default=0)
+        self.tokens = torch.zeros(m, dtype=torch.long, device=device)
+        self.scale = torch.ones(m, dtype=torch.float32, device=device)
+        self.u = torch.full((m, 1), 0.5, dtype=torch.float32, device=device)
+        self.sample_replays = 0  # for tests and tools: steps sampled inside a graph
+        self.graphs: dict[tuple[int, bool | str], torch.cuda.CUDAGraph] = {}
         self._capture(pool)
 
     def _meta(self, size: int) -> AttentionMetadata:
@@ -144,10 +186,40 @@ class DecodeGraphs:
                 self.graphs[size, with_lora] = graph
         if self.lora is not None:
             self.lora.batch = None
-        torch.cuda.synchronize()
+        for size in reversed(self.sample_sizes):
+            args = (self.input_ids[:size], self.positions[:size], self.kv_cache, self._meta(size))
+            for mode in SAMPLE_MODES:
+                run = _forward_sample_into(self.model, self.logits, self.tokens[:size], args,
+                                           mode, self.scale[:size], self.u[:size])
+                graph = _capture(run, pool)
+                pool = graph.pool()
+                self.graphs[size, mode] = graph
+        if self.kv_cache.is_cuda:
+            torch.cuda.synchronize()
 
     def can_run(self, meta: AttentionMetadata) -> bool:
         return meta.num_decodes == meta.num_seqs and meta.num_seqs <= self.max_size
+
+    def can_sample(self, meta: AttentionMetadata) -> bool:
+        """Whether a decode step of this batch has whole-step graphs (`run_sampled`)."""
+        return (bool(self.sample_sizes) and self.can_run(meta)
+                and meta.num_seqs <= self.sample_sizes[-1])
+
+    def run_sampled(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+        mode: str, scale: torch.Tensor | None = None, u: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The step's sampled ids (int64 [rows], a copy): the forward pass, the LM head and
+        `sample_plain(mode, scale, u)` in one replay."""
+        n = meta.num_seqs
+        size = next(s for s in self.sample_sizes if s >= n)
+        self._fill(input_ids, positions, meta, size)
+        if mode == "draw":
+            self.scale[:n].copy_(scale)
+            self.u[:n].copy_(u)
+        self.graphs[size, mode].replay()
+        self.sample_replays += 1
+        return self.tokens[:n].clone()  # the next replay rewrites the static buffer
 
     def run(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -155,6 +227,18 @@ class DecodeGraphs:
     ) -> torch.Tensor:
         n = meta.num_seqs
         size = next(s for s in self.sizes if s >= n)
+        self._fill(input_ids, positions, meta, size)
+        if lora is not None:
+            segment_per_slot(lora, self.lora_tokens, self.lora_start, self.lora_counts)
+        self.graphs[size, lora is not None].replay()
+        return self.hidden[:n]
+
+    def _fill(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+        size: int,
+    ) -> None:
+        """The step's inputs into the static buffers, padding rows up to `size` inert."""
+        n = meta.num_seqs
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
         self.slot_mapping[:n].copy_(meta.slot_mapping)
@@ -163,10 +247,6 @@ class DecodeGraphs:
         self.seq_lens[n:size].fill_(0)
         blocks = meta.block_tables.shape[1]
         self.block_tables[:n, :blocks].copy_(meta.block_tables)
-        if lora is not None:
-            segment_per_slot(lora, self.lora_tokens, self.lora_start, self.lora_counts)
-        self.graphs[size, lora is not None].replay()
-        return self.hidden[:n]
 
 
 def segment_per_slot(batch: LoRABatch, tokens: torch.Tensor, starts: torch.Tensor,

@@ -36,8 +36,10 @@ from novainfer.distributed.workers import (
 from novainfer.engine.sampler import (
     Samples,
     logprob_entries,
+    plain_sampling,
     sample_tensors,
     to_device,
+    uniforms,
     widened,
 )
 from novainfer.engine.scheduler import ScheduledBatch
@@ -191,6 +193,10 @@ class ModelRunner:
             timer = self.step_timer
             if timer is not None:
                 timer.phase("forward")
+            mode = plain_sampling(host.sampling_seqs)
+            if mode is not None and worker.can_sample_in_graph(inputs, len(host.sampling_seqs)):
+                samples = self._sample_in_graph(inputs, host.sampling_seqs, mode)
+                return LaunchedStep(host, samples, *_to_host(samples, self.device), [])
             hidden = worker.forward(inputs)
             if host.prompt_rows:
                 self._wait_for_gpu()
@@ -209,6 +215,20 @@ class ModelRunner:
             if self.workers is None:
                 raise
             self._fail(exc)
+
+    def _sample_in_graph(self, inputs: StepInputs, seqs: list[Sequence], mode: str) -> Samples:
+        """A small decode step as one replay of its whole-step graph: the forward pass, the
+        LM head and the sampler (engine/cuda_graphs.py). The uniforms come from the same
+        generators, in the same order, as `sample_tensors` draws them, so the tokens are the
+        ones the eager sampler gives."""
+        scale = u = None
+        if mode == "draw":
+            scale = to_device([1.0 / s.params.temperature for s in seqs], self.device,
+                              torch.float32)
+            u = uniforms(seqs, self.generator, self.device)
+        tokens = self.worker.forward_sampled(inputs, mode, scale, u)
+        self.worker.last_sampled = tokens
+        return Samples(tokens, None, [], [])
 
     def collect(self, step: LaunchedStep) -> StepOutput:
         """Wait for a launched step and bring its samples to the host."""

@@ -177,12 +177,24 @@ def draw(
     draw from the engine's generator; a seeded request draws its number from its own
     generator, so its tokens do not depend on its batch-mates.
     """
-    rows = logits.shape[0]
-    device = logits.device
-    u = torch.rand(rows, 1, generator=generator, device=device)
+    return draw_from(logits, scale, uniforms(seqs, generator, logits.device))
+
+
+def uniforms(
+    seqs: list[Sequence], generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """One u ~ U[0, 1) per row, float32 [rows, 1]: a batched draw from the engine's generator,
+    then a seeded request's own number from its generator."""
+    u = torch.rand(len(seqs), 1, generator=generator, device=device)
     for row, seq in enumerate(seqs):
         if seq.generator is not None:
             u[row].uniform_(generator=seq.generator)
+    return u
+
+
+def draw_from(logits: torch.Tensor, scale: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
+    """`draw` for given uniforms u (float32 [rows, 1]): no host work, so a CUDA graph can
+    hold it (engine/cuda_graphs.py) with `scale` and `u` in static buffers."""
     top, sums = chunk_stats(logits, scale)
     if logits.is_cuda:
         from novainfer.kernels.sampling import pick_token_triton
@@ -224,6 +236,32 @@ def widened(logits: torch.Tensor) -> torch.Tensor:
 
 def needs_filtering(seqs: list[Sequence]) -> bool:
     return any(s.params.top_k != -1 or s.params.top_p < 1.0 or s.params.min_p > 0 for s in seqs)
+
+
+def plain_sampling(seqs: list[Sequence]) -> str | None:
+    """"greedy" when every row takes the argmax, "draw" when every row draws with its
+    temperature alone, None otherwise (logprobs, penalties, min_tokens, top-k / top-p /
+    min-p, or greedy and sampled rows mixed). For such steps `sample_plain` is exactly what
+    `sample_tensors` computes, without host work."""
+    if not seqs or any(s.params.logprobs is not None or s.params.has_penalties
+                       or s.params.min_tokens for s in seqs):
+        return None
+    greedy = [s.params.greedy for s in seqs]
+    if all(greedy):
+        return "greedy"
+    if any(greedy) or needs_filtering(seqs):
+        return None
+    return "draw"
+
+
+def sample_plain(
+    logits: torch.Tensor, mode: str, scale: torch.Tensor | None, u: torch.Tensor | None
+) -> torch.Tensor:
+    """The tokens of a `plain_sampling` step: the argmax ("greedy"), or the draw with the
+    rows' 1 / temperature and uniforms ("draw"), as `sample_tensors` takes them."""
+    if mode == "greedy":
+        return logits.argmax(dim=-1)
+    return draw_from(logits, scale, u)
 
 
 def draw_rows(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator):

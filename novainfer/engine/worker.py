@@ -25,6 +25,7 @@ from novainfer.engine.cuda_graphs import (
     DecodeGraphs,
     PrefillGraphs,
     prefill_graph_tokens,
+    sample_graph_seqs,
 )
 from novainfer.engine.step_inputs import HEADER, StepInputs, unpack_step
 from novainfer.layers.attention import AttentionMetadata, get_backend
@@ -128,9 +129,15 @@ class ModelWorker:
                     max_model_len, cfg.hidden_size, self.dtype, device,
                 )
                 pool = self.prefill_graphs.pool()
+            # Whole-step graphs (LM head and sampling inside) for small batches: one rank
+            # only (the LM head's gather to rank 0 is outside the graphs), no LoRA.
+            sample_seqs = 0
+            if not tp.enabled and not config.enable_lora:
+                sample_seqs = sample_graph_seqs(os.environ.get("NOVAINFER_SAMPLE_GRAPH_SEQS"))
             self.graphs = DecodeGraphs(
                 self.model, self.kv_cache, config.max_num_seqs, blocks_per_seq, max_model_len,
                 cfg.hidden_size, self.dtype, device, self.lora, config.max_loras, pool,
+                self.model.compute_logits, sample_seqs,
             )
 
     def _build_model(self, folder: Path) -> torch.nn.Module:
@@ -266,6 +273,22 @@ class ModelWorker:
                 and prefill.can_run(meta, inputs.input_ids.shape[0])):
             return prefill.run(inputs.input_ids, inputs.positions, meta)
         return self.model(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
+
+    def can_sample_in_graph(self, inputs: StepInputs, num_sampling: int) -> bool:
+        """Whether this step can run as one whole-step graph (`forward_sampled`): a decode
+        step of a small batch where every row samples, no adapter, no prompt logprobs."""
+        graphs = self.graphs
+        return (graphs is not None and not self.calibrating and inputs.lora is None
+                and num_sampling == inputs.meta.num_seqs and inputs.prompt_indices.numel() == 0
+                and graphs.can_sample(inputs.meta))
+
+    def forward_sampled(
+        self, inputs: StepInputs, mode: str, scale: torch.Tensor | None, u: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The sampled ids of a step `can_sample_in_graph` accepted (engine/sampler.py,
+        `sample_plain`), from one replay of its whole-step graph."""
+        return self.graphs.run_sampled(inputs.input_ids, inputs.positions, inputs.meta, mode,
+                                       scale, u)
 
     def _calibrate(self, inputs: StepInputs) -> torch.Tensor:
         """The first step, eager (never a CUDA graph): every layer sets its scales from the
