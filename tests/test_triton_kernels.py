@@ -214,11 +214,17 @@ def test_decode_tile_rule():
 
 def test_decode_register_cap_rule():
     """168 registers a thread for the fp8 cache's 128-token tiles at 4 warps (3 programs per
-    SM instead of 2 on an H200, no spills); no cap for other tiles, caches or warp counts."""
-    assert default_maxnreg(128, 1, 4) == 168
-    assert default_maxnreg(64, 1, 4) is None  # batch 1's split tiles
-    assert default_maxnreg(128, 2, 4) is None  # bf16: at the copy bandwidth already
-    assert default_maxnreg(128, 1, 8) is None
+    SM instead of 2 on an H200, no spills), only where that was measured: Hopper, head_dim
+    128, 16 query rows a program, fp16 dots. No cap anywhere else."""
+    hopper = (9, 0)
+    assert default_maxnreg(128, 1, 4, 128, 16, True, hopper) == 168
+    assert default_maxnreg(64, 1, 4, 128, 16, True, hopper) is None  # batch 1's split tiles
+    assert default_maxnreg(128, 2, 4, 128, 16, False, hopper) is None  # bf16: at copy speed
+    assert default_maxnreg(128, 1, 8, 128, 16, True, hopper) is None
+    assert default_maxnreg(128, 1, 4, 64, 16, True, hopper) is None
+    assert default_maxnreg(128, 1, 4, 128, 32, True, hopper) is None  # a group of 32 heads
+    assert default_maxnreg(128, 1, 4, 128, 16, False, hopper) is None  # NOVAINFER_FP8_DOT=bf16
+    assert default_maxnreg(128, 1, 4, 128, 16, True, (10, 0)) is None  # not measured there
 
 
 @pytest.mark.parametrize("block_size,fp16", [(16, True), (256, True), (16, False)])

@@ -14,9 +14,9 @@ them return at once. Every graph shares one memory pool, the largest captured fi
 Decode buckets of at most `sample_seqs` rows (NOVAINFER_SAMPLE_GRAPH_SEQS, 8 by default)
 have two more graphs that hold the whole step: the forward pass, the LM head and the
 sampler ("greedy": the argmax; "draw": the temperature draw, with 1 / temperature and the
-uniforms in static buffers filled before the replay), for steps whose rows all sample that
-plainly (engine/sampler.py, `plain_sampling`). At batch 1 the host's launches of the LM head
-and the sampler's kernels cost more than their GPU time.
+uniforms in static buffers filled before the replay), for steps whose rows fill the bucket
+exactly and all sample plainly (engine/sampler.py, `plain_sampling`): no host work between
+the forward pass and the sampled ids, and the eager sampler's tokens.
 
 With LoRA, each bucket has a second graph for steps where some token uses an adapter. Its
 LoRA kernels read static buffers: the adapter tokens grouped by slot, and one segment per
@@ -201,9 +201,10 @@ class DecodeGraphs:
         return meta.num_decodes == meta.num_seqs and meta.num_seqs <= self.max_size
 
     def can_sample(self, meta: AttentionMetadata) -> bool:
-        """Whether a decode step of this batch has whole-step graphs (`run_sampled`)."""
-        return (bool(self.sample_sizes) and self.can_run(meta)
-                and meta.num_seqs <= self.sample_sizes[-1])
+        """Whether a decode step of this batch has whole-step graphs (`run_sampled`): its
+        rows fill a bucket exactly. A padded batch would run the LM head on more rows than
+        the eager path does, and cuBLAS may then round the logits differently."""
+        return meta.num_seqs in self.sample_sizes and self.can_run(meta)
 
     def run_sampled(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -211,8 +212,7 @@ class DecodeGraphs:
     ) -> torch.Tensor:
         """The step's sampled ids (int64 [rows], a copy): the forward pass, the LM head and
         `sample_plain(mode, scale, u)` in one replay."""
-        n = meta.num_seqs
-        size = next(s for s in self.sample_sizes if s >= n)
+        n = size = meta.num_seqs  # a bucket's size (`can_sample`)
         self._fill(input_ids, positions, meta, size)
         if mode == "draw":
             self.scale[:n].copy_(scale)

@@ -35,6 +35,7 @@ from novainfer.distributed.workers import (
 )
 from novainfer.engine.sampler import (
     Samples,
+    inverse_temperatures,
     logprob_entries,
     plain_sampling,
     sample_tensors,
@@ -223,8 +224,7 @@ class ModelRunner:
         ones the eager sampler gives."""
         scale = u = None
         if mode == "draw":
-            scale = to_device([1.0 / s.params.temperature for s in seqs], self.device,
-                              torch.float32)
+            scale = inverse_temperatures(seqs, self.device)
             u = uniforms(seqs, self.generator, self.device)
         tokens = self.worker.forward_sampled(inputs, mode, scale, u)
         self.worker.last_sampled = tokens

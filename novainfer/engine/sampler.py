@@ -25,6 +25,11 @@ def to_device(values: list, device: torch.device, dtype: torch.dtype | None = No
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
+def inverse_temperatures(seqs: list[Sequence], device: torch.device) -> torch.Tensor:
+    """float32 [rows] of 1 / temperature (rows that draw: temperature > 0), on the device."""
+    return to_device([1.0 / s.params.temperature for s in seqs], device, torch.float32)
+
+
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     for row, seq in enumerate(seqs):
         p = seq.params
@@ -62,7 +67,7 @@ def filter_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     dev = logits.device
     # Times the float32 1 / temperature, exactly as `draw_rows` scales unfiltered rows: a row
     # gets the same values (a seeded row the same token) whether or not a batch-mate filters.
-    inverse = to_device([1.0 / s.params.temperature for s in seqs], dev, torch.float32)
+    inverse = inverse_temperatures(seqs, dev)
     logits = logits * inverse[:, None]
     top_ks = [s.params.top_k for s in seqs]
     top_ps = [s.params.top_p for s in seqs]
@@ -269,7 +274,7 @@ def draw_rows(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Gener
     temperature goes into the draw's single pass over the logits (no tempered copy)."""
     if needs_filtering(seqs):
         return draw(filter_logits(widened(logits), seqs), seqs, generator)
-    inverse = to_device([1.0 / s.params.temperature for s in seqs], logits.device, torch.float32)
+    inverse = inverse_temperatures(seqs, logits.device)
     return draw(logits, seqs, generator, scale=inverse)
 
 

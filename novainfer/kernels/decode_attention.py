@@ -227,15 +227,21 @@ def default_tile(
     return 64, 2
 
 
-def default_maxnreg(block_n: int, kv_bytes: int, num_warps: int) -> int | None:
+def default_maxnreg(
+    block_n: int, kv_bytes: int, num_warps: int, head_dim: int, group_pad: int, dot_f16: bool,
+    capability: tuple[int, int],
+) -> int | None:
     """A register cap for the decode kernel, or None. Over an fp8 cache with 128-token tiles
     and 4 warps the kernel takes 200 registers a thread (the widened K and V tiles), which
     fits 2 programs per SM; capped at 168 (no spills) 3 fit. On an H200 (2026-12-02, one
     call, 256 sequences of 100-2048 tokens, `decode_attention` on the fp8 cache): qwen3-0.6b
     heads (16 / 8) 256.6 -> 216.7 us, r1-distill-qwen-1.5b heads (12 / 2) 85.8 -> 78.4; a cap
     of 160 was slower than 168, one of 128 spilled (241.1 us), and 64-token tiles with a cap
-    of 128 stayed at 252 us. The bf16 kernel is at the copy bandwidth already."""
-    if block_n == 128 and kv_bytes == 1 and num_warps == 4:
+    of 128 stayed at 252 us. Only where that was checked: Hopper (compute capability 9.x),
+    head_dim 128, at most 16 query rows a program, fp16 dots; larger tiles could spill. The
+    bf16 kernel is at the copy bandwidth already."""
+    if (block_n == 128 and kv_bytes == 1 and num_warps == 4 and head_dim == 128
+            and group_pad <= 16 and dot_f16 and capability[0] == 9):
         return 168
     return None
 
@@ -317,11 +323,15 @@ def decode_attention(
             num_stages = tile_stages
     if num_stages is None:
         num_stages = 2
-    if maxnreg is None and q.device.type == "cuda":
-        maxnreg = default_maxnreg(block_n, kv_cache.element_size(), num_warps)
     if dot_f16 is None:
         dot_f16 = q.dtype == torch.bfloat16 and fp8_dot_fp16()
     dot_f16 = dot_f16 and fp8 and q.dtype != torch.float16
+    group_pad = max(16, next_pow2(group))
+    if maxnreg is None and q.device.type == "cuda":
+        maxnreg = default_maxnreg(
+            block_n, kv_cache.element_size(), num_warps, head_dim, group_pad, dot_f16,
+            torch.cuda.get_device_capability(q.device),
+        )
     ieee = use_ieee(q.dtype) and not dot_f16
     if num_splits > 1:
         need = decode_workspace_numel(num_seqs, num_heads, head_dim, num_splits)
@@ -343,7 +353,7 @@ def decode_attention(
         NUM_HEADS=num_heads,
         NUM_SPLITS=num_splits,
         GROUP=group,
-        GROUP_PAD=max(16, next_pow2(group)),
+        GROUP_PAD=group_pad,
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
