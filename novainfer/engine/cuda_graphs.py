@@ -59,26 +59,27 @@ def prefill_buckets(max_tokens: int) -> list[int]:
     return sorted(set(sizes + [max_tokens]))
 
 
+def _whole_number(value: str | None, name: str, default: int, what: str, zero: str) -> int:
+    """An environment setting that is a whole number (`default` when unset or empty)."""
+    if value is None or value == "":
+        return default
+    if not value.isdigit():
+        raise ValueError(f"{name} must be a whole number of {what} ({zero}), got {value!r}")
+    return int(value)
+
+
 def prefill_graph_tokens(value: str | None) -> int:
     """NOVAINFER_PREFILL_GRAPH_TOKENS's value, checked: the largest prefill step (in tokens)
     replayed from a CUDA graph; 0 turns prefill graphs off; unset or empty: 2048."""
-    if value is None or value == "":
-        return PREFILL_GRAPH_TOKENS
-    if not value.isdigit():
-        raise ValueError("NOVAINFER_PREFILL_GRAPH_TOKENS must be a whole number of tokens "
-                         f"(0 turns prefill graphs off), got {value!r}")
-    return int(value)
+    return _whole_number(value, "NOVAINFER_PREFILL_GRAPH_TOKENS", PREFILL_GRAPH_TOKENS,
+                         "tokens", "0 turns prefill graphs off")
 
 
 def sample_graph_seqs(value: str | None) -> int:
-    """NOVAINFER_SAMPLE_GRAPH_SEQS's value, checked: the largest decode batch whose LM head
+    """NOVAINFER_SAMPLE_GRAPH_SEQS's value, checked: the largest decode bucket whose LM head
     and sampling replay inside its CUDA graph (0: never); unset or empty: 8."""
-    if value is None or value == "":
-        return SAMPLE_GRAPH_SEQS
-    if not value.isdigit():
-        raise ValueError("NOVAINFER_SAMPLE_GRAPH_SEQS must be a whole number of sequences "
-                         f"(0 samples outside the graphs), got {value!r}")
-    return int(value)
+    return _whole_number(value, "NOVAINFER_SAMPLE_GRAPH_SEQS", SAMPLE_GRAPH_SEQS,
+                         "sequences", "0 samples outside the graphs")
 
 
 def _forward_sample_into(
