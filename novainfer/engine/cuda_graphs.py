@@ -31,6 +31,7 @@ from collections.abc import Callable
 
 import torch
 
+from novainfer.engine.sampler import sample_plain
 from novainfer.layers.attention import AttentionMetadata
 from novainfer.lora.layers import LoRAState
 from novainfer.lora.ops import LoRABatch
@@ -88,8 +89,6 @@ def _forward_sample_into(
 ) -> Callable[[], None]:
     """A call of the model, its LM head and the sampler on `args` that writes the sampled ids
     into `out`."""
-    from novainfer.engine.sampler import sample_plain
-
     return lambda: out.copy_(sample_plain(logits(model(*args)), mode, scale, u))
 
 

@@ -194,8 +194,11 @@ class ModelRunner:
             timer = self.step_timer
             if timer is not None:
                 timer.phase("forward")
-            mode = plain_sampling(host.sampling_seqs)
-            if mode is not None and worker.can_sample_in_graph(inputs, len(host.sampling_seqs)):
+            # the batch-shape test first: large steps never scan their rows' settings here
+            mode = None
+            if worker.can_sample_in_graph(inputs, len(host.sampling_seqs)):
+                mode = plain_sampling(host.sampling_seqs)
+            if mode is not None:
                 samples = self._sample_in_graph(inputs, host.sampling_seqs, mode)
                 return LaunchedStep(host, samples, *_to_host(samples, self.device), [])
             hidden = worker.forward(inputs)

@@ -169,16 +169,19 @@ def _decode_reduce_kernel(
     tl.store(OUT + seq * stride_ot + head * stride_oh + offs_d, o.to(OUT.dtype.element_ty))
 
 
-_SM_COUNT: dict[int, int] = {}
+@functools.cache
+def _cuda_props(index: int):
+    """A CUDA device's properties, read once: every decode call (per layer, per eager step)
+    consults them."""
+    return torch.cuda.get_device_properties(index)
+
+
+def _props(device: torch.device):
+    return _cuda_props(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
+    return _props(device).multi_processor_count if device.type == "cuda" else 8
 
 
 def default_num_splits(
@@ -201,8 +204,7 @@ def default_num_splits(
 def _smem_per_block(device: torch.device) -> int:
     if device.type != "cuda":
         return 1 << 30  # the interpreter: no limit
-    props = torch.cuda.get_device_properties(device)
-    return int(getattr(props, "shared_memory_per_block_optin", 0) or 0)
+    return int(getattr(_props(device), "shared_memory_per_block_optin", 0) or 0)
 
 
 def default_tile(
@@ -330,7 +332,7 @@ def decode_attention(
     if maxnreg is None and q.device.type == "cuda":
         maxnreg = default_maxnreg(
             block_n, kv_cache.element_size(), num_warps, head_dim, group_pad, dot_f16,
-            torch.cuda.get_device_capability(q.device),
+            (_props(q.device).major, _props(q.device).minor),
         )
     ieee = use_ieee(q.dtype) and not dot_f16
     if num_splits > 1:
