@@ -5,6 +5,7 @@
     python benchmarks/ab.py rmsnorm-residual --batch 1,4 --seq-len 128,512 --repeats 50 --out /tmp/ab
     python benchmarks/ab.py fused-ops                      # eager vs compile vs triton, 1..512 tokens
     python benchmarks/ab.py top-k-filter --batch 1,64,256 --seq-len 32000,151936  # sampler
+    python benchmarks/ab.py top-p-filter --batch 1,64,256 --seq-len 151936
     python benchmarks/ab.py attention                      # every attention backend (ab_attention.py)
 
 Per cell: warm-up, then `--repeats` timed runs (CUDA events on the GPU, perf_counter on the
@@ -119,6 +120,22 @@ def make_top_k_filter(batch: int, seq_len: int, device: torch.device, dtype: tor
             lambda: sampler._top_k_top_p_candidates(logits, ks, ps, width))
 
 
+def make_top_p_filter(batch: int, seq_len: int, device: torch.device, dtype: torch.dtype, *,
+                      top_p: float = 0.9):
+    """The sampler's top-p alone over a full-vocabulary sort (A) vs the radix search for
+    the cut (B, kernels/top_p.py; CUDA or the Triton interpreter). Here `batch` is the
+    rows that sample and `seq_len` the vocabulary; float32 logits as the sampler filters."""
+    from novainfer.engine import sampler
+    from novainfer.kernels.top_p import top_p_filter_triton
+
+    del dtype
+    logits = torch.randn(batch, seq_len, device=device, dtype=torch.float32) * 3
+    ps = [top_p] * batch
+    p = torch.full((batch,), top_p, device=device)
+    return (lambda: sampler._top_k_top_p_sorted(logits, [-1] * batch, ps),
+            lambda: top_p_filter_triton(logits, p))
+
+
 COMPARISONS: dict[str, Comparison] = {
     "qkv-split": Comparison("qkv-split", "split sizes per call", "split sizes cached",
                             make_qkv_split, "Llama-3-8B attention shapes (32 q / 8 kv heads x 128)"),
@@ -128,6 +145,9 @@ COMPARISONS: dict[str, Comparison] = {
                                make_top_k_filter, "top_k 50 + top_p 0.9; --batch = rows, "
                                "--seq-len = vocabulary (e.g. --batch 1,64,256 --seq-len "
                                "32000,151936)"),
+    "top-p-filter": Comparison("top-p-filter", "vocabulary sort", "radix search",
+                               make_top_p_filter, "top_p 0.9 alone; --batch = rows, "
+                               "--seq-len = vocabulary"),
 }
 
 # ---------------------------------------------------------------------------- fused ops, 3 ways

@@ -61,9 +61,9 @@ def filter_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Temperature, top-k, top-p and min-p, vectorised over rows with per-row settings.
 
     Rows with top-k take `topk`'s candidates (no vocabulary sort; ties with the k-th logit
-    kept, as in vLLM), rows with top-p alone a full sort. Each row's path and arithmetic
-    depend on its own settings only, never on its batch-mates', so a seeded request draws
-    the same token alone or batched."""
+    kept, as in vLLM), rows with top-p alone a radix search for the cut on CUDA (a sort
+    elsewhere). Each row's path and arithmetic depend on its own settings only, never on
+    its batch-mates', so a seeded request draws the same token alone or batched."""
     dev = logits.device
     # Times the float32 1 / temperature, exactly as `draw_rows` scales unfiltered rows: a row
     # gets the same values (a seeded row the same token) whether or not a batch-mate filters.
@@ -73,7 +73,7 @@ def filter_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     top_ps = [s.params.top_p for s in seqs]
     min_ps = [s.params.min_p for s in seqs]
     vocab = logits.shape[-1]
-    groups: dict[int, list[int]] = {}  # candidate width -> rows; 0: top-p alone (a sort)
+    groups: dict[int, list[int]] = {}  # candidate width -> rows; 0: top-p alone
     for row, (k, p) in enumerate(zip(top_ks, top_ps)):
         if k != -1:
             groups.setdefault(candidate_width(k, vocab), []).append(row)
@@ -87,7 +87,7 @@ def filter_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         if width:
             part = _top_k_top_p_candidates(part, ks, ps, width)
         else:
-            part = _top_k_top_p_sorted(part, ks, ps)
+            part = _top_p_alone(part, ps)
         if whole:
             logits = part
         else:
@@ -109,21 +109,33 @@ def candidate_width(k: int, vocab: int) -> int:
 
 def _top_k_top_p_sorted(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]
                         ) -> torch.Tensor:
-    """Top-k then top-p over a full-vocabulary sort: the path of rows with top-p and no
-    top-k (and the reference the candidates path is tested against)."""
+    """Top-k then top-p over a full-vocabulary sort: the CPU path of rows with top-p and no
+    top-k, and the twin both faster paths are tested against. A row keeps the logits at or
+    above its smallest survivor, so a logit tied with a kept one is kept (vLLM's rule for
+    the k-th logit, applied at the top-p cut too)."""
     dev, vocab = logits.device, logits.shape[-1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    sorted_logits = logits.sort(dim=-1, descending=True).values
     k = to_device([vocab if k == -1 else min(k, vocab) for k in top_ks], dev)
     kth = sorted_logits.gather(1, (k - 1)[:, None])
-    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))  # ties kept
-    probs = sorted_logits.softmax(dim=-1)
+    drop = sorted_logits < kth  # ties with the k-th kept
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass strictly ahead of each token
     p = to_device(top_ps, dev, probs.dtype)
     # The first token always survives (before == 0). Rows with top_p 1 drop nothing: in
     # float32 their cumsum reaches 1 before the tail, which would cut it.
-    drop = (before >= p[:, None]) & (p[:, None] < 1.0)
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    drop |= (before >= p[:, None]) & (p[:, None] < 1.0)
+    smallest = sorted_logits.masked_fill(drop, float("inf")).amin(dim=-1)
+    return logits.masked_fill(logits < smallest[:, None], float("-inf"))
+
+
+def _top_p_alone(logits: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
+    """Top-p without top-k: on CUDA a radix search for each row's cut (kernels/top_p.py, no
+    vocabulary sort), elsewhere the sort it is tested against."""
+    if logits.is_cuda:
+        from novainfer.kernels.top_p import top_p_filter_triton
+
+        return top_p_filter_triton(logits, to_device(top_ps, logits.device, torch.float32))
+    return _top_k_top_p_sorted(logits, [-1] * len(top_ps), top_ps)
 
 
 def _top_k_top_p_candidates(logits: torch.Tensor, top_ks: list[int], top_ps: list[float],

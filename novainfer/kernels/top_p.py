@@ -1,0 +1,188 @@
+"""Top-p (nucleus) filtering without sorting the vocabulary: a radix search for the cut.
+
+A row keeps token i when the probability mass of the tokens with larger logits is below p
+(the first token always survives), and every logit equal to a kept one (vLLM's tie rule, as
+the top-k path keeps ties). That kept set is "every logit >= T" for one value T, and T is
+found digit by digit: each float32 logit maps to a 32-bit key with the same order, and
+eight passes over the row each fix four more bits of T's key. A pass sums, for the 16
+values of the next digit, the mass of the logits whose key starts with the bits fixed so
+far; the lowest digit whose largest logit still has less than p of the mass ahead of it is
+where the cut lies.
+
+Each pass is one launch over (rows, vocabulary chunks of SPLIT entries). The chunks' sums
+go to a small buffer; every program of the next pass sums them and takes the decision
+itself (the first chunk's program also stores it for the pass after), so programs never
+wait for each other. The first pass weighs each chunk by its own maximum and the second
+rescales to the row's. The chunk size is fixed, not chosen from the number of rows, so a
+row's arithmetic (hence a seeded request's token) does not depend on its batch-mates.
+Nine launches, each reading the row once, against PyTorch's sort of the whole vocabulary.
+
+The PyTorch twin is the sort path, engine/sampler.py `_top_k_top_p_sorted`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SPLIT = 4096  # vocabulary entries per program
+BLOCK = 256  # entries per loop step inside a program
+LEVELS = 8  # 4-bit digits of a 32-bit key
+_FIXED = ["stride_x", "rows", "vocab", "splits"]  # compile once, whatever the batch
+
+
+@triton.jit
+def _ordered_key(x):
+    """float32 -> int64 in [0, 2**32) with the floats' order (-inf lowest)."""
+    bits = x.to(tl.int32, bitcast=True)
+    flipped = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return flipped.to(tl.int64) + 2147483648
+
+
+@triton.jit
+def _digit_mass(base, m, prefix, split, vocab, SHIFT: tl.constexpr, SPLIT: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """[16]: the weight exp(x - m) of this chunk's logits whose key starts with `prefix`'s
+    bits above SHIFT + 4, per value of the key's digit at SHIFT."""
+    digits = tl.arange(0, 16)
+    acc = tl.zeros((BLOCK, 16), tl.float32)  # summed across the loop, reduced once
+    for start in range(split * SPLIT, split * SPLIT + SPLIT, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        x = tl.load(base + offs, mask=offs < vocab, other=float("-inf"))
+        key = _ordered_key(x)
+        w = tl.where((key >> (SHIFT + 4)) == (prefix >> (SHIFT + 4)), tl.exp(x - m), 0.0)
+        acc += tl.where(((key >> SHIFT) & 15)[:, None] == digits[None, :], w[:, None], 0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _decide(mass, above, target, prefix, SHIFT: tl.constexpr):
+    """From the mass per digit value at SHIFT of the logits under `prefix`: the lowest digit
+    whose largest logit has less than `target` ahead of it (the cut lies in its range)."""
+    digits = tl.arange(0, 16)
+    # mass of the digits above each digit (exactly 0 for the top one)
+    after = tl.sum(tl.where(digits[None, :] > digits[:, None], mass[None, :], 0.0), axis=1)
+    chosen = tl.min(tl.where((mass > 0) & (above + after < target), digits, 16), axis=0)
+    # Rounding (p next to 1) can leave no digit: stay with the top one that has mass.
+    top = tl.max(tl.where(mass > 0, digits, -1), axis=0)
+    chosen = tl.where(chosen == 16, tl.maximum(top, 0), chosen)
+    above += tl.sum(tl.where(digits == chosen, after, 0.0), axis=0)
+    return prefix + (chosen.to(tl.int64) << SHIFT), above
+
+
+@triton.jit
+def _chunk_sums(PART, row, splits, SPLITS_PAD: tl.constexpr):
+    offs_s = tl.arange(0, SPLITS_PAD)
+    part = tl.load(PART + (row * splits + offs_s[:, None]) * 16 + tl.arange(0, 16)[None, :],
+                   mask=(offs_s < splits)[:, None], other=0.0)
+    return part, offs_s
+
+
+@triton.jit(do_not_specialize=_FIXED)
+def _first_kernel(X, stride_x, PART, PMAX, rows, vocab, splits, SPLIT: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    base = X + row.to(tl.int64) * stride_x
+    top = tl.full((BLOCK,), float("-inf"), tl.float32)
+    for start in range(split * SPLIT, split * SPLIT + SPLIT, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        top = tl.maximum(top, tl.load(base + offs, mask=offs < vocab, other=float("-inf")))
+    m = tl.max(top, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # an all -inf chunk: weights 0, not NaN
+    mass = _digit_mass(base, m, tl.zeros((), tl.int64), split, vocab, 28, SPLIT, BLOCK)
+    tl.store(PART + (row * splits + split) * 16 + tl.arange(0, 16), mass)
+    tl.store(PMAX + row * splits + split, m)
+
+
+@triton.jit
+def _state(PART, PMAX, P, ROWMAX, TARGET, PREFIX, ABOVE, row, rows, splits,
+           LEVEL: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """The row's max, target mass and the prefix after LEVEL digits, from pass LEVEL - 1's
+    chunk sums (and, after the first pass, what the previous pass stored)."""
+    part, offs_s = _chunk_sums(PART + (LEVEL - 1) * rows * splits * 16, row, splits,
+                               SPLITS_PAD)
+    if LEVEL == 1:  # chunk sums weighed by their own max: rescale to the row's
+        pmax = tl.load(PMAX + row * splits + offs_s, mask=offs_s < splits, other=0.0)
+        m = tl.max(tl.where(offs_s < splits, pmax, float("-inf")), axis=0)
+        mass = tl.sum(part * tl.exp(pmax - m)[:, None], axis=0)
+        target = tl.load(P + row) * tl.sum(mass, axis=0)
+        prefix = tl.zeros((), tl.int64)
+        above = tl.zeros((), tl.float32)
+    else:
+        mass = tl.sum(part, axis=0)
+        m = tl.load(ROWMAX + row)
+        target = tl.load(TARGET + row)
+        prefix = tl.load(PREFIX + (LEVEL - 1) * rows + row)
+        above = tl.load(ABOVE + (LEVEL - 1) * rows + row)
+    prefix, above = _decide(mass, above, target, prefix, 32 - 4 * LEVEL)
+    return m, target, prefix, above
+
+
+@triton.jit(do_not_specialize=_FIXED)
+def _level_kernel(X, stride_x, P, PART, PMAX, ROWMAX, TARGET, PREFIX, ABOVE, rows, vocab,
+                  splits, LEVEL: tl.constexpr, SPLITS_PAD: tl.constexpr, SPLIT: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    m, target, prefix, above = _state(PART, PMAX, P, ROWMAX, TARGET, PREFIX, ABOVE, row, rows,
+                                      splits, LEVEL, SPLITS_PAD)
+    if split == 0:  # for the next pass (read only after this launch has finished)
+        tl.store(PREFIX + LEVEL * rows + row, prefix)
+        tl.store(ABOVE + LEVEL * rows + row, above)
+        if LEVEL == 1:
+            tl.store(ROWMAX + row, m)
+            tl.store(TARGET + row, target)
+    base = X + row.to(tl.int64) * stride_x
+    mass = _digit_mass(base, m, prefix, split, vocab, 28 - 4 * LEVEL, SPLIT, BLOCK)
+    tl.store(PART + ((LEVEL * rows + row) * splits + split) * 16 + tl.arange(0, 16), mass)
+
+
+@triton.jit(do_not_specialize=_FIXED)
+def _apply_kernel(X, stride_x, P, PART, PMAX, ROWMAX, TARGET, PREFIX, ABOVE, OUT, rows, vocab,
+                  splits, SPLITS_PAD: tl.constexpr, SPLIT: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    _, _, prefix, _ = _state(PART, PMAX, P, ROWMAX, TARGET, PREFIX, ABOVE, row, rows, splits,
+                             8, SPLITS_PAD)
+    flipped = (prefix - 2147483648).to(tl.int32)
+    cut = tl.where(flipped >= 0, flipped, flipped ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+    base = X + row.to(tl.int64) * stride_x
+    out = OUT + row.to(tl.int64) * vocab
+    for start in range(split * SPLIT, split * SPLIT + SPLIT, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        x = tl.load(base + offs, mask=offs < vocab, other=float("-inf"))
+        tl.store(out + offs, tl.where(x >= cut, x, float("-inf")), mask=offs < vocab)
+
+
+def top_p_filter_triton(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """float32 logits [rows, vocab] with everything outside each row's top-p set at -inf;
+    `top_p` float32 [rows] in (0, 1]. A row with top_p 1 keeps every logit with any mass."""
+    if logits.dtype != torch.float32:
+        raise ValueError(f"top_p_filter_triton: logits must be float32, got {logits.dtype}")
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    rows, vocab = logits.shape
+    dev = logits.device
+    out = torch.empty((rows, vocab), dtype=torch.float32, device=dev)
+    if rows == 0 or vocab == 0:
+        return out
+    splits = -(-vocab // SPLIT)
+    part = torch.empty((LEVELS, rows, splits, 16), dtype=torch.float32, device=dev)
+    pmax = torch.empty((rows, splits), dtype=torch.float32, device=dev)
+    rowmax = torch.empty(rows, dtype=torch.float32, device=dev)
+    target = torch.empty_like(rowmax)
+    prefix = torch.empty((LEVELS, rows), dtype=torch.int64, device=dev)
+    above = torch.empty((LEVELS, rows), dtype=torch.float32, device=dev)
+    p = top_p.float().contiguous()
+    state = (p, part, pmax, rowmax, target, prefix, above)
+    sizes = dict(SPLITS_PAD=max(16, triton.next_power_of_2(splits)), SPLIT=SPLIT, BLOCK=BLOCK)
+    grid = (rows, splits)
+    x, stride = logits, logits.stride(0)
+    _first_kernel[grid](x, stride, part, pmax, rows, vocab, splits, SPLIT=SPLIT, BLOCK=BLOCK)
+    for level in range(1, LEVELS):
+        _level_kernel[grid](x, stride, *state, rows, vocab, splits, LEVEL=level, **sizes)
+    _apply_kernel[grid](x, stride, *state, out, rows, vocab, splits, **sizes)
+    return out

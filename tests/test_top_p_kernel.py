@@ -1,0 +1,155 @@
+"""Top-p without a vocabulary sort (kernels/top_p.py) against its PyTorch twin, the sort path
+(engine/sampler.py `_top_k_top_p_sorted`), and against the definition in float64.
+
+Without a GPU the kernel runs in the Triton interpreter (fp32); with one, compiled, at the
+benchmark's shape too. Edges: vocabularies of 1, one program's chunk +- 1; p tiny, 0.5 and
+next to 1; -inf entries, a row of nothing but -inf, ties (bf16-rounded logits), signed
+zeros, a strided view, no rows.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+pytest.importorskip("triton")
+
+from types import SimpleNamespace
+
+from novainfer.engine import sampler
+from novainfer.kernels.top_p import SPLIT, top_p_filter_triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEV = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")
+gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or INTERPRET, reason="needs a CUDA device (compiled triton)"
+)
+PS = [0.9, 0.5, 1e-4, 0.999, 0.3]
+
+
+def _logits(rows, vocab, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, vocab, generator=g) * scale
+    if rows > 2 and vocab > 3:
+        x[2, ::3] = float("-inf")  # banned tokens
+    return x
+
+
+def _mass_ahead(x: torch.Tensor) -> torch.Tensor:
+    """float64 [rows, vocab]: the probability mass of the logits larger than each one."""
+    p = torch.softmax(x.double(), dim=-1).nan_to_num(0.0)
+    order = x.double().argsort(dim=-1, descending=True, stable=True)
+    sorted_x = x.double().gather(1, order)
+    ahead = p.gather(1, order).cumsum(-1) - p.gather(1, order)
+    # Tied logits share the mass ahead of the first of them.
+    first = torch.cat([torch.ones_like(sorted_x[:, :1], dtype=torch.bool),
+                       sorted_x[:, 1:] != sorted_x[:, :-1]], dim=1)
+    idx = torch.where(first, torch.arange(x.shape[1]).expand_as(first), 0).cummax(1).values
+    return torch.empty_like(ahead).scatter_(1, order, ahead.gather(1, idx))
+
+
+def _check(got: torch.Tensor, x: torch.Tensor, ps: list[float], margin: float = 1e-5):
+    """Kept logits are unchanged, dropped ones -inf, and a logit is kept exactly when the
+    mass ahead of it is below p (the top one always), but where float32 sums may round to
+    either side of p."""
+    kept = ~torch.isneginf(got)
+    assert torch.equal(got[kept], x[kept])
+    ahead = _mass_ahead(x)
+    p = torch.tensor(ps, dtype=torch.float64)[:, None]
+    clear = (ahead - p).abs() > margin
+    live = torch.isfinite(x)
+    want = live & (ahead < p)
+    assert torch.equal(kept & clear & live, want & clear), "kept set differs from top-p"
+    for row in range(x.shape[0]):
+        if live[row].any():
+            assert kept[row, x[row].argmax()], "the top logit must survive"
+
+
+@pytest.mark.parametrize("vocab", [1, 5, 1000, SPLIT, SPLIT + 1, 20_000])
+def test_top_p_matches_the_sort_and_the_definition(vocab):
+    x = _logits(len(PS), vocab, seed=vocab)
+    got = top_p_filter_triton(x.to(DEV), torch.tensor(PS, device=DEV)).cpu()
+    want = sampler._top_k_top_p_sorted(x, [-1] * len(PS), PS)
+    _check(got, x, PS)
+    _check(want, x, PS)
+    ahead = _mass_ahead(x)
+    clear = ((ahead - torch.tensor(PS, dtype=torch.float64)[:, None]).abs() > 1e-5).all(-1)
+    assert torch.equal(got[clear], want[clear])  # rows with no token at the edge: identical
+
+
+def test_ties_signed_zeros_and_dead_rows():
+    """bf16-rounded logits (many ties): every logit equal to a kept one is kept, as by the
+    sort; a row of nothing but -inf stays so; -0.0 and +0.0 logits; a flat row keeps all."""
+    x = (_logits(4, 3000, seed=3, scale=2.0).bfloat16().float())
+    x[1] = float("-inf")
+    x[2, :] = 0.0
+    x[2, ::2] = -0.0
+    x[3, :10] = 20.0  # ten tied leaders with p 0.05: all of them survive
+    ps = [0.8, 0.9, 0.5, 0.05]
+    got = top_p_filter_triton(x.to(DEV), torch.tensor(ps, device=DEV)).cpu()
+    want = sampler._top_k_top_p_sorted(x, [-1] * 4, ps)
+    assert torch.equal(got.isneginf(), want.isneginf())
+    assert torch.isneginf(got[1]).all()
+    assert not torch.isneginf(got[2]).any()
+    assert (~got[3].isneginf()).sum() == 10
+    kept0 = got[0][~got[0].isneginf()]
+    assert (x[0] >= kept0.min()).sum() == kept0.numel()  # ties with the cut kept
+
+
+def test_a_row_is_filtered_the_same_alone_or_batched():
+    x = _logits(5, 9000, seed=11)
+    both = top_p_filter_triton(x.to(DEV), torch.tensor(PS, device=DEV)).cpu()
+    for row in range(5):
+        alone = top_p_filter_triton(x[row : row + 1].to(DEV),
+                                    torch.tensor(PS[row : row + 1], device=DEV)).cpu()
+        assert torch.equal(alone[0], both[row]), row
+
+
+def test_strided_rows_no_rows_and_dtype():
+    x = _logits(6, 2100, seed=4)
+    view = x.to(DEV)[::2]
+    ps = [0.7, 0.2, 0.95]
+    got = top_p_filter_triton(view, torch.tensor(ps, device=DEV)).cpu()
+    _check(got, x[::2], ps)
+    assert top_p_filter_triton(x[:0].to(DEV), torch.ones(0, device=DEV)).shape == (0, 2100)
+    with pytest.raises(ValueError, match="float32"):
+        top_p_filter_triton(x.to(DEV).half(), torch.ones(6, device=DEV))
+
+
+def test_the_sort_keeps_a_tie_at_the_top_p_cut():
+    """The twin's tie rule at the cut: 0.5 of the mass is reached inside a tie, and the tie
+    is kept whole (by position it would split)."""
+    x = torch.log(torch.tensor([[0.4, 0.2, 0.2, 0.2]]))
+    got = sampler._top_k_top_p_sorted(x, [-1], [0.5])
+    assert (~got.isneginf()).tolist() == [[True, True, True, True]]
+    got = sampler._top_k_top_p_sorted(x, [-1], [0.4])
+    assert (~got.isneginf()).tolist() == [[True, False, False, False]]
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_benchmark_shape_and_the_sampler_path():
+    """256 rows x 151,936 entries of bf16-rounded logits: the compiled kernel keeps the
+    sort's set; `filter_logits` on CUDA takes it for top-p-only rows, and a seeded row
+    draws the same token alone or batched."""
+    x = (_logits(256, 151_936, seed=5).bfloat16().float())
+    ps = [0.9, 0.95, 0.5, 0.99] * 64
+    got = top_p_filter_triton(x.cuda(), torch.tensor(ps, device="cuda")).cpu()
+    want = sampler._top_k_top_p_sorted(x.cuda(), [-1] * 256, ps).cpu()
+    same = (got.isneginf() == want.isneginf()).all(-1)
+    assert same.float().mean() >= 0.97, f"{int((~same).sum())} rows differ"
+    _check(got[:8], x[:8], ps[:8], margin=1e-4)
+
+    params = SimpleNamespace(top_k=-1, top_p=0.9, min_p=0.0, temperature=1.0)
+    mate = SimpleNamespace(top_k=-1, top_p=0.5, min_p=0.0, temperature=0.7)
+    seqs = [SimpleNamespace(generator=None, params=params)]
+    alone = sampler.filter_logits(x[:1].cuda(), seqs).cpu()
+    batched = sampler.filter_logits(
+        x[:2].cuda(), seqs + [SimpleNamespace(generator=None, params=mate)]).cpu()
+    assert torch.equal(alone[0], batched[0])
+    _check(alone, x[:1], [0.9], margin=1e-4)
