@@ -42,6 +42,7 @@ class Workload:
 
 
 DRAW_ORDERS = ("benchpy", "interleaved")
+TIMED_SAMPLING = {"temperature": 0.6}  # nano-vLLM's bench.py: temperature alone
 
 
 def make_workload(num_seqs: int, max_input_len: int, max_output_len: int, seed: int = 0,
@@ -171,6 +172,10 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "round-robin (0: none)")
     parser.add_argument("--lora-rank", type=int, default=16, help="rank of --lora-count adapters")
     parser.add_argument("--seed", type=int, default=0, help="the workload's random seed")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="nucleus filter of every request (1 = off: temperature 0.6 alone, "
+                             "the workload's usual sampling)")
+    parser.add_argument("--top-k", type=int, default=-1, help="top-k of every request (-1 = off)")
     parser.add_argument("--draw-order", choices=DRAW_ORDERS, default="benchpy",
                         help="benchpy: all prompts, then all lengths (nano-vLLM's bench.py); "
                              "interleaved: each request's prompt and length together")
@@ -185,7 +190,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def warm_up_largest_steps(llm, max_num_seqs: int, max_num_batched_tokens: int,
-                          max_model_len: int, loras: list | None = None) -> None:
+                          max_model_len: int, loras: list | None = None,
+                          sampling: dict | None = None) -> None:
     """Untimed: a prefill step of up to max_num_batched_tokens and a decode step of
     max_num_seqs rows, sampled as the timed run samples (with `loras`, the adapters taken in
     turn, so the LoRA buffers reach their largest shapes too). The worker empties the
@@ -197,7 +203,7 @@ def warm_up_largest_steps(llm, max_num_seqs: int, max_num_batched_tokens: int,
     top = min(10000, llm.llm_engine.runner.model_config.vocab_size - 1)
     rng = random.Random(12345)  # distinct prompts: the prefix cache must not share them
     prompts = [[rng.randint(0, top) for _ in range(length)] for _ in range(max_num_seqs)]
-    params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=2)
+    params = SamplingParams(**(sampling or TIMED_SAMPLING), ignore_eos=True, max_tokens=2)
     requests = [loras[i % len(loras)] for i in range(max_num_seqs)] if loras else None
     llm.generate(prompts, params, use_tqdm=False, lora_request=requests)
 
@@ -247,6 +253,8 @@ def run(args: argparse.Namespace) -> dict:
     max_out = args.max_output_len or (128 if tiny else 1024)
     if args.rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+    sampling = {**TIMED_SAMPLING, "top_p": args.top_p, "top_k": args.top_k}
+    SamplingParams(**sampling)  # a bad --top-p / --top-k: its ValueError before any loading
     work = make_workload(num_seqs, max_in, max_out, args.seed, args.draw_order)
     preset = args.preset or (None if args.model else "tiny")
     model = args.model or str(preset_folder(preset))
@@ -280,8 +288,8 @@ def run(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         warm_up_largest_steps(llm, engine.scheduler.max_num_seqs,
                               engine.scheduler.max_num_batched_tokens, engine.max_model_len,
-                              used)
-    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in work.max_tokens]
+                              used, sampling)
+    params = [SamplingParams(**sampling, ignore_eos=True, max_tokens=m) for m in work.max_tokens]
     if engine.step_timer is not None:  # --step-timing / NOVAINFER_STEP_TIMING=1
         engine.step_timer.reset()  # time the measured run only, not the warm-up
     round_seconds = []
@@ -326,6 +334,8 @@ def run(args: argparse.Namespace) -> dict:
         "output_tok_s": round(produced / seconds, 1),
         "rounds_tok_s": [round(produced / t, 1) for t in round_seconds],
         "seed": args.seed,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
         "draw_order": args.draw_order,
         "floor_s": round(floor["floor_s"], 3),
         "floor_tok_s": round(produced / floor["floor_s"], 1),

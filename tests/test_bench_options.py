@@ -35,6 +35,31 @@ def test_rounds_report_each_round(capsys):
     assert "--rounds must be >= 1" in capsys.readouterr().err
 
 
+def test_top_p_and_top_k_filter_the_timed_run(capsys, monkeypatch):
+    """--top-p / --top-k reach every timed request (and the JSON); a bad value is the
+    sampling parameter's error before anything loads."""
+    import novainfer  # bench.run imports SamplingParams from the package when it runs
+
+    seen = []
+    original = novainfer.SamplingParams
+
+    def spy(*a, **kw):
+        seen.append((kw.get("top_p"), kw.get("top_k")))
+        return original(*a, **kw)
+
+    monkeypatch.setattr(novainfer, "SamplingParams", spy)
+    args = ["bench", "--preset", "tiny", "--device", "cpu", "--num-seqs", "3",
+            "--max-input-len", "20", "--max-output-len", "4", "--top-p", "0.8", "--top-k", "7",
+            "--json"]
+    assert cli.main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["top_p"], result["top_k"]) == (0.8, 7)
+    timed = [s for s in seen if s != (None, None)]
+    assert len(timed) >= 4 and set(timed) == {(0.8, 7)}  # the check + 3 requests
+    assert cli.main([*args[:-5], "--top-p", "0", "--json"]) == 2
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err
+
+
 def test_reset_prefix_cache(checkpoint):
     llm = make_llm(checkpoint("llama"), kv_cache_memory=8 << 20)
     prompt = random_prompts([40], seed=3)[0]
