@@ -34,10 +34,16 @@ _FIXED = ["stride_x", "rows", "vocab", "splits"]  # compile once, whatever the b
 
 @triton.jit
 def _ordered_key(x):
-    """float32 -> int64 in [0, 2**32) with the floats' order (-inf lowest)."""
-    bits = x.to(tl.int32, bitcast=True)
-    flipped = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    return flipped.to(tl.int64) + 2147483648
+    """float32 -> uint32 with the floats' order (-inf lowest): negative floats' bits
+    inverted, positive floats' sign bit set."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return tl.where((bits >> 31) == 1, ~bits, bits | 0x80000000)
+
+
+@triton.jit
+def _key_value(key):
+    """The float32 whose `_ordered_key` is `key`."""
+    return tl.where((key >> 31) == 1, key ^ 0x80000000, ~key).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -45,14 +51,22 @@ def _digit_mass(base, m, prefix, split, vocab, SHIFT: tl.constexpr, SPLIT: tl.co
                 BLOCK: tl.constexpr):
     """[16]: the weight exp(x - m) of this chunk's logits whose key starts with `prefix`'s
     bits above SHIFT + 4, per value of the key's digit at SHIFT."""
-    digits = tl.arange(0, 16)
+    digits = tl.arange(0, 16).to(tl.uint32)
     acc = tl.zeros((BLOCK, 16), tl.float32)  # summed across the loop, reduced once
     for start in range(split * SPLIT, split * SPLIT + SPLIT, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(base + offs, mask=offs < vocab, other=float("-inf"))
         key = _ordered_key(x)
-        w = tl.where((key >> (SHIFT + 4)) == (prefix >> (SHIFT + 4)), tl.exp(x - m), 0.0)
-        acc += tl.where(((key >> SHIFT) & 15)[:, None] == digits[None, :], w[:, None], 0.0)
+        if SHIFT == 28:  # the first digit: every logit counts
+            acc += tl.where((key >> SHIFT)[:, None] == digits[None, :],
+                            tl.exp(x - m)[:, None], 0.0)
+        else:
+            match = (key >> (SHIFT + 4)) == (prefix >> (SHIFT + 4))
+            # Past the first digits few logits share the prefix: skip blocks without one.
+            if tl.max(match.to(tl.int32), axis=0) > 0:
+                w = tl.where(match, tl.exp(x - m), 0.0)
+                acc += tl.where(((key >> SHIFT) & 15)[:, None] == digits[None, :],
+                                w[:, None], 0.0)
     return tl.sum(acc, axis=0)
 
 
@@ -68,7 +82,7 @@ def _decide(mass, above, target, prefix, SHIFT: tl.constexpr):
     top = tl.max(tl.where(mass > 0, digits, -1), axis=0)
     chosen = tl.where(chosen == 16, tl.maximum(top, 0), chosen)
     above += tl.sum(tl.where(digits == chosen, after, 0.0), axis=0)
-    return prefix + (chosen.to(tl.int64) << SHIFT), above
+    return prefix | (chosen.to(tl.uint32) << SHIFT), above
 
 
 @triton.jit
@@ -91,7 +105,7 @@ def _first_kernel(X, stride_x, PART, PMAX, rows, vocab, splits, SPLIT: tl.conste
         top = tl.maximum(top, tl.load(base + offs, mask=offs < vocab, other=float("-inf")))
     m = tl.max(top, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)  # an all -inf chunk: weights 0, not NaN
-    mass = _digit_mass(base, m, tl.zeros((), tl.int64), split, vocab, 28, SPLIT, BLOCK)
+    mass = _digit_mass(base, m, tl.zeros((), tl.uint32), split, vocab, 28, SPLIT, BLOCK)
     tl.store(PART + (row * splits + split) * 16 + tl.arange(0, 16), mass)
     tl.store(PMAX + row * splits + split, m)
 
@@ -108,13 +122,13 @@ def _state(PART, PMAX, P, ROWMAX, TARGET, PREFIX, ABOVE, row, rows, splits,
         m = tl.max(tl.where(offs_s < splits, pmax, float("-inf")), axis=0)
         mass = tl.sum(part * tl.exp(pmax - m)[:, None], axis=0)
         target = tl.load(P + row) * tl.sum(mass, axis=0)
-        prefix = tl.zeros((), tl.int64)
+        prefix = tl.zeros((), tl.uint32)
         above = tl.zeros((), tl.float32)
     else:
         mass = tl.sum(part, axis=0)
         m = tl.load(ROWMAX + row)
         target = tl.load(TARGET + row)
-        prefix = tl.load(PREFIX + (LEVEL - 1) * rows + row)
+        prefix = tl.load(PREFIX + (LEVEL - 1) * rows + row).to(tl.uint32, bitcast=True)
         above = tl.load(ABOVE + (LEVEL - 1) * rows + row)
     prefix, above = _decide(mass, above, target, prefix, 32 - 4 * LEVEL)
     return m, target, prefix, above
@@ -129,7 +143,7 @@ def _level_kernel(X, stride_x, P, PART, PMAX, ROWMAX, TARGET, PREFIX, ABOVE, row
     m, target, prefix, above = _state(PART, PMAX, P, ROWMAX, TARGET, PREFIX, ABOVE, row, rows,
                                       splits, LEVEL, SPLITS_PAD)
     if split == 0:  # for the next pass (read only after this launch has finished)
-        tl.store(PREFIX + LEVEL * rows + row, prefix)
+        tl.store(PREFIX + LEVEL * rows + row, prefix.to(tl.int32, bitcast=True))
         tl.store(ABOVE + LEVEL * rows + row, above)
         if LEVEL == 1:
             tl.store(ROWMAX + row, m)
@@ -147,8 +161,7 @@ def _apply_kernel(X, stride_x, P, PART, PMAX, ROWMAX, TARGET, PREFIX, ABOVE, OUT
     split = tl.program_id(1)
     _, _, prefix, _ = _state(PART, PMAX, P, ROWMAX, TARGET, PREFIX, ABOVE, row, rows, splits,
                              8, SPLITS_PAD)
-    flipped = (prefix - 2147483648).to(tl.int32)
-    cut = tl.where(flipped >= 0, flipped, flipped ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+    cut = _key_value(prefix)
     base = X + row.to(tl.int64) * stride_x
     out = OUT + row.to(tl.int64) * vocab
     for start in range(split * SPLIT, split * SPLIT + SPLIT, BLOCK):
@@ -174,7 +187,7 @@ def top_p_filter_triton(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tens
     pmax = torch.empty((rows, splits), dtype=torch.float32, device=dev)
     rowmax = torch.empty(rows, dtype=torch.float32, device=dev)
     target = torch.empty_like(rowmax)
-    prefix = torch.empty((LEVELS, rows), dtype=torch.int64, device=dev)
+    prefix = torch.empty((LEVELS, rows), dtype=torch.int32, device=dev)  # uint32 bits
     above = torch.empty((LEVELS, rows), dtype=torch.float32, device=dev)
     p = top_p.float().contiguous()
     state = (p, part, pmax, rowmax, target, prefix, above)
