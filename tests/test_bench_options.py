@@ -35,27 +35,43 @@ def test_rounds_report_each_round(capsys):
     assert "--rounds must be >= 1" in capsys.readouterr().err
 
 
-def test_top_p_and_top_k_filter_the_timed_run(capsys, monkeypatch):
-    """--top-p / --top-k reach every timed request (and the JSON); a bad value is the
-    sampling parameter's error before anything loads."""
+@pytest.mark.parametrize("top_k", [7, -1])
+def test_top_p_and_top_k_filter_the_timed_run(capsys, monkeypatch, top_k):
+    """--top-p / --top-k reach every timed request (and the JSON), and the sampler filters
+    with them: top-p alone takes `_top_p_alone` (the radix kernel's dispatch), with top-k
+    the candidates path; a bad value is the sampling parameter's error before anything
+    loads."""
     import novainfer  # bench.run imports SamplingParams from the package when it runs
+    from novainfer.engine import sampler
 
-    seen = []
+    seen, paths = [], []
     original = novainfer.SamplingParams
 
     def spy(*a, **kw):
         seen.append((kw.get("top_p"), kw.get("top_k")))
         return original(*a, **kw)
 
+    def spy_path(name):
+        real = getattr(sampler, name)
+
+        def wrapped(*a, **kw):
+            paths.append(name)
+            return real(*a, **kw)
+        monkeypatch.setattr(sampler, name, wrapped)
+
     monkeypatch.setattr(novainfer, "SamplingParams", spy)
+    spy_path("_top_p_alone")
+    spy_path("_top_k_top_p_candidates")
     args = ["bench", "--preset", "tiny", "--device", "cpu", "--num-seqs", "3",
-            "--max-input-len", "20", "--max-output-len", "4", "--top-p", "0.8", "--top-k", "7",
-            "--json"]
+            "--max-input-len", "20", "--max-output-len", "4", "--top-p", "0.8",
+            "--top-k", str(top_k), "--json"]
     assert cli.main(args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert (result["top_p"], result["top_k"]) == (0.8, 7)
+    assert (result["top_p"], result["top_k"]) == (0.8, top_k)
     timed = [s for s in seen if s != (None, None)]
-    assert len(timed) >= 4 and set(timed) == {(0.8, 7)}  # the check + 3 requests
+    assert len(timed) >= 4 and set(timed) == {(0.8, top_k)}  # the check + 3 requests
+    want = "_top_p_alone" if top_k == -1 else "_top_k_top_p_candidates"
+    assert paths and set(paths) == {want}
     assert cli.main([*args[:-5], "--top-p", "0", "--json"]) == 2
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
 

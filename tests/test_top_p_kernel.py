@@ -3,8 +3,8 @@
 
 Without a GPU the kernel runs in the Triton interpreter (fp32); with one, compiled, at the
 benchmark's shape too. Edges: vocabularies of 1, one program's chunk +- 1; p tiny, 0.5 and
-next to 1; -inf entries, a row of nothing but -inf, ties (bf16-rounded logits), signed
-zeros, a strided view, no rows.
+next to 1; -inf entries, chunks and rows of nothing but -inf, maxima far below zero (small
+temperatures), ties (bf16-rounded logits), signed zeros, a strided view, no rows.
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ pytest.importorskip("triton")
 from types import SimpleNamespace
 
 from novainfer.engine import sampler
-from novainfer.kernels.top_p import SPLIT, top_p_filter_triton
+import triton
+import triton.language as tl
+
+from novainfer.kernels.top_p import SPLIT, _decide, top_p_filter_triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEV = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")
@@ -30,6 +33,15 @@ gpu = pytest.mark.skipif(
     not torch.cuda.is_available() or INTERPRET, reason="needs a CUDA device (compiled triton)"
 )
 PS = [0.9, 0.5, 1e-4, 0.999, 0.3]
+
+
+@triton.jit
+def _decide_kernel(MASS, OUT, ABOVE, SHIFT: tl.constexpr):
+    """One `_decide` with the prefix 0x70000000, nothing above it and a target of 0.5."""
+    mass = tl.load(MASS + tl.arange(0, 16))
+    prefix, above = _decide(mass, 0.0, 0.5, tl.full((), 0x70000000, tl.uint32), SHIFT)
+    tl.store(OUT, prefix.to(tl.int32, bitcast=True))
+    tl.store(ABOVE, above)
 
 
 def _logits(rows, vocab, seed=0, scale=3.0):
@@ -77,9 +89,16 @@ def test_top_p_matches_the_sort_and_the_definition(vocab):
     want = sampler._top_k_top_p_sorted(x, [-1] * len(PS), PS)
     _check(got, x, PS)
     _check(want, x, PS)
-    ahead = _mass_ahead(x)
-    clear = ((ahead - torch.tensor(PS, dtype=torch.float64)[:, None]).abs() > 1e-5).all(-1)
-    assert torch.equal(got[clear], want[clear])  # rows with no token at the edge: identical
+    _same_as_the_sort(got, want, x, PS)
+
+
+def _same_as_the_sort(got, want, x, ps, margin=1e-5):
+    """The kernel and the sort keep the same logits wherever the mass ahead is clear of p
+    (every row, p next to 1 included); rows with no token at the edge are identical."""
+    clear = (_mass_ahead(x) - torch.tensor(ps, dtype=torch.float64)[:, None]).abs() > margin
+    assert torch.equal(got.isneginf() & clear, want.isneginf() & clear)
+    rows = clear.all(-1)
+    assert torch.equal(got[rows], want[rows])
 
 
 def test_ties_signed_zeros_and_dead_rows():
@@ -99,6 +118,48 @@ def test_ties_signed_zeros_and_dead_rows():
     assert (~got[3].isneginf()).sum() == 10
     kept0 = got[0][~got[0].isneginf()]
     assert (x[0] >= kept0.min()).sum() == kept0.numel()  # ties with the cut kept
+
+
+def test_rows_far_below_zero_and_dead_chunks():
+    """Logits whose largest is far below zero (exp of them underflows float32): what a small
+    temperature makes of raw logits (-2.9 / 0.02 = -145). Rows shifted by -200, a row at
+    temperature 0.02, and rows with a chunk of nothing but -inf under a max of -118 (a dead
+    chunk must weigh 0, not lift the row's max to 0)."""
+    vocab = 3 * SPLIT + 17
+    x = _logits(6, vocab, seed=21)
+    x[0] -= 200.0
+    x[1] = x[1] / 4 - 2.9 - x[1].max() / 4  # raw max -2.9 ...
+    x[1] /= 0.02  # ... at temperature 0.02, as filter_logits scales before filtering
+    x[2] = x[2] - x[2].max() - 118.0
+    x[2, SPLIT : 2 * SPLIT] = float("-inf")  # a dead middle chunk
+    x[3] = x[3] - x[3].max() - 118.0
+    x[3, 3 * SPLIT :] = float("-inf")  # a dead last (partial) chunk
+    x[4] = float("-inf")
+    x[4, 5] = -300.0  # one live logit
+    x[5] = x[5] * 40 - 90.0  # a wide spread: most weights underflow against the max
+    ps = [0.9, 0.5, 0.99, 0.3, 0.7, 0.999]
+    got = top_p_filter_triton(x.to(DEV), torch.tensor(ps, device=DEV)).cpu()
+    want = sampler._top_k_top_p_sorted(x, [-1] * len(ps), ps)
+    assert not torch.isnan(got).any()
+    for row in range(len(ps)):
+        assert not torch.isneginf(got[row]).all(), f"row {row} lost every logit"
+    _check(got, x, ps)
+    _check(want, x, ps)
+    assert (~got[4].isneginf()).tolist() == (~x[4].isneginf()).tolist()
+
+
+def test_a_prefix_without_mass_takes_the_top_digit():
+    """`_decide` when no digit under the prefix weighs anything (weights that underflow after
+    the first pass's rescaling): the top digit, so the cut rises to the top of the range and
+    drops only weightless logits; digit 0 could decode as a NaN cut."""
+    out = torch.zeros(1, dtype=torch.int32, device=DEV)
+    above = torch.zeros(1, device=DEV)
+    _decide_kernel[(1,)](torch.zeros(16, device=DEV), out, above, SHIFT=20)
+    assert out.item() == 0x70000000 | (15 << 20) and above.item() == 0.0
+    mass = torch.zeros(16, device=DEV)
+    mass[[3, 9]] = torch.tensor([0.25, 0.5], device=DEV)  # 0.5 ahead of digit 3: cut at 9
+    _decide_kernel[(1,)](mass, out, above, SHIFT=20)
+    assert out.item() == 0x70000000 | (9 << 20) and above.item() == 0.0
 
 
 def test_a_row_is_filtered_the_same_alone_or_batched():
@@ -141,9 +202,11 @@ def test_gpu_benchmark_shape_and_the_sampler_path():
     ps = [0.9, 0.95, 0.5, 0.99] * 64
     got = top_p_filter_triton(x.cuda(), torch.tensor(ps, device="cuda")).cpu()
     want = sampler._top_k_top_p_sorted(x.cuda(), [-1] * 256, ps).cpu()
-    same = (got.isneginf() == want.isneginf()).all(-1)
-    assert same.float().mean() >= 0.97, f"{int((~same).sum())} rows differ"
-    _check(got[:8], x[:8], ps[:8], margin=1e-4)
+    _check(got, x, ps, margin=1e-4)
+    _same_as_the_sort(got, want, x, ps, margin=1e-4)
+    cold = (x[:16] / 0.02 - 150.0).cuda()  # small temperature: the max far below zero
+    _check(top_p_filter_triton(cold, torch.tensor(ps[:16], device="cuda")).cpu(),
+           cold.cpu(), ps[:16], margin=1e-4)
 
     params = SimpleNamespace(top_k=-1, top_p=0.9, min_p=0.0, temperature=1.0)
     mate = SimpleNamespace(top_k=-1, top_p=0.5, min_p=0.0, temperature=0.7)

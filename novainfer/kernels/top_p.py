@@ -15,7 +15,9 @@ itself (the first chunk's program also stores it for the pass after), so program
 wait for each other. The first pass weighs each chunk by its own maximum and the second
 rescales to the row's. The chunk size is fixed, not chosen from the number of rows, so a
 row's arithmetic (hence a seeded request's token) does not depend on its batch-mates.
-Nine launches, each reading the row once, against PyTorch's sort of the whole vocabulary.
+Nine launches reading the row ten times (the first reads its chunk twice: max, then mass),
+against PyTorch's sort of the whole vocabulary. NaN logits are undefined input here, as
+they are for the sort: filter them out before.
 
 The PyTorch twin is the sort path, engine/sampler.py `_top_k_top_p_sorted`.
 """
@@ -78,9 +80,13 @@ def _decide(mass, above, target, prefix, SHIFT: tl.constexpr):
     # mass of the digits above each digit (exactly 0 for the top one)
     after = tl.sum(tl.where(digits[None, :] > digits[:, None], mass[None, :], 0.0), axis=1)
     chosen = tl.min(tl.where((mass > 0) & (above + after < target), digits, 16), axis=0)
-    # Rounding (p next to 1) can leave no digit: stay with the top one that has mass.
-    top = tl.max(tl.where(mass > 0, digits, -1), axis=0)
-    chosen = tl.where(chosen == 16, tl.maximum(top, 0), chosen)
+    # `above` < target always holds (the previous choice checked it), so the top digit with
+    # mass qualifies and no digit is left only when nothing under the prefix weighs
+    # anything: a row of nothing but -inf, or logits whose exp(x - max) underflows. Take
+    # the top digit then: the cut rises to the top of the range, dropping only logits of
+    # weight 0 (the row's max, weight 1, is never among them). For a dead row the cut
+    # decodes as NaN and keeps nothing, which is right: it had nothing to keep.
+    chosen = tl.where(chosen == 16, 15, chosen)
     above += tl.sum(tl.where(digits == chosen, after, 0.0), axis=0)
     return prefix | (chosen.to(tl.uint32) << SHIFT), above
 
@@ -103,9 +109,9 @@ def _first_kernel(X, stride_x, PART, PMAX, rows, vocab, splits, SPLIT: tl.conste
     for start in range(split * SPLIT, split * SPLIT + SPLIT, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         top = tl.maximum(top, tl.load(base + offs, mask=offs < vocab, other=float("-inf")))
-    m = tl.max(top, axis=0)
-    m = tl.where(m == float("-inf"), 0.0, m)  # an all -inf chunk: weights 0, not NaN
-    mass = _digit_mass(base, m, tl.zeros((), tl.uint32), split, vocab, 28, SPLIT, BLOCK)
+    m = tl.max(top, axis=0)  # -inf for a chunk of nothing but -inf: stored as it is
+    shift = tl.where(m == float("-inf"), 0.0, m)  # its weights 0, not NaN
+    mass = _digit_mass(base, shift, tl.zeros((), tl.uint32), split, vocab, 28, SPLIT, BLOCK)
     tl.store(PART + (row * splits + split) * 16 + tl.arange(0, 16), mass)
     tl.store(PMAX + row * splits + split, m)
 
@@ -118,9 +124,13 @@ def _state(PART, PMAX, P, ROWMAX, TARGET, PREFIX, ABOVE, row, rows, splits,
     part, offs_s = _chunk_sums(PART + (LEVEL - 1) * rows * splits * 16, row, splits,
                                SPLITS_PAD)
     if LEVEL == 1:  # chunk sums weighed by their own max: rescale to the row's
-        pmax = tl.load(PMAX + row * splits + offs_s, mask=offs_s < splits, other=0.0)
-        m = tl.max(tl.where(offs_s < splits, pmax, float("-inf")), axis=0)
-        mass = tl.sum(part * tl.exp(pmax - m)[:, None], axis=0)
+        pmax = tl.load(PMAX + row * splits + offs_s, mask=offs_s < splits,
+                       other=float("-inf"))
+        m = tl.max(pmax, axis=0)
+        m = tl.where(m == float("-inf"), 0.0, m)  # a row of nothing but -inf
+        # A dead chunk (or a padding slot) weighs 0: exp(-inf - m) but never 0 * inf.
+        scale = tl.where(pmax == float("-inf"), 0.0, tl.exp(pmax - m))
+        mass = tl.sum(part * scale[:, None], axis=0)
         target = tl.load(P + row) * tl.sum(mass, axis=0)
         prefix = tl.zeros((), tl.uint32)
         above = tl.zeros((), tl.float32)
