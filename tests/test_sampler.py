@@ -173,3 +173,19 @@ def test_top_k_keeps_a_tie_with_the_kth_logit():
     for got in (sampler._top_k_top_p_candidates(logits, [2], [1.0], 5),
                 sampler._top_k_top_p_sorted(logits, [2], [1.0])):
         assert (~got.isinf()).tolist() == [[True, True, True, False, False]]
+
+
+def test_half_precision_logits_widen_inside_the_scaling():
+    """`filter_logits` over bf16 logits gives the float32 rows of the widened logits
+    (bitwise: the product widens before it multiplies) and never writes its input, though
+    the filters overwrite the scaled copy."""
+    g = torch.Generator().manual_seed(9)
+    logits = (torch.randn(3, 5000, generator=g) * 3).bfloat16()
+    before = logits.clone()
+    seqs = [SimpleNamespace(generator=None, params=p) for p in (
+        _params(top_p=0.8, temperature=0.7), _params(top_k=20, temperature=1.3),
+        _params(top_p=0.5, min_p=0.1, temperature=0.5))]
+    got = filter_logits(logits, seqs)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, filter_logits(logits.float(), seqs))
+    assert torch.equal(logits, before)

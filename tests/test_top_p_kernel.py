@@ -182,6 +182,22 @@ def test_strided_rows_no_rows_and_dtype():
         top_p_filter_triton(x.to(DEV).half(), torch.ones(6, device=DEV))
 
 
+def test_in_place_writes_the_same_rows_over_its_input():
+    """`inplace` (the sampler's path) gives the copying call's rows in the input's own
+    storage, a row stride wider than the vocabulary included; it refuses a column stride."""
+    x = _logits(4, 2100, seed=8)
+    ps = [0.6, 0.9, 0.2, 0.99]
+    want = top_p_filter_triton(x[:, :2000].to(DEV), torch.tensor(ps, device=DEV)).cpu()
+    wide = x.clone().to(DEV)
+    view = wide[:, :2000]  # rows 2100 apart
+    got = top_p_filter_triton(view, torch.tensor(ps, device=DEV), inplace=True)
+    assert got.data_ptr() == view.data_ptr()
+    assert torch.equal(got.cpu(), want)
+    assert torch.equal(wide[:, 2000:].cpu(), x[:, 2000:])  # beyond the view: untouched
+    with pytest.raises(ValueError, match="unit stride"):
+        top_p_filter_triton(wide.t(), torch.ones(2100, device=DEV), inplace=True)
+
+
 def test_the_sort_keeps_a_tie_at_the_top_p_cut():
     """The twin's tie rule at the cut: 0.5 of the mass is reached inside a tie, and the tie
     is kept whole (by position it would split)."""
@@ -212,7 +228,12 @@ def test_gpu_benchmark_shape_and_the_sampler_path():
     mate = SimpleNamespace(top_k=-1, top_p=0.5, min_p=0.0, temperature=0.7)
     seqs = [SimpleNamespace(generator=None, params=params)]
     alone = sampler.filter_logits(x[:1].cuda(), seqs).cpu()
+    pair = x[:2].cuda()
     batched = sampler.filter_logits(
-        x[:2].cuda(), seqs + [SimpleNamespace(generator=None, params=mate)]).cpu()
+        pair, seqs + [SimpleNamespace(generator=None, params=mate)]).cpu()
     assert torch.equal(alone[0], batched[0])
+    assert torch.equal(pair.cpu(), x[:2])  # the kernel wrote the sampler's copy, not this
+    half = sampler.filter_logits(x[:2].bfloat16().cuda(), seqs * 2).cpu()  # widened inside
+    assert torch.equal(half, sampler.filter_logits(x[:2].bfloat16().float().cuda(),
+                                                   seqs * 2).cpu())
     _check(alone, x[:1], [0.9], margin=1e-4)

@@ -67,6 +67,8 @@ def filter_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     dev = logits.device
     # Times the float32 1 / temperature, exactly as `draw_rows` scales unfiltered rows: a row
     # gets the same values (a seeded row the same token) whether or not a batch-mate filters.
+    # Half-precision logits widen inside the product (float32 math, one new [rows, vocab]
+    # tensor, which the filters below may overwrite: no caller's tensor is written).
     inverse = inverse_temperatures(seqs, dev)
     logits = logits * inverse[:, None]
     top_ks = [s.params.top_k for s in seqs]
@@ -130,11 +132,13 @@ def _top_k_top_p_sorted(logits: torch.Tensor, top_ks: list[int], top_ps: list[fl
 
 def _top_p_alone(logits: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
     """Top-p without top-k: on CUDA a radix search for each row's cut (kernels/top_p.py, no
-    vocabulary sort), elsewhere the sort it is tested against."""
-    if logits.is_cuda:
+    vocabulary sort), written over `logits` (the caller's own float32 copy), elsewhere the
+    sort it is tested against."""
+    if logits.is_cuda and logits.dtype == torch.float32 and logits.stride(-1) == 1:
         from novainfer.kernels.top_p import top_p_filter_triton
 
-        return top_p_filter_triton(logits, to_device(top_ps, logits.device, torch.float32))
+        ps = to_device(top_ps, logits.device, torch.float32)
+        return top_p_filter_triton(logits, ps, inplace=True)
     return _top_k_top_p_sorted(logits, [-1] * len(top_ps), top_ps)
 
 
@@ -285,7 +289,7 @@ def draw_rows(logits: torch.Tensor, seqs: list[Sequence], generator: torch.Gener
     """Sampled tokens for rows that are all non-greedy. Without top-k / top-p / min-p the
     temperature goes into the draw's single pass over the logits (no tempered copy)."""
     if needs_filtering(seqs):
-        return draw(filter_logits(widened(logits), seqs), seqs, generator)
+        return draw(filter_logits(logits, seqs), seqs, generator)  # widens as it scales
     inverse = inverse_temperatures(seqs, logits.device)
     return draw(logits, seqs, generator, scale=inverse)
 

@@ -31,7 +31,7 @@ import triton.language as tl
 SPLIT = 4096  # vocabulary entries per program
 BLOCK = 256  # entries per loop step inside a program
 LEVELS = 8  # 4-bit digits of a 32-bit key
-_FIXED = ["stride_x", "rows", "vocab", "splits"]  # compile once, whatever the batch
+_FIXED = ["stride_x", "stride_out", "rows", "vocab", "splits"]  # compile once, whatever the batch
 
 
 @triton.jit
@@ -164,8 +164,8 @@ def _level_kernel(X, stride_x, P, PART, PMAX, ROWMAX, TARGET, PREFIX, ABOVE, row
 
 
 @triton.jit(do_not_specialize=_FIXED)
-def _apply_kernel(X, stride_x, P, PART, PMAX, ROWMAX, TARGET, PREFIX, ABOVE, OUT, rows, vocab,
-                  splits, SPLITS_PAD: tl.constexpr, SPLIT: tl.constexpr,
+def _apply_kernel(X, stride_x, P, PART, PMAX, ROWMAX, TARGET, PREFIX, ABOVE, OUT, stride_out,
+                  rows, vocab, splits, SPLITS_PAD: tl.constexpr, SPLIT: tl.constexpr,
                   BLOCK: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -173,23 +173,28 @@ def _apply_kernel(X, stride_x, P, PART, PMAX, ROWMAX, TARGET, PREFIX, ABOVE, OUT
                              8, SPLITS_PAD)
     cut = _key_value(prefix)
     base = X + row.to(tl.int64) * stride_x
-    out = OUT + row.to(tl.int64) * vocab
+    out = OUT + row.to(tl.int64) * stride_out  # may be X itself: each program its own chunk
     for start in range(split * SPLIT, split * SPLIT + SPLIT, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(base + offs, mask=offs < vocab, other=float("-inf"))
         tl.store(out + offs, tl.where(x >= cut, x, float("-inf")), mask=offs < vocab)
 
 
-def top_p_filter_triton(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def top_p_filter_triton(logits: torch.Tensor, top_p: torch.Tensor,
+                        inplace: bool = False) -> torch.Tensor:
     """float32 logits [rows, vocab] with everything outside each row's top-p set at -inf;
-    `top_p` float32 [rows] in (0, 1]. A row with top_p 1 keeps every logit with any mass."""
+    `top_p` float32 [rows] in (0, 1]. A row with top_p 1 keeps every logit with any mass.
+    `inplace`: write into `logits` (rows of unit stride) and return it, taking no
+    [rows, vocab] buffer from the allocator (the sampler's own scaled copy)."""
     if logits.dtype != torch.float32:
         raise ValueError(f"top_p_filter_triton: logits must be float32, got {logits.dtype}")
     if logits.stride(-1) != 1:
+        if inplace:
+            raise ValueError("top_p_filter_triton: inplace needs rows of unit stride")
         logits = logits.contiguous()
     rows, vocab = logits.shape
     dev = logits.device
-    out = torch.empty((rows, vocab), dtype=torch.float32, device=dev)
+    out = logits if inplace else torch.empty((rows, vocab), dtype=torch.float32, device=dev)
     if rows == 0 or vocab == 0:
         return out
     splits = -(-vocab // SPLIT)
@@ -207,5 +212,5 @@ def top_p_filter_triton(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tens
     _first_kernel[grid](x, stride, part, pmax, rows, vocab, splits, SPLIT=SPLIT, BLOCK=BLOCK)
     for level in range(1, LEVELS):
         _level_kernel[grid](x, stride, *state, rows, vocab, splits, LEVEL=level, **sizes)
-    _apply_kernel[grid](x, stride, *state, out, rows, vocab, splits, **sizes)
+    _apply_kernel[grid](x, stride, *state, out, out.stride(0), rows, vocab, splits, **sizes)
     return out
