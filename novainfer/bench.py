@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from novainfer.bench_strict import StrictCheck
+from novainfer.bench_strict import StrictCheck, reserve_small_pool
 
 
 @dataclass
@@ -196,7 +196,8 @@ def warm_up_largest_steps(llm, max_num_seqs: int, max_num_batched_tokens: int,
     max_num_seqs rows, sampled as the timed run samples (with `loras`, the adapters taken in
     turn, so the LoRA buffers reach their largest shapes too). The worker empties the
     allocator's cache after its profiling pass; this fills it back at the largest step
-    shapes, so the timed run takes no memory from the device (what --strict checks)."""
+    shapes, so the timed run takes no memory from the device (what --strict checks), and
+    keeps headroom in the small pool (`reserve_small_pool`)."""
     from novainfer import SamplingParams
 
     length = max(1, min(max_num_batched_tokens // max_num_seqs, max_model_len - 2))
@@ -206,6 +207,7 @@ def warm_up_largest_steps(llm, max_num_seqs: int, max_num_batched_tokens: int,
     params = SamplingParams(**(sampling or TIMED_SAMPLING), ignore_eos=True, max_tokens=2)
     requests = [loras[i % len(loras)] for i in range(max_num_seqs)] if loras else None
     llm.generate(prompts, params, use_tqdm=False, lora_request=requests)
+    reserve_small_pool(llm.llm_engine.runner.device)
 
 
 def _bench_loras(args: argparse.Namespace, engine, num_seqs: int, folder) -> list:

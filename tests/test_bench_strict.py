@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from novainfer import bench, cli
-from novainfer.bench_strict import CompileWatch, StrictCheck
+from novainfer.bench_strict import SMALL_BLOCK, CompileWatch, StrictCheck, reserve_small_pool
 
 TINY = ["bench", "--preset", "tiny", "--device", "cpu", "--num-seqs", "3",
         "--max-input-len", "30", "--max-output-len", "5", "--json"]
@@ -103,6 +103,35 @@ def test_new_device_memory_is_reported():
     assert check.summary()["rounds"][1] == {"compiles": 0, "segment.all.allocated": 0,
                                             "num_alloc_retries": 0, "produced": 8,
                                             "expected": 8}
+
+
+def test_the_small_pool_reserve_holds_its_blocks_at_once_then_frees_them():
+    """`reserve_small_pool` takes `mib` small-pool-sized blocks alive together (so the
+    allocator must cache that many segments), then lets every one go."""
+    import weakref
+
+    made = []
+
+    def empty(size, dtype, device):
+        assert size == SMALL_BLOCK and dtype == torch.uint8 and device == torch.device("cpu")
+        assert all(ref() is not None for ref in made)  # the earlier blocks still alive
+        t = torch.empty(size, dtype=dtype, device=device)
+        made.append(weakref.ref(t))
+        return t
+
+    reserve_small_pool(torch.device("cpu"), 5, empty=empty)
+    assert len(made) == 5 and all(ref() is None for ref in made)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_small_tensors_after_the_reserve_take_no_new_segment():
+    dev = torch.device("cuda")
+    reserve_small_pool(dev, 8)
+    before = torch.cuda.memory_stats(dev)["segment.all.allocated"]
+    keep = [torch.empty(SMALL_BLOCK // 2, dtype=torch.uint8, device=dev) for _ in range(16)]
+    assert torch.cuda.memory_stats(dev)["segment.all.allocated"] == before
+    del keep
 
 
 @pytest.mark.gpu
