@@ -101,6 +101,21 @@ def _same_as_the_sort(got, want, x, ps, margin=1e-5):
     assert torch.equal(got[rows], want[rows])
 
 
+@pytest.mark.parametrize("cap", [1, 24, 512])
+def test_the_later_passes_read_the_candidates_or_the_chunk(monkeypatch, cap):
+    """Passes after COMPACT read the logits pass COMPACT kept under its prefix, or the
+    chunk again where there were more than CAP: with CAP 1 every chunk overflows, with 24
+    some do, at the default none; the kept set is the definition's every time."""
+    from novainfer.kernels import top_p
+
+    monkeypatch.setattr(top_p, "CAP", cap)
+    x = _logits(len(PS), 3 * SPLIT + 100, seed=31)
+    x[1, :SPLIT] = 1.5  # a chunk of ties: every logit under every prefix (overflows)
+    got = top_p_filter_triton(x.to(DEV), torch.tensor(PS, device=DEV)).cpu()
+    _check(got, x, PS)
+    _same_as_the_sort(got, sampler._top_k_top_p_sorted(x, [-1] * len(PS), PS), x, PS)
+
+
 def test_ties_signed_zeros_and_dead_rows():
     """bf16-rounded logits (many ties): every logit equal to a kept one is kept, as by the
     sort; a row of nothing but -inf stays so; -0.0 and +0.0 logits; a flat row keeps all."""

@@ -15,9 +15,12 @@ itself (the first chunk's program also stores it for the pass after), so program
 wait for each other. The first pass weighs each chunk by its own maximum and the second
 rescales to the row's. The chunk size is fixed, not chosen from the number of rows, so a
 row's arithmetic (hence a seeded request's token) does not depend on its batch-mates.
-Nine launches reading the row ten times (the first reads its chunk twice: max, then mass),
-against PyTorch's sort of the whole vocabulary. NaN logits are undefined input here, as
-they are for the sort: filter them out before.
+Past the first digits few logits share the prefix: blocks without one are skipped, and pass
+COMPACT (the fourth) also keeps its chunk's logits under the 12-bit prefix (at most CAP),
+which the later passes read instead of the chunk (where more than CAP matched, the chunk
+again). Nine launches reading the row six times (the first reads its chunk twice: max,
+then mass), against PyTorch's sort of the whole vocabulary. NaN logits are undefined input
+here, as they are for the sort: filter them out before.
 
 The PyTorch twin is the sort path, engine/sampler.py `_top_k_top_p_sorted`.
 """
@@ -31,6 +34,8 @@ import triton.language as tl
 SPLIT = 4096  # vocabulary entries per program
 BLOCK = 256  # entries per loop step inside a program
 LEVELS = 8  # 4-bit digits of a 32-bit key
+COMPACT = 3  # the pass that keeps its chunk's logits under the prefix (12 bits) for the rest
+CAP = 512  # at most this many per chunk (more: the later passes read the chunk again)
 _FIXED = ["stride_x", "stride_out", "rows", "vocab", "splits"]  # compile once, whatever the batch
 
 
@@ -49,26 +54,59 @@ def _key_value(key):
 
 
 @triton.jit
-def _digit_mass(base, m, prefix, split, vocab, SHIFT: tl.constexpr, SPLIT: tl.constexpr,
-                BLOCK: tl.constexpr):
+def _block_mass(acc, x, m, prefix, SHIFT: tl.constexpr, digits):
+    """`acc` plus, per value of the key's digit at SHIFT, the weight exp(x - m) of the logits
+    `x` whose key starts with `prefix`'s bits above SHIFT + 4."""
+    key = _ordered_key(x)
+    if SHIFT == 28:  # the first digit: every logit counts
+        acc += tl.where((key >> SHIFT)[:, None] == digits[None, :], tl.exp(x - m)[:, None], 0.0)
+    else:
+        match = (key >> (SHIFT + 4)) == (prefix >> (SHIFT + 4))
+        w = tl.where(match, tl.exp(x - m), 0.0)
+        acc += tl.where(((key >> SHIFT) & 15)[:, None] == digits[None, :], w[:, None], 0.0)
+    return acc
+
+
+@triton.jit
+def _digit_mass(base, m, prefix, split, vocab, CAND, CNT, SHIFT: tl.constexpr,
+                SPLIT: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr,
+                MODE: tl.constexpr):
     """[16]: the weight exp(x - m) of this chunk's logits whose key starts with `prefix`'s
-    bits above SHIFT + 4, per value of the key's digit at SHIFT."""
+    bits above SHIFT + 4, per value of the key's digit at SHIFT.
+
+    MODE 0 reads the chunk. MODE 1 reads it and also stores the logits under the prefix
+    (the candidates of every later pass) at CAND, up to CAP of them, and their number at
+    CNT. MODE 2 reads those candidates instead of the chunk, unless there were more than
+    CAP (then the chunk again)."""
     digits = tl.arange(0, 16).to(tl.uint32)
     acc = tl.zeros((BLOCK, 16), tl.float32)  # summed across the loop, reduced once
-    for start in range(split * SPLIT, split * SPLIT + SPLIT, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        x = tl.load(base + offs, mask=offs < vocab, other=float("-inf"))
-        key = _ordered_key(x)
-        if SHIFT == 28:  # the first digit: every logit counts
-            acc += tl.where((key >> SHIFT)[:, None] == digits[None, :],
-                            tl.exp(x - m)[:, None], 0.0)
-        else:
-            match = (key >> (SHIFT + 4)) == (prefix >> (SHIFT + 4))
-            # Past the first digits few logits share the prefix: skip blocks without one.
-            if tl.max(match.to(tl.int32), axis=0) > 0:
-                w = tl.where(match, tl.exp(x - m), 0.0)
-                acc += tl.where(((key >> SHIFT) & 15)[:, None] == digits[None, :],
-                                w[:, None], 0.0)
+    use_candidates = tl.load(CNT) <= CAP if MODE == 2 else False
+    if use_candidates:
+        count = tl.load(CNT)
+        for start in range(0, CAP, BLOCK):
+            if start < count:
+                offs = start + tl.arange(0, BLOCK)
+                x = tl.load(CAND + offs, mask=offs < count, other=float("-inf"))
+                acc = _block_mass(acc, x, m, prefix, SHIFT, digits)
+    else:
+        found = tl.zeros((), tl.int32)
+        for start in range(split * SPLIT, split * SPLIT + SPLIT, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            x = tl.load(base + offs, mask=offs < vocab, other=float("-inf"))
+            if SHIFT == 28:
+                acc = _block_mass(acc, x, m, prefix, SHIFT, digits)
+            else:
+                match = (_ordered_key(x) >> (SHIFT + 4)) == (prefix >> (SHIFT + 4))
+                hits = tl.sum(match.to(tl.int32), axis=0)
+                # Past the first digits few logits share the prefix: skip blocks without one.
+                if hits > 0:
+                    acc = _block_mass(acc, x, m, prefix, SHIFT, digits)
+                    if MODE == 1:
+                        slot = found + tl.cumsum(match.to(tl.int32), axis=0) - 1
+                        tl.store(CAND + slot, x, mask=match & (slot < CAP))
+                        found += hits
+        if MODE == 1:
+            tl.store(CNT, found)
     return tl.sum(acc, axis=0)
 
 
@@ -111,7 +149,8 @@ def _first_kernel(X, stride_x, PART, PMAX, rows, vocab, splits, SPLIT: tl.conste
         top = tl.maximum(top, tl.load(base + offs, mask=offs < vocab, other=float("-inf")))
     m = tl.max(top, axis=0)  # -inf for a chunk of nothing but -inf: stored as it is
     shift = tl.where(m == float("-inf"), 0.0, m)  # its weights 0, not NaN
-    mass = _digit_mass(base, shift, tl.zeros((), tl.uint32), split, vocab, 28, SPLIT, BLOCK)
+    mass = _digit_mass(base, shift, tl.zeros((), tl.uint32), split, vocab, PART, PART, 28,
+                       SPLIT, BLOCK, 1, 0)
     tl.store(PART + (row * splits + split) * 16 + tl.arange(0, 16), mass)
     tl.store(PMAX + row * splits + split, m)
 
@@ -145,9 +184,10 @@ def _state(PART, PMAX, P, ROWMAX, TARGET, PREFIX, ABOVE, row, rows, splits,
 
 
 @triton.jit(do_not_specialize=_FIXED)
-def _level_kernel(X, stride_x, P, PART, PMAX, ROWMAX, TARGET, PREFIX, ABOVE, rows, vocab,
-                  splits, LEVEL: tl.constexpr, SPLITS_PAD: tl.constexpr, SPLIT: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def _level_kernel(X, stride_x, P, PART, PMAX, ROWMAX, TARGET, PREFIX, ABOVE, CAND, CNT, rows,
+                  vocab, splits, LEVEL: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                  SPLIT: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr,
+                  COMPACT: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
     m, target, prefix, above = _state(PART, PMAX, P, ROWMAX, TARGET, PREFIX, ABOVE, row, rows,
@@ -159,7 +199,10 @@ def _level_kernel(X, stride_x, P, PART, PMAX, ROWMAX, TARGET, PREFIX, ABOVE, row
             tl.store(ROWMAX + row, m)
             tl.store(TARGET + row, target)
     base = X + row.to(tl.int64) * stride_x
-    mass = _digit_mass(base, m, prefix, split, vocab, 28 - 4 * LEVEL, SPLIT, BLOCK)
+    chunk = row * splits + split
+    mode = 0 if LEVEL < COMPACT else (1 if LEVEL == COMPACT else 2)
+    mass = _digit_mass(base, m, prefix, split, vocab, CAND + chunk.to(tl.int64) * CAP,
+                       CNT + chunk, 28 - 4 * LEVEL, SPLIT, BLOCK, CAP, mode)
     tl.store(PART + ((LEVEL * rows + row) * splits + split) * 16 + tl.arange(0, 16), mass)
 
 
@@ -180,6 +223,10 @@ def _apply_kernel(X, stride_x, P, PART, PMAX, ROWMAX, TARGET, PREFIX, ABOVE, OUT
         tl.store(out + offs, tl.where(x >= cut, x, float("-inf")), mask=offs < vocab)
 
 
+def _aligned(n: int) -> int:
+    return -(-n // 32) * 32  # 4-byte elements: 128 bytes
+
+
 def top_p_filter_triton(logits: torch.Tensor, top_p: torch.Tensor,
                         inplace: bool = False) -> torch.Tensor:
     """float32 logits [rows, vocab] with everything outside each row's top-p set at -inf;
@@ -198,19 +245,22 @@ def top_p_filter_triton(logits: torch.Tensor, top_p: torch.Tensor,
     if rows == 0 or vocab == 0:
         return out
     splits = -(-vocab // SPLIT)
-    part = torch.empty((LEVELS, rows, splits, 16), dtype=torch.float32, device=dev)
-    pmax = torch.empty((rows, splits), dtype=torch.float32, device=dev)
-    rowmax = torch.empty(rows, dtype=torch.float32, device=dev)
-    target = torch.empty_like(rowmax)
-    prefix = torch.empty((LEVELS, rows), dtype=torch.int32, device=dev)  # uint32 bits
-    above = torch.empty((LEVELS, rows), dtype=torch.float32, device=dev)
+    # The eight scratch tensors in two allocations (each costs host time at batch 1), every
+    # piece 128-byte aligned, as a tensor of its own would be (Triton specialises on it).
+    floats = [_aligned(n) for n in (LEVELS * rows * splits * 16, rows * splits, rows, rows,
+                                    LEVELS * rows, rows * splits * CAP)]
+    ints = [_aligned(n) for n in (LEVELS * rows, rows * splits)]
+    part, pmax, rowmax, target, above, cand = torch.empty(
+        sum(floats), dtype=torch.float32, device=dev).split(floats)
+    prefix, cnt = torch.empty(sum(ints), dtype=torch.int32, device=dev).split(ints)
     p = top_p.float().contiguous()
-    state = (p, part, pmax, rowmax, target, prefix, above)
+    state = (p, part, pmax, rowmax, target, prefix, above)  # prefix: uint32 bits in int32
     sizes = dict(SPLITS_PAD=max(16, triton.next_power_of_2(splits)), SPLIT=SPLIT, BLOCK=BLOCK)
     grid = (rows, splits)
     x, stride = logits, logits.stride(0)
     _first_kernel[grid](x, stride, part, pmax, rows, vocab, splits, SPLIT=SPLIT, BLOCK=BLOCK)
     for level in range(1, LEVELS):
-        _level_kernel[grid](x, stride, *state, rows, vocab, splits, LEVEL=level, **sizes)
+        _level_kernel[grid](x, stride, *state, cand, cnt, rows, vocab, splits, LEVEL=level,
+                            CAP=CAP, COMPACT=COMPACT, **sizes)
     _apply_kernel[grid](x, stride, *state, out, out.stride(0), rows, vocab, splits, **sizes)
     return out
