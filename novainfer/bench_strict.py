@@ -35,8 +35,9 @@ def reserve_small_pool(device: torch.device, mib: int = SMALL_RESERVE_MIB,
     timed step needs; the small tensors, though, are many, and with asynchronous steps the
     most alive at once is reached only somewhere inside a long run (measured on one H200: a
     single 2 MiB small-pool segment taken in the timed round, by the sampler of qwen3-0.6b
-    with --top-p and of llama3-8b). Taking 1 MiB blocks all at once and freeing them keeps
-    that many segments cached: the headroom a timed round may grow into without cudaMalloc.
+    with --top-p and of llama3-8b). Taking 1 MiB blocks all at once and freeing them leaves
+    at least `mib` MiB of small-pool segments cached (new ones only where the cached space
+    falls short): the headroom a timed round may grow into without cudaMalloc.
     """
     blocks = [empty(SMALL_BLOCK, dtype=torch.uint8, device=device) for _ in range(mib)]
     del blocks

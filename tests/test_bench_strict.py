@@ -121,12 +121,14 @@ def test_the_small_pool_reserve_holds_its_blocks_at_once_then_frees_them():
 
     reserve_small_pool(torch.device("cpu"), 5, empty=empty)
     assert len(made) == 5 and all(ref() is None for ref in made)
+    assert SMALL_BLOCK <= 1 << 20  # PyTorch's kSmallSize: larger goes to the large pool
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_small_tensors_after_the_reserve_take_no_new_segment():
     dev = torch.device("cuda")
+    torch.cuda.empty_cache()  # no cached small blocks left from earlier tests to lean on
     reserve_small_pool(dev, 8)
     before = torch.cuda.memory_stats(dev)["segment.all.allocated"]
     keep = [torch.empty(SMALL_BLOCK // 2, dtype=torch.uint8, device=dev) for _ in range(16)]

@@ -21,10 +21,10 @@ pytest.importorskip("triton")
 
 from types import SimpleNamespace
 
-from novainfer.engine import sampler
 import triton
 import triton.language as tl
 
+from novainfer.engine import sampler
 from novainfer.kernels.top_p import SPLIT, _decide, top_p_filter_triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -105,7 +105,8 @@ def _same_as_the_sort(got, want, x, ps, margin=1e-5):
 def test_the_later_passes_read_the_candidates_or_the_chunk(monkeypatch, cap):
     """Passes after COMPACT read the logits pass COMPACT kept under its prefix, or the
     chunk again where there were more than CAP: with CAP 1 every chunk overflows, with 24
-    some do, at the default none; the kept set is the definition's every time."""
+    some do, at the default only row 1's chunk of 4,096 ties; the kept set is the
+    definition's every time."""
     from novainfer.kernels import top_p
 
     monkeypatch.setattr(top_p, "CAP", cap)
@@ -211,6 +212,11 @@ def test_in_place_writes_the_same_rows_over_its_input():
     assert torch.equal(wide[:, 2000:].cpu(), x[:, 2000:])  # beyond the view: untouched
     with pytest.raises(ValueError, match="unit stride"):
         top_p_filter_triton(wide.t(), torch.ones(2100, device=DEV), inplace=True)
+    overlapping = torch.as_strided(wide, (4, 2000), (100, 1))  # rows share their entries
+    with pytest.raises(ValueError, match="do not overlap"):
+        top_p_filter_triton(overlapping, torch.ones(4, device=DEV), inplace=True)
+    copied = top_p_filter_triton(overlapping, torch.tensor(ps, device=DEV))  # not in place
+    _check(copied.cpu(), overlapping.cpu(), ps)
 
 
 def test_the_sort_keeps_a_tie_at_the_top_p_cut():
@@ -248,6 +254,10 @@ def test_gpu_benchmark_shape_and_the_sampler_path():
         pair, seqs + [SimpleNamespace(generator=None, params=mate)]).cpu()
     assert torch.equal(alone[0], batched[0])
     assert torch.equal(pair.cpu(), x[:2])  # the kernel wrote the sampler's copy, not this
+    topk = SimpleNamespace(top_k=50, top_p=1.0, min_p=0.0, temperature=1.0)
+    mixed = sampler.filter_logits(  # the top-p row filtered on a copy of its row, in place
+        pair, seqs + [SimpleNamespace(generator=None, params=topk)]).cpu()
+    assert torch.equal(mixed[0], alone[0]) and torch.equal(pair.cpu(), x[:2])
     half = sampler.filter_logits(x[:2].bfloat16().cuda(), seqs * 2).cpu()  # widened inside
     assert torch.equal(half, sampler.filter_logits(x[:2].bfloat16().float().cuda(),
                                                    seqs * 2).cpu())

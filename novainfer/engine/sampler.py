@@ -133,7 +133,8 @@ def _top_k_top_p_sorted(logits: torch.Tensor, top_ks: list[int], top_ps: list[fl
 def _top_p_alone(logits: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
     """Top-p without top-k: on CUDA a radix search for each row's cut (kernels/top_p.py, no
     vocabulary sort), written over `logits` (the caller's own float32 copy), elsewhere the
-    sort it is tested against."""
+    sort it is tested against (also on CUDA for float64 or column-strided logits, which
+    the sampler never passes: slower, the same set)."""
     if logits.is_cuda and logits.dtype == torch.float32 and logits.stride(-1) == 1:
         from novainfer.kernels.top_p import top_p_filter_triton
 

@@ -80,9 +80,9 @@ def _digit_mass(base, m, prefix, split, vocab, CAND, CNT, SHIFT: tl.constexpr,
     CAP (then the chunk again)."""
     digits = tl.arange(0, 16).to(tl.uint32)
     acc = tl.zeros((BLOCK, 16), tl.float32)  # summed across the loop, reduced once
-    use_candidates = tl.load(CNT) <= CAP if MODE == 2 else False
+    count = tl.load(CNT) if MODE == 2 else 0
+    use_candidates = count <= CAP if MODE == 2 else False
     if use_candidates:
-        count = tl.load(CNT)
         for start in range(0, CAP, BLOCK):
             if start < count:
                 offs = start + tl.arange(0, BLOCK)
@@ -235,11 +235,12 @@ def top_p_filter_triton(logits: torch.Tensor, top_p: torch.Tensor,
     [rows, vocab] buffer from the allocator (the sampler's own scaled copy)."""
     if logits.dtype != torch.float32:
         raise ValueError(f"top_p_filter_triton: logits must be float32, got {logits.dtype}")
-    if logits.stride(-1) != 1:
-        if inplace:
-            raise ValueError("top_p_filter_triton: inplace needs rows of unit stride")
-        logits = logits.contiguous()
     rows, vocab = logits.shape
+    if logits.stride(-1) != 1 or (rows > 1 and logits.stride(0) < vocab):
+        if inplace:
+            raise ValueError("top_p_filter_triton: inplace needs rows of unit stride that do "
+                             "not overlap")
+        logits = logits.contiguous()
     dev = logits.device
     out = logits if inplace else torch.empty((rows, vocab), dtype=torch.float32, device=dev)
     if rows == 0 or vocab == 0:
