@@ -311,6 +311,10 @@ class _Reader:
             return self.text
 
 
+_SIGINT_DEFAULT = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                   "from novainfer import cli; sys.exit(cli.main(sys.argv[1:]))")
+
+
 def test_chat_sigint_in_a_real_session(checkpoint, tmp_path):
     """SIGINT to a real `novainfer chat` while it streams a reply that cannot end first
     (~130k tokens with EOS ignored): the reply stops, the prompt returns, no traceback."""
@@ -322,8 +326,11 @@ def test_chat_sigint_in_a_real_session(checkpoint, tmp_path):
     err_file = tmp_path / "stderr.txt"
     with open(err_file, "wb") as err_out:  # a file, so a chatty stderr cannot block the child
         proc = subprocess.Popen(
-            [sys.executable, "-m", "novainfer.cli", *_chat(folder, "--max-tokens", "130000",
-                                                            "--ignore-eos")],
+            # Ctrl-C's usual handler even where the test runs with SIGINT ignored (a job put
+            # in the background by a non-interactive shell inherits SIG_IGN, and Python then
+            # keeps it): the child would drop a SIGINT that falls between two steps.
+            [sys.executable, "-c", _SIGINT_DEFAULT, *_chat(folder, "--max-tokens", "130000",
+                                                           "--ignore-eos")],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err_out, env=env,
         )
     try:
