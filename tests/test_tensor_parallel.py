@@ -193,6 +193,25 @@ def test_worker_exception_names_rank_and_cause(checkpoint, tmp_path):
     assert not workers.procs[0].is_alive()
 
 
+def test_monitor_reports_a_dead_worker_without_reaping_it(checkpoint):
+    """Only the thread that owns the worker processes may reap them. The monitor thread used
+    to read `Process.exitcode`, which reaps: the owner's join then got ECHILD and
+    `is_alive()` said True for a process already gone until the monitor next ran (a loaded
+    CI machine failed the parity test's "no process left" check that way)."""
+    llm = make_llm(checkpoint("llama"), kv_cache_memory=8 << 20, tensor_parallel_size=2)
+    workers = llm.llm_engine.runner.workers
+    proc = workers.procs[0]
+    try:
+        proc.kill()  # while the engine is idle: only the monitor looks at the process
+        message = workers.wait_failure(120)  # a hang guard: the monitor sees it at once
+        assert message is not None and "rank 1 exited (exit code -9)" in message
+        # Still a zombie: nobody but its owner has collected it.
+        assert os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    finally:
+        llm.shutdown()
+    assert proc.exitcode == -9 and not proc.is_alive()
+
+
 def test_killed_driver_leaves_no_worker(checkpoint, tmp_path):
     """SIGKILL to the driver (no chance to clean up): its worker exits on its own."""
     script = tmp_path / "driver.py"

@@ -31,6 +31,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,6 +277,25 @@ def worker_main(
     os._exit(0)
 
 
+def exit_code_of(pid: int) -> int | str:
+    """A dead child's exit code (negative: the signal that killed it) without reaping it.
+
+    Only the thread that owns the processes (join, is_alive) may reap them: when the
+    monitor thread reaped one through `Process.exitcode`, the owner's waitpid got ECHILD
+    in between and `is_alive()` answered True for a process already gone until the monitor
+    thread next got the GIL (a loaded machine made that a failing test)."""
+    # The sentinel pipe closes while the process exits, a moment before it can be waited for.
+    for _ in range(500):  # up to ~5 s
+        try:
+            info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except (AttributeError, OSError):  # no waitid here (macOS), or already reaped
+            return "unknown"
+        if info is not None:
+            return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+        time.sleep(0.01)
+    return "unknown"
+
+
 class Workers:
     """The driver's handle on ranks 1 .. N-1 that it spawned: start, supervise, stop."""
 
@@ -308,8 +328,13 @@ class Workers:
     def _watch(self) -> None:
         waiting = {c: rank for rank, c in enumerate(self.conns, start=1)}
         sentinels = {p.sentinel: rank for rank, p in enumerate(self.procs, start=1)}
-        while waiting or sentinels:
-            ready = multiprocessing.connection.wait([*waiting, *sentinels])
+        while (waiting or sentinels) and not self._stopping:
+            try:
+                ready = multiprocessing.connection.wait([*waiting, *sentinels])
+            except (OSError, ValueError):  # shutdown closed the pipes under us
+                return
+            if self._stopping:
+                return
             for obj in ready:
                 if obj in waiting:
                     rank = waiting[obj]
@@ -327,9 +352,8 @@ class Workers:
                                    f"\n{message[3]}")
                 else:
                     rank = sentinels.pop(obj)
-                    code = self.procs[rank - 1].exitcode
-                    if not self._stopping:
-                        self._fail(f"tensor-parallel worker rank {rank} exited (exit code {code})")
+                    code = exit_code_of(self.procs[rank - 1].pid)
+                    self._fail(f"tensor-parallel worker rank {rank} exited (exit code {code})")
             if self.failure is not None and not self._stopping:
                 # The driver normally notices at its next collective (gloo fails on a dead
                 # peer); if it does not, it is blocked in an NCCL collective: abort it.
@@ -372,6 +396,7 @@ class Workers:
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
+        self._monitor.join(1.0)  # it returns once it sees the exits; then close its pipes
         for conn in self.conns:
             conn.close()
         if self.failure is None:
