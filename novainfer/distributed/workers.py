@@ -278,12 +278,9 @@ def worker_main(
 
 
 def exit_code_of(pid: int) -> int | str:
-    """A dead child's exit code (negative: the signal that killed it) without reaping it.
-
-    Only the thread that owns the processes (join, is_alive) may reap them: when the
-    monitor thread reaped one through `Process.exitcode`, the owner's waitpid got ECHILD
-    in between and `is_alive()` answered True for a process already gone until the monitor
-    thread next got the GIL (a loaded machine made that a failing test)."""
+    """A dead child's exit code (negative: the signal that killed it) without reaping it:
+    only the thread that owns the processes may reap them, or its `join`/`is_alive` race the
+    reaper (`Process.exitcode` reaps; `is_alive()` then said True for a dead worker)."""
     # The sentinel pipe closes while the process exits, a moment before it can be waited for.
     for _ in range(500):  # up to ~5 s
         try:
@@ -328,7 +325,7 @@ class Workers:
     def _watch(self) -> None:
         waiting = {c: rank for rank, c in enumerate(self.conns, start=1)}
         sentinels = {p.sentinel: rank for rank, p in enumerate(self.procs, start=1)}
-        while (waiting or sentinels) and not self._stopping:
+        while waiting or sentinels:
             try:
                 ready = multiprocessing.connection.wait([*waiting, *sentinels])
             except (OSError, ValueError):  # shutdown closed the pipes under us
