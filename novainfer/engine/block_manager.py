@@ -10,9 +10,9 @@ keep their hash and key and wait in the free queue; they are handed out again
 least-recently-used first, and a later request with the same prefix can take them back
 before that happens.
 
-Each sequence holding blocks also owns a row of `tables`, an int32 mirror of its block table
-(0-padded) that is written only when blocks change, so the model runner can gather a step's
-block tables with one numpy index instead of converting Python lists every step.
+Each sequence holding blocks also owns a row of `tables` (engine/block_tables.py), an int32
+mirror of its block table (0-padded) that is written only when blocks change; every rank keeps
+a device copy of it, so a step sends row numbers and the changed entries, not the tables.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from __future__ import annotations
 from array import array
 from collections import OrderedDict
 
-import numpy as np
 import xxhash
 
+from novainfer.engine.block_tables import BlockTables
 from novainfer.engine.sequence import Sequence
 
 # What a cached block's KV depends on: its parent's key (the extras for a first block) and
@@ -81,7 +81,7 @@ class BlockManager:
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of which found
         # Only running sequences hold blocks, and at most max_num_seqs of them run at once.
-        self.tables = np.zeros((max_num_seqs, max_blocks_per_seq), dtype=np.int32)
+        self.tables = BlockTables(max_num_seqs, max_blocks_per_seq)
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
 
     @property
@@ -149,7 +149,7 @@ class BlockManager:
         seq.block_table = list(hits)
         seq.block_table.extend(self._pop_free() for _ in range(total - len(hits)))
         seq.block_row = self.free_rows.pop()
-        self.tables[seq.block_row, : len(seq.block_table)] = seq.block_table
+        self.tables.write(seq.block_row, 0, seq.block_table)
         seq.num_computed_tokens = num_cached
         seq.num_registered_blocks = 0
         return num_cached
@@ -166,7 +166,7 @@ class BlockManager:
         start = len(seq.block_table)
         for _ in range(needed):
             seq.block_table.append(self._pop_free())
-        self.tables[seq.block_row, start : len(seq.block_table)] = seq.block_table[start:]
+        self.tables.write(seq.block_row, start, seq.block_table[start:])
         return True
 
     def _pop_free(self) -> int:
@@ -224,7 +224,7 @@ class BlockManager:
                 if self.hashes[block] is None:
                     self.free.move_to_end(block, last=False)  # nothing to keep: reuse first
         if seq.block_row >= 0:
-            self.tables[seq.block_row, : len(seq.block_table)] = 0
+            self.tables.clear(seq.block_row, len(seq.block_table))
             self.free_rows.append(seq.block_row)
             seq.block_row = -1
         seq.block_table = []

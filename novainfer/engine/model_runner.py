@@ -166,7 +166,9 @@ class ModelRunner:
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """Rank 0's inputs for a batch (single-rank use: tools and tests)."""
         host = pack_step(batch, self.block_size, lora=self.config.enable_lora)
-        return self.worker.inputs(host.header, host.data)
+        inputs = self.worker.inputs(host.header, host.data)
+        batch.block_tables.taken()
+        return inputs
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, eos_ids: list[int]) -> StepOutput:
@@ -191,6 +193,7 @@ class ModelRunner:
                 send_step(self.tp, host.header, host.data)
             worker = self.worker
             inputs = worker.inputs(host.header, host.data)
+            batch.block_tables.taken()  # every rank has the step's table entries
             timer = self.step_timer
             if timer is not None:
                 timer.phase("forward")

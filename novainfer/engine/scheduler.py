@@ -11,9 +11,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-import numpy as np
-
 from novainfer.engine.block_manager import BlockManager
+from novainfer.engine.block_tables import BlockTables
 from novainfer.engine.sequence import Sequence, SequenceStatus
 
 
@@ -21,7 +20,7 @@ from novainfer.engine.sequence import Sequence, SequenceStatus
 class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]
-    block_tables: np.ndarray  # BlockManager.tables: row seq.block_row is seq's block table
+    block_tables: BlockTables  # BlockManager.tables: row seq.block_row is seq's block table
 
     def __len__(self) -> int:
         return len(self.seqs)

@@ -2,10 +2,12 @@
 
 `pack_step` turns a scheduled batch into one int64 array plus a small header (the sizes that
 cut it): that pair is everything a rank needs to run the step, and it is what the driver
-broadcasts to tensor-parallel workers. `unpack_step` copies the array to the rank's device
-in one transfer and builds the AttentionMetadata that every attention call receives. The
-driver keeps the Python side of the step (which sequences sample, which prompt positions
-report logprobs) in `HostStep`.
+broadcasts to tensor-parallel workers. Block tables are not in it: every rank keeps a copy
+of them (engine/block_tables.py), and the step carries its sequences' rows of that copy and
+the entries written since the last step. `unpack_step` copies the array to the rank's device
+in one transfer, applies those entries and builds the AttentionMetadata that every attention
+call receives. The driver keeps the Python side of the step (which sequences sample, which
+prompt positions report logprobs) in `HostStep`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from novainfer.engine.block_tables import device_tables
 from novainfer.engine.scheduler import ScheduledBatch
 from novainfer.engine.sequence import Sequence
 from novainfer.layers.attention import AttentionMetadata
@@ -24,7 +27,7 @@ from novainfer.lora.ops import LoRABatch, group_by_slot, lora_batch
 # Header fields, in order (int64).
 HEADER = ("num_tokens", "num_seqs", "max_blocks", "num_decodes", "num_sampled",
           "num_prompt_rows", "max_query_len", "max_seq_len", "num_fills", "share_sampled",
-          "lora_tokens", "lora_segments")
+          "lora_tokens", "lora_segments", "table_updates")
 
 
 @dataclass
@@ -45,7 +48,7 @@ class HostStep:
     data: np.ndarray  # int64: ids | positions | slots | seq_lens | query starts | logits rows
     #                   (sampled rows, then prompt-logprob rows) | fill rows | fill sources
     #                   | LoRA: tokens grouped by slot, segment starts, segment slots
-    #                   | block tables
+    #                   | block-table entries written (flat indices, values) | table rows
     sampling_seqs: list[Sequence]
     prompt_rows: list[PromptLogprobRows]
 
@@ -104,27 +107,28 @@ def pack_step(
     token_row = np.repeat(np.arange(n), q)
     positions = np.arange(num_tokens) - cu[token_row] + start[token_row]
     max_blocks = max([len(seq.block_table) for seq in seqs])
-    tables = batch.block_tables[[seq.block_row for seq in seqs], :max_blocks]
-    slots = tables[token_row, positions // bs].astype(np.int64) * bs + positions % bs
+    rows = np.array([seq.block_row for seq in seqs], dtype=np.int64)
+    tables = batch.block_tables
+    slots = tables.host[rows[token_row], positions // bs].astype(np.int64) * bs + positions % bs
     lora_parts: tuple = ([], [], [])
     if lora:
         grouped = group_by_slot(np.array([seq.lora_slot for seq in seqs], dtype=np.int64)[token_row])
         if len(grouped[2]):  # some token uses an adapter
             lora_parts = grouped
+    written = tables.updates()  # the caller calls tables.taken() once every rank has them
     parts = (input_ids, positions, slots, seq_lens, cu, logits_rows, fill_rows, fill_sources,
-             *lora_parts)
+             *lora_parts, *written, rows)
     sizes = [num_tokens, num_tokens, num_tokens, n, n + 1, len(logits_rows), len(fill_rows),
-             len(fill_rows), *(len(p) for p in lora_parts)]
-    data = np.empty(sum(sizes) + n * max_blocks, dtype=np.int64)
+             len(fill_rows), *(len(p) for p in lora_parts), len(written[0]), len(written[0]), n]
+    data = np.empty(sum(sizes), dtype=np.int64)
     lo = 0
     for values, size in zip(parts, sizes):
         data[lo : lo + size] = values
         lo += size
-    data[lo:] = tables.reshape(-1)
     header = np.array(
         [num_tokens, n, max_blocks, num_decodes, len(sampled), len(prompt_indices),
          max(query_lens), int(seq_lens.max()), len(fill_rows), int(share_sampled),
-         len(lora_parts[0]), len(lora_parts[2])],
+         len(lora_parts[0]), len(lora_parts[2]), len(written[0])],
         dtype=np.int64,
     )
     return HostStep(header, data, [seqs[i] for i in sampled.tolist()], prompt_rows)
@@ -134,15 +138,17 @@ def unpack_step(
     header: np.ndarray,
     data: np.ndarray,
     upload: Callable[[np.ndarray], torch.Tensor],
+    tables: torch.Tensor,
     last_sampled: torch.Tensor | None = None,
 ) -> StepInputs:
     """Device tensors and metadata of a packed step (`upload`: host array -> device);
+    `tables`: this rank's copy of the block tables, which the step's entries update;
     `last_sampled`: the previous step's sampled ids on this device, for the fills."""
     h = dict(zip(HEADER, header.tolist()))
     t, n, fills = h["num_tokens"], h["num_seqs"], h["num_fills"]
-    segs = h["lora_segments"]
+    segs, written = h["lora_segments"], h["table_updates"]
     sizes = [t, t, t, n, n + 1, h["num_sampled"] + h["num_prompt_rows"], fills, fills,
-             h["lora_tokens"], segs + 1 if segs else 0, segs]
+             h["lora_tokens"], segs + 1 if segs else 0, segs, written, written, n]
     offsets = np.cumsum([0, *sizes])
     buf = upload(data)
     part = [buf[offsets[i] : offsets[i + 1]] for i in range(len(sizes))]
@@ -156,7 +162,7 @@ def unpack_step(
         slot_mapping=part[2],
         query_start_loc=part[4].to(torch.int32),
         seq_lens=part[3].to(torch.int32),
-        block_tables=buf[offsets[-1] :].view(n, h["max_blocks"]).to(torch.int32),
+        block_tables=device_tables(tables, part[11], part[12], part[13], h["max_blocks"]),
         num_decodes=h["num_decodes"],
         max_query_len=h["max_query_len"],
         max_seq_len=h["max_seq_len"],

@@ -20,6 +20,7 @@ import torch
 
 from novainfer.config import EngineConfig
 from novainfer.distributed.parallel import TensorParallel, kv_heads_per_rank, split
+from novainfer.engine.block_tables import new_device_tables
 from novainfer.engine.cuda_graphs import (
     MIN_PREFILL_BUCKET,
     DecodeGraphs,
@@ -108,6 +109,10 @@ class ModelWorker:
             tokens = prefill_graph_tokens(os.environ.get("NOVAINFER_PREFILL_GRAPH_TOKENS"))
             tokens = min(tokens, config.max_num_batched_tokens or 0)
             self.prefill_graph_tokens = tokens if tokens >= MIN_PREFILL_BUCKET else 0
+        # This rank's copy of the driver's block tables (engine/block_tables.py).
+        self.block_tables = new_device_tables(
+            config.max_num_seqs, -(-max_model_len // self.block_size), device
+        )
         # Every rank must hold the same number of blocks: the driver's block ids index all.
         self.num_blocks = tp.min_over_ranks(self._num_kv_blocks())
         self.kv_cache = torch.zeros(
@@ -233,7 +238,7 @@ class ModelWorker:
     # -- a step -------------------------------------------------------------------------------
 
     def inputs(self, header: np.ndarray, data: np.ndarray) -> StepInputs:
-        return unpack_step(header, data, self._upload, self.last_sampled)
+        return unpack_step(header, data, self._upload, self.block_tables, self.last_sampled)
 
     def _upload(self, host: np.ndarray) -> torch.Tensor:
         """One host-to-device copy through a reused pinned buffer (no per-step allocation).
