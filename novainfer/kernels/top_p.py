@@ -54,14 +54,20 @@ def _key_value(key):
 
 
 @triton.jit
-def _block_mass(acc, x, m, prefix, SHIFT: tl.constexpr, digits):
+def _under(key, prefix, SHIFT: tl.constexpr):
+    """Which keys start with `prefix`'s bits above SHIFT + 4 (all for the first digit)."""
+    if SHIFT == 28:
+        return key == key
+    return (key >> (SHIFT + 4)) == (prefix >> (SHIFT + 4))
+
+
+@triton.jit
+def _block_mass(acc, x, key, match, m, SHIFT: tl.constexpr, digits):
     """`acc` plus, per value of the key's digit at SHIFT, the weight exp(x - m) of the logits
-    `x` whose key starts with `prefix`'s bits above SHIFT + 4."""
-    key = _ordered_key(x)
-    if SHIFT == 28:  # the first digit: every logit counts
+    `x` where `match` (`_under`; every logit for the first digit)."""
+    if SHIFT == 28:
         acc += tl.where((key >> SHIFT)[:, None] == digits[None, :], tl.exp(x - m)[:, None], 0.0)
     else:
-        match = (key >> (SHIFT + 4)) == (prefix >> (SHIFT + 4))
         w = tl.where(match, tl.exp(x - m), 0.0)
         acc += tl.where(((key >> SHIFT) & 15)[:, None] == digits[None, :], w[:, None], 0.0)
     return acc
@@ -87,20 +93,22 @@ def _digit_mass(base, m, prefix, split, vocab, CAND, CNT, SHIFT: tl.constexpr,
             if start < count:
                 offs = start + tl.arange(0, BLOCK)
                 x = tl.load(CAND + offs, mask=offs < count, other=float("-inf"))
-                acc = _block_mass(acc, x, m, prefix, SHIFT, digits)
+                key = _ordered_key(x)
+                acc = _block_mass(acc, x, key, _under(key, prefix, SHIFT), m, SHIFT, digits)
     else:
         found = tl.zeros((), tl.int32)
         for start in range(split * SPLIT, split * SPLIT + SPLIT, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             x = tl.load(base + offs, mask=offs < vocab, other=float("-inf"))
+            key = _ordered_key(x)
+            match = _under(key, prefix, SHIFT)
             if SHIFT == 28:
-                acc = _block_mass(acc, x, m, prefix, SHIFT, digits)
+                acc = _block_mass(acc, x, key, match, m, SHIFT, digits)
             else:
-                match = (_ordered_key(x) >> (SHIFT + 4)) == (prefix >> (SHIFT + 4))
                 hits = tl.sum(match.to(tl.int32), axis=0)
                 # Past the first digits few logits share the prefix: skip blocks without one.
                 if hits > 0:
-                    acc = _block_mass(acc, x, m, prefix, SHIFT, digits)
+                    acc = _block_mass(acc, x, key, match, m, SHIFT, digits)
                     if MODE == 1:
                         slot = found + tl.cumsum(match.to(tl.int32), axis=0) - 1
                         tl.store(CAND + slot, x, mask=match & (slot < CAP))
