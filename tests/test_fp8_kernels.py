@@ -155,13 +155,13 @@ def test_decode_reads_fp8_like_the_dequantized_cache(dtype):
 
 
 def test_decode_fp8_128_token_tiles():
-    """fp8's default tile for long contexts (128 tokens, 3 stages) against the dequantized
+    """fp8's default tile for long contexts (128 tokens, 5 stages) against the dequantized
     cache, with lengths around the tile edge."""
     lens = [127, 128, 129, 300]
     q, _, _, fp8, deq, scales, meta = _attention_case([1] * 4, lens, torch.float32)
     out, ref = torch.empty_like(q), torch.empty_like(q)
     decode_attention(q, fp8, meta.block_tables, meta.seq_lens, 0.2, out, num_splits=1,
-                     kv_scales=scales, block_n=128, num_stages=3)
+                     kv_scales=scales, block_n=128, num_stages=5)
     TorchReferenceBackend().decode(q, deq, meta, 0.2, ref)
     _close(out, ref, torch.float32)
 
@@ -249,6 +249,37 @@ def test_bf16_decode_over_fp8_in_either_dot_dtype(dot_f16):
         decode_attention(q, fp8, meta.block_tables, meta.seq_lens, 128**-0.5, out,
                          num_splits=splits, kv_scales=scales, dot_f16=dot_f16)
         _close(out, ref, torch.bfloat16)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,head_dim,dtype", [((16, 8), 128, torch.bfloat16),
+                                                  ((12, 2), 128, torch.bfloat16),
+                                                  ((8, 8), 64, torch.float16)],
+                         ids=["group2-bf16", "group6-bf16", "group1-d64-fp16"])
+def test_fp8_decode_v_pairs_equals_the_byte_path(heads, head_dim, dtype):
+    """V read as 16-bit pairs (`v_pairs`, inline PTX: GPU only) against the byte-wise read
+    and the dequantized cache's reference: groups of 2, 6 and 1, 64- and 128-token tiles,
+    1-4 splits, lengths at the tile edges, and a padding row (length 0: zeros)."""
+    lens = [1, 15, 16, 17, 63, 64, 65, 127, 128, 129, 700, 2049]
+    q, _, _, fp8, deq, scales, meta = _attention_case(
+        [1] * len(lens), lens, dtype, heads=heads, head_dim=head_dim, block=16)
+    ref = torch.empty_like(q)
+    TorchReferenceBackend().decode(q, deq, meta, head_dim**-0.5, ref)
+    seq_lens = meta.seq_lens.clone()
+    seq_lens[2] = 0  # the kernels' padding row (CUDA graphs)
+    live = [i for i in range(len(lens)) if i != 2]
+    for splits, block_n, stages in ((1, 128, 5), (2, 128, 3), (4, 64, 2)):
+        outs = []
+        for pairs in (False, True):
+            out = torch.full_like(q, float("nan"))
+            decode_attention(q, fp8, meta.block_tables, seq_lens, head_dim**-0.5, out,
+                             num_splits=splits, kv_scales=scales, block_n=block_n,
+                             num_stages=stages, v_pairs=pairs)
+            outs.append(out)
+        assert not outs[1][2].any() and not outs[0][2].any(), "a padding row gives zeros"
+        _close(outs[1][live], ref[live], dtype)
+        torch.testing.assert_close(outs[1], outs[0], atol=2e-3, rtol=1e-2)
 
 
 def test_fp8_dot_setting_is_checked(monkeypatch):

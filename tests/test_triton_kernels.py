@@ -199,12 +199,13 @@ def test_decode_fp16_workspace_and_default_splits():
 
 
 def test_decode_tile_rule():
-    """128-token tiles at one or two splits in a 1- or 2-byte cache (3 stages for fp8), 64 at
-    more splits or in fp32, 32 for head_dim > 128: a function of the split count only, so
-    eager steps (whose block tables vary in width) compile no extra variant."""
+    """128-token tiles at one or two splits in a 1- or 2-byte cache (5 stages for fp8: two
+    K/V buffers), 64 at more splits or in fp32, 32 for head_dim > 128: a function of the
+    split count only, so eager steps (whose block tables vary in width) compile no extra
+    variant."""
     cpu = torch.device("cpu")
     assert default_tile(128, 1, 2, cpu) == (128, 2)
-    assert default_tile(128, 1, 1, cpu) == (128, 3)
+    assert default_tile(128, 1, 1, cpu) == (128, 5)
     assert default_tile(128, 2, 2, cpu) == (128, 2)
     assert default_tile(128, 4, 2, cpu) == (64, 2)
     assert default_tile(128, 20, 1, cpu) == (64, 2)  # batch 1

@@ -51,6 +51,7 @@ def _decode_split_kernel(
     FP8: tl.constexpr,
     DOT_F16: tl.constexpr,
     PDL: tl.constexpr,
+    VPAIRS: tl.constexpr = False,
 ):
     if PDL:  # before anything is read or written (kernels/_common.py, pdl_launch)
         tl.extra.cuda.gdc_wait()
@@ -91,6 +92,11 @@ def _decode_split_kernel(
         # range first, so an outlier saturates instead of becoming inf.
         q = tl.minimum(tl.maximum(q, -65504.0), 65504.0).to(tl.float16)
 
+    if VPAIRS:  # the even and the odd head-dim columns of the output, accumulated apart
+        offs_h = tl.arange(0, HEAD_DIM // 2)
+        acc_even = tl.zeros([GROUP_PAD, HEAD_DIM // 2], tl.float32)
+        acc_odd = tl.zeros([GROUP_PAD, HEAD_DIM // 2], tl.float32)
+        V16 = (KV + stride_kv).to(tl.pointer_type(tl.int16), bitcast=True)
     for t in range(tile_lo, tile_hi):
         pos = t * BLOCK_N + offs_n
         pmask = pos < seq_len
@@ -114,29 +120,64 @@ def _decode_split_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(KV + stride_kv + kv_off[:, None] + offs_d[None, :], mask=pmask[:, None], other=0.0)
-        if FP8:
-            v = v.to(q.dtype)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        if VPAIRS:
+            # V read as int16 pairs of adjacent e4m3 bytes. As the p.v dot's operand, a tile of
+            # bytes is gathered one byte a load (the operand pairs consecutive tokens, memory
+            # pairs consecutive head-dim elements); 16-bit units move with ldmatrix.trans. A
+            # pair widens to the even and the odd head-dim element of its token, each column
+            # set with its own dot.
+            vw = tl.load(V16 + (kv_off // 2)[:, None] + offs_h[None, :], mask=pmask[:, None],
+                         other=0)
+            v_even, v_odd = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; cvt.rn.f16x2.e4m3x2 t, $2; mov.b32 {$0, $1}, t; }",
+                "=h,=h,h", [vw], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+            pv = p.to(tl.float16)
+            acc_even = acc_even * alpha[:, None] + tl.dot(pv, v_even)
+            acc_odd = acc_odd * alpha[:, None] + tl.dot(pv, v_odd)
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            v = tl.load(KV + stride_kv + kv_off[:, None] + offs_d[None, :], mask=pmask[:, None],
+                        other=0.0)
+            if FP8:
+                v = v.to(q.dtype)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    if FP8:
-        acc = acc * tl.load(SCALES + 1)
-    if NUM_SPLITS == 1:
-        denom = tl.where(l_i > 0.0, l_i, 1.0)
-        o = acc / denom[:, None]
-        tl.store(
-            OUT + seq64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-            o.to(OUT.dtype.element_ty), mask=gmask[:, None],
-        )
+    if VPAIRS:
+        v_scale = tl.load(SCALES + 1)
+        acc_even = acc_even * v_scale
+        acc_odd = acc_odd * v_scale
+        if NUM_SPLITS == 1:
+            denom = tl.where(l_i > 0.0, l_i, 1.0)
+            o_ptr = OUT + seq64 * stride_ot + heads[:, None] * stride_oh + 2 * offs_h[None, :]
+            tl.store(o_ptr, (acc_even / denom[:, None]).to(OUT.dtype.element_ty),
+                     mask=gmask[:, None])
+            tl.store(o_ptr + 1, (acc_odd / denom[:, None]).to(OUT.dtype.element_ty),
+                     mask=gmask[:, None])
+        else:
+            row = (seq64 * NUM_HEADS + heads) * NUM_SPLITS + split  # [GROUP_PAD]
+            tl.store(M + row, m_i, mask=gmask)
+            tl.store(L + row, l_i, mask=gmask)
+            a_ptr = ACC + row[:, None] * HEAD_DIM + 2 * offs_h[None, :]
+            tl.store(a_ptr, acc_even, mask=gmask[:, None])
+            tl.store(a_ptr + 1, acc_odd, mask=gmask[:, None])
     else:
-        row = (seq64 * NUM_HEADS + heads) * NUM_SPLITS + split  # [GROUP_PAD]
-        tl.store(M + row, m_i, mask=gmask)
-        tl.store(L + row, l_i, mask=gmask)
-        tl.store(ACC + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=gmask[:, None])
+        if FP8:
+            acc = acc * tl.load(SCALES + 1)
+        if NUM_SPLITS == 1:
+            denom = tl.where(l_i > 0.0, l_i, 1.0)
+            o = acc / denom[:, None]
+            tl.store(
+                OUT + seq64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                o.to(OUT.dtype.element_ty), mask=gmask[:, None],
+            )
+        else:
+            row = (seq64 * NUM_HEADS + heads) * NUM_SPLITS + split  # [GROUP_PAD]
+            tl.store(M + row, m_i, mask=gmask)
+            tl.store(L + row, l_i, mask=gmask)
+            tl.store(ACC + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=gmask[:, None])
 
 
 @triton.jit
@@ -213,19 +254,22 @@ def default_tile(
     """(BLOCK_N, num_stages) for the decode kernel. A function of the split count (not of a
     step's block-table width, which varies in eager steps), so it adds no kernel variant.
 
-    128-token tiles at one or two splits (large batches) over a 1- or 2-byte cache (3 stages
-    for fp8); 64 at more splits (batch 1 cuts a 1,000-token context into ~64-token pieces);
+    128-token tiles at one or two splits (large batches) over a 1- or 2-byte cache (5 stages
+    for fp8, which Triton's pipeliner turns into two K/V buffers: the next tile loads while
+    this one is computed; 3 and 4 stages give one); 64 at more splits (batch 1 cuts a 1,000-token context into ~64-token pieces);
     32 for head_dim > 128. On an H200 (2026-12-01, one call, `novainfer bench`, 256 prompts)
     128-token tiles gave qwen3-0.6b 22,715 / 22,617 tok/s vs 21,595 / 21,831 with 64, and
     r1-distill-qwen-1.5b 29,099 vs 28,492; with the fp8 cache and 3 stages qwen3-0.6b
     23,450 vs 21,834 (benchmarks/decode_sweep.py: fp8 128/3 250.7 us vs 64/2 276.0 us).
     An earlier end-to-end loss with 128-token tiles (13,214 vs 17,375) came from kernels
     recompiling on step-varying arguments, since fixed. The 128-token tile needs ~2x the
-    shared memory: fp32 caches, and GPUs with less than 160 KiB a block, keep 64."""
+    shared memory: fp32 caches, and GPUs with less than 160 KiB a block, keep 64. Two fp8
+    buffers take 73 KiB a program (3 programs an SM on Hopper); on an H200 (2026-12-03,
+    256 sequences of 100-2048 tokens, us per call) 215.9 -> 209.4 with qwen3-0.6b heads."""
     if head_dim > 128:
         return 32, 2
     if num_splits <= 2 and kv_bytes <= 2 and _smem_per_block(device) >= 160 * 1024:
-        return 128, 3 if kv_bytes == 1 else 2
+        return 128, 5 if kv_bytes == 1 else 2
     return 64, 2
 
 
@@ -241,7 +285,9 @@ def default_maxnreg(
     of 160 was slower than 168, one of 128 spilled (241.1 us), and 64-token tiles with a cap
     of 128 stayed at 252 us. Only where that was checked: Hopper (compute capability 9.x),
     head_dim 128, at most 16 query rows a program, fp16 dots; larger tiles could spill. The
-    bf16 kernel is at the copy bandwidth already."""
+    bf16 kernel is at the copy bandwidth already. With V read as 16-bit pairs (`v_pairs`) the
+    kernel needs ~156 registers; the cap still helps r1-distill-qwen-1.5b's group of 6 heads
+    (57.5 against 69.1 us uncapped, the same sweep on 2026-12-03)."""
     if (block_n == 128 and kv_bytes == 1 and num_warps == 4 and head_dim == 128
             and group_pad <= 16 and dot_f16 and capability[0] == 9):
         return 168
@@ -290,6 +336,7 @@ def decode_attention(
     kv_scales: torch.Tensor | None = None,
     dot_f16: bool | None = None,
     maxnreg: int | None = None,
+    v_pairs: bool | None = None,
 ) -> torch.Tensor:
     """q: [seqs, heads, D] (one token per sequence); kv_cache: [2, blocks, block_size, kv_heads, D]
     in q's dtype, or fp8 e4m3 with kv_scales (float32 [2]: k, v) on the device;
@@ -297,7 +344,9 @@ def decode_attention(
     dots in fp16 instead of q's dtype (explicit True also narrows fp32 q: the CPU tests);
     block_tables: [seqs, max_blocks] int32; seq_lens: [seqs] int32 (0 = padding row -> zeros);
     out: [seqs, heads, D], written in place and returned. maxnreg: a register cap per thread
-    (None: `default_maxnreg` on CUDA; 0: none).
+    (None: `default_maxnreg` on CUDA; 0: none). v_pairs (fp8 cache with fp16 dots; None: on
+    CUDA): V read as 16-bit pairs and widened by inline PTX (`_decode_split_kernel`, VPAIRS),
+    which the interpreter cannot run.
 
     num_splits None -> `default_num_splits` from static shapes (graph safe). workspace: an fp32
     tensor of at least `decode_workspace_numel(...)` elements (else allocated when splitting).
@@ -335,6 +384,9 @@ def decode_attention(
             (_props(q.device).major, _props(q.device).minor),
         )
     ieee = use_ieee(q.dtype) and not dot_f16
+    if v_pairs is None:
+        v_pairs = q.device.type == "cuda"
+    v_pairs = v_pairs and fp8 and (dot_f16 or q.dtype == torch.float16) and head_dim % 2 == 0
     if num_splits > 1:
         need = decode_workspace_numel(num_seqs, num_heads, head_dim, num_splits)
         if workspace is None:
@@ -362,6 +414,7 @@ def decode_attention(
         IEEE=ieee,
         FP8=fp8,
         DOT_F16=dot_f16,
+        VPAIRS=v_pairs,
         num_warps=num_warps,
         num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),
