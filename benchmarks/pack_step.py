@@ -26,7 +26,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2000)
     args = parser.parse_args()
     n, length, block = args.seqs, args.context, 16
-    manager = BlockManager(n * (length // block + 2), block, False, n, 4096 // block)
+    width = -(-(length + 1) // block)  # the prompt and the token this step decodes
+    manager = BlockManager(n * (width + 1), block, False, n, width)
     seqs = []
     for i in range(n):
         seq = Sequence(i, str(i), 0, list(range(length)), length, SamplingParams(), None,

@@ -145,3 +145,14 @@ def test_entries_of_a_failed_step_reach_the_rank_with_the_next(checkpoint):
     copy = worker.block_tables.clone()
     _apply(copy, host, [0], 1)
     assert torch.equal(copy, torch.from_numpy(host.host))
+
+
+def test_single_rank_prepare_refuses_tensor_parallelism(checkpoint):
+    """`ModelRunner.prepare` feeds rank 0 only: with other ranks it would take the step's
+    table entries from them for good, so it refuses."""
+    with make_llm(checkpoint("llama"), tensor_parallel_size=2) as llm:
+        engine = llm.llm_engine
+        engine.add_request("a", {"prompt_token_ids": random_prompts([9], seed=54)[0]},
+                           SamplingParams(max_tokens=2))
+        with pytest.raises(RuntimeError, match="one rank only"):
+            engine.runner.prepare(engine.scheduler.schedule())

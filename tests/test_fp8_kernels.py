@@ -275,11 +275,28 @@ def test_fp8_decode_v_pairs_equals_the_byte_path(heads, head_dim, dtype):
             out = torch.full_like(q, float("nan"))
             decode_attention(q, fp8, meta.block_tables, seq_lens, head_dim**-0.5, out,
                              num_splits=splits, kv_scales=scales, block_n=block_n,
-                             num_stages=stages, v_pairs=pairs)
+                             num_stages=stages, dot_f16=True, v_pairs=pairs)
             outs.append(out)
         assert not outs[1][2].any() and not outs[0][2].any(), "a padding row gives zeros"
         _close(outs[1][live], ref[live], dtype)
         torch.testing.assert_close(outs[1], outs[0], atol=2e-3, rtol=1e-2)
+
+
+def test_v_pairs_where_they_cannot_apply_is_an_error():
+    """V pairs need compiled kernels (inline PTX) on CUDA, an fp8 cache and fp16 dots:
+    asking for them elsewhere names the argument instead of silently taking the byte path."""
+    q, _, _, fp8, deq, scales, meta = _attention_case([1, 1], [9, 30], torch.float32)
+    out = torch.empty_like(q)
+    with pytest.raises(ValueError, match="v_pairs=True needs"):
+        decode_attention(q, deq, meta.block_tables, meta.seq_lens, 0.2, out, v_pairs=True)
+    if DEV.type != "cuda":  # the interpreter: the byte path, also by default
+        with pytest.raises(ValueError, match="compiled kernels on CUDA"):
+            decode_attention(q, fp8, meta.block_tables, meta.seq_lens, 0.2, out,
+                             kv_scales=scales, dot_f16=True, v_pairs=True)
+        ref = torch.empty_like(q)
+        TorchReferenceBackend().decode(q, _dequantized(fp8, scales, q.dtype), meta, 0.2, ref)
+        decode_attention(q, fp8, meta.block_tables, meta.seq_lens, 0.2, out, kv_scales=scales)
+        _close(out, ref, torch.float32)
 
 
 def test_fp8_dot_setting_is_checked(monkeypatch):

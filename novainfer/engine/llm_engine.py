@@ -126,6 +126,11 @@ class LLMEngine:
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
             config.max_num_seqs, -(-self.max_model_len // config.block_size),
         )
+        # the ranks' copies of the block tables are indexed by the host table's flat indices
+        if self.runner.worker.block_tables.shape != self.block_manager.tables.host.shape:
+            raise RuntimeError("the ranks' block tables and the driver's differ in shape: "
+                               f"{tuple(self.runner.worker.block_tables.shape)} vs "
+                               f"{self.block_manager.tables.host.shape}")
         self.lora = (LoRAManager(self.model_config, config.max_loras, config.max_lora_rank,
                                  config.max_cpu_loras) if config.enable_lora else None)
         self.scheduler = Scheduler(

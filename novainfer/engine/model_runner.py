@@ -165,6 +165,9 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """Rank 0's inputs for a batch (single-rank use: tools and tests)."""
+        if self.tp.enabled:  # the other ranks would miss the step's block-table entries
+            raise RuntimeError("ModelRunner.prepare runs one rank only; use launch with "
+                               "tensor parallelism")
         host = pack_step(batch, self.block_size, lora=self.config.enable_lora)
         inputs = self.worker.inputs(host.header, host.data)
         batch.block_tables.taken()

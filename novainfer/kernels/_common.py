@@ -72,11 +72,15 @@ def _has_pdl(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def interpreting() -> bool:
+    """Whether Triton kernels run in its interpreter (TRITON_INTERPRET set)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def pdl_applies(device: torch.device) -> bool:
     """Whether launches on `device` use programmatic dependent launch (PDL): a CUDA device
     of compute capability >= 9.0, the switch on, not the Triton interpreter."""
-    return (PDL and device.type == "cuda"
-            and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and _has_pdl(device))
+    return PDL and device.type == "cuda" and not interpreting() and _has_pdl(device)
 
 
 def pdl_launch(device: torch.device) -> dict:

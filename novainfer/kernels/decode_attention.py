@@ -26,6 +26,7 @@ from novainfer.kernels._common import (
     cdiv,
     check_head_dim,
     check_kv_dtype,
+    interpreting,
     next_pow2,
     pdl_launch,
     scale_log2,
@@ -254,18 +255,18 @@ def default_tile(
     """(BLOCK_N, num_stages) for the decode kernel. A function of the split count (not of a
     step's block-table width, which varies in eager steps), so it adds no kernel variant.
 
-    128-token tiles at one or two splits (large batches) over a 1- or 2-byte cache (5 stages
-    for fp8, which Triton's pipeliner turns into two K/V buffers: the next tile loads while
-    this one is computed; 3 and 4 stages give one); 64 at more splits (batch 1 cuts a 1,000-token context into ~64-token pieces);
-    32 for head_dim > 128. On an H200 (2026-12-01, one call, `novainfer bench`, 256 prompts)
-    128-token tiles gave qwen3-0.6b 22,715 / 22,617 tok/s vs 21,595 / 21,831 with 64, and
-    r1-distill-qwen-1.5b 29,099 vs 28,492; with the fp8 cache and 3 stages qwen3-0.6b
-    23,450 vs 21,834 (benchmarks/decode_sweep.py: fp8 128/3 250.7 us vs 64/2 276.0 us).
-    An earlier end-to-end loss with 128-token tiles (13,214 vs 17,375) came from kernels
-    recompiling on step-varying arguments, since fixed. The 128-token tile needs ~2x the
-    shared memory: fp32 caches, and GPUs with less than 160 KiB a block, keep 64. Two fp8
-    buffers take 73 KiB a program (3 programs an SM on Hopper); on an H200 (2026-12-03,
-    256 sequences of 100-2048 tokens, us per call) 215.9 -> 209.4 with qwen3-0.6b heads."""
+    128-token tiles at one or two splits (large batches) over a 1- or 2-byte cache (5 stages for
+    fp8, which Triton's pipeliner turns into two K/V buffers: the next tile loads while this one
+    is computed; 3 and 4 stages give one); 64 at more splits (batch 1 cuts a 1,000-token context
+    into ~64-token pieces); 32 for head_dim > 128. On an H200 (2026-12-01, one call, `novainfer
+    bench`, 256 prompts) 128-token tiles gave qwen3-0.6b 22,715 / 22,617 tok/s vs 21,595 /
+    21,831 with 64, and r1-distill-qwen-1.5b 29,099 vs 28,492; with the fp8 cache and 3 stages
+    qwen3-0.6b 23,450 vs 21,834 (benchmarks/decode_sweep.py: fp8 128/3 250.7 us vs 64/2 276.0
+    us). An earlier end-to-end loss with 128-token tiles (13,214 vs 17,375) came from kernels
+    recompiling on step-varying arguments, since fixed. The 128-token tile needs ~2x the shared
+    memory: fp32 caches, and GPUs with less than 160 KiB a block, keep 64. Two fp8 buffers take
+    73 KiB a program (3 programs an SM on Hopper); on an H200 (2026-12-03, 256 sequences of
+    100-2048 tokens, us per call) 217.2 -> 211.4 with qwen3-0.6b heads."""
     if head_dim > 128:
         return 32, 2
     if num_splits <= 2 and kv_bytes <= 2 and _smem_per_block(device) >= 160 * 1024:
@@ -344,9 +345,10 @@ def decode_attention(
     dots in fp16 instead of q's dtype (explicit True also narrows fp32 q: the CPU tests);
     block_tables: [seqs, max_blocks] int32; seq_lens: [seqs] int32 (0 = padding row -> zeros);
     out: [seqs, heads, D], written in place and returned. maxnreg: a register cap per thread
-    (None: `default_maxnreg` on CUDA; 0: none). v_pairs (fp8 cache with fp16 dots; None: on
-    CUDA): V read as 16-bit pairs and widened by inline PTX (`_decode_split_kernel`, VPAIRS),
-    which the interpreter cannot run.
+    (None: `default_maxnreg` on CUDA; 0: none). v_pairs: V read as 16-bit pairs and widened
+    by inline PTX (`_decode_split_kernel`, VPAIRS); None: wherever it applies (an fp8 cache
+    read with fp16 dots, head_dim <= 128, compiled kernels on CUDA: the interpreter cannot
+    run PTX); True where it does not is a ValueError.
 
     num_splits None -> `default_num_splits` from static shapes (graph safe). workspace: an fp32
     tensor of at least `decode_workspace_numel(...)` elements (else allocated when splitting).
@@ -384,9 +386,15 @@ def decode_attention(
             (_props(q.device).major, _props(q.device).minor),
         )
     ieee = use_ieee(q.dtype) and not dot_f16
-    if v_pairs is None:
-        v_pairs = q.device.type == "cuda"
-    v_pairs = v_pairs and fp8 and (dot_f16 or q.dtype == torch.float16) and head_dim % 2 == 0
+    # V pairs: fp16 dots over an fp8 cache, head_dim <= 128 (run on the GPU at 16-128), and
+    # compiled code (inline PTX).
+    pairs_apply = (fp8 and (dot_f16 or q.dtype == torch.float16) and head_dim <= 128
+                   and q.device.type == "cuda" and not interpreting())
+    if v_pairs and not pairs_apply:
+        raise ValueError("v_pairs=True needs an fp8 cache read with fp16 dots, head_dim <= 128 "
+                         f"and compiled kernels on CUDA (got kv {kv_cache.dtype}, q {q.dtype}, "
+                         f"dot_f16 {dot_f16}, head_dim {head_dim}, device {q.device.type})")
+    v_pairs = pairs_apply if v_pairs is None else v_pairs
     if num_splits > 1:
         need = decode_workspace_numel(num_seqs, num_heads, head_dim, num_splits)
         if workspace is None:
