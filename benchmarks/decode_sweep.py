@@ -7,6 +7,8 @@ since 2026-12-02, kernels/decode_attention.py `default_tile`).
 
     python benchmarks/decode_sweep.py [--seqs 256] [--max-ctx 2048]
     python benchmarks/decode_sweep.py --kv-dtypes   # bf16 vs fp8 cache (bf16 or fp16 dots)
+    python benchmarks/decode_sweep.py --fp8-variants [--heads 12 --kv-heads 2]
+        # the fp8 kernel: V bytes vs 16-bit pairs, stages (K/V buffers), register cap
 
 `--kv-dtypes` times only the engine's block size (16) with 64- and 128-token tiles, over a
 bf16 cache and an fp8 one read with the dots in bf16 or in fp16 (NOVAINFER_FP8_DOT), each
@@ -34,9 +36,12 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--kv-dtypes", action="store_true")
+    parser.add_argument("--fp8-variants", action="store_true")
     args = parser.parse_args()
     if args.kv_dtypes:
         return compare_kv_dtypes(args)
+    if args.fp8_variants:
+        return fp8_variants(args)
     dev, dt = torch.device("cuda"), torch.bfloat16
     g = torch.Generator().manual_seed(0)
     lens = torch.randint(args.min_ctx, args.max_ctx + 1, (args.seqs,), generator=g)
@@ -110,6 +115,44 @@ def compare_kv_dtypes(args: argparse.Namespace) -> None:
                 label = "-" if dot_f16 is None else ("fp16" if dot_f16 else "bf16")
                 print(f"| {name} | {label} | {block_n} | {ms * 1e3:.1f} | "
                       f"{nbytes / ms / 1e9:.2f} | {err:.3g} |")
+
+
+def fp8_variants(args: argparse.Namespace) -> None:
+    """The fp8 decode kernel at 128-token tiles (one split, fp16 dots): V read byte-wise or
+    as 16-bit pairs, 3 stages (one K/V buffer) or 5 (two), register cap 168 or none; each
+    against the first variant's output (the 2026-12-02 default)."""
+    from novainfer.kernels.decode_attention import decode_attention
+    from novainfer.kernels.fp8 import quantize_fp8
+
+    dev, block_size = torch.device("cuda"), 16
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(args.min_ctx, args.max_ctx + 1, (args.seqs,), generator=g)
+    nbytes = int(lens.sum()) * args.kv_heads * args.head_dim * 2  # one byte an element
+    q = torch.randn(args.seqs, args.heads, args.head_dim, device=dev, dtype=torch.bfloat16)
+    width = -(-args.max_ctx // block_size)
+    num_blocks = args.seqs * width
+    scales = torch.tensor([0.01, 0.01], device=dev)
+    fp8 = quantize_fp8(torch.randn(2, num_blocks, block_size, args.kv_heads, args.head_dim,
+                                   device=dev, dtype=torch.bfloat16), scales[:1])
+    tables = torch.randperm(num_blocks, generator=g).view(args.seqs, width).int().to(dev)
+    seq_lens = lens.int().to(dev)
+    print(f"{args.seqs} seqs, contexts {args.min_ctx}-{args.max_ctx}, {args.heads} / "
+          f"{args.kv_heads} heads x {args.head_dim}, fp8 cache, {torch.cuda.get_device_name()}")
+    print("| V read | stages | register cap | us | KV TB/s | max abs diff |")
+    print("|---|---|---|---|---|---|")
+    ref = None
+    for pairs, stages, cap in ((False, 3, 168), (False, 5, 168), (True, 5, 168), (True, 5, 0),
+                               (True, 3, 0)):
+        out = torch.empty_like(q)
+        call = functools.partial(decode_attention, q, fp8, tables, seq_lens, 0.088, out,
+                                 num_splits=1, kv_scales=scales, dot_f16=True, block_n=128,
+                                 num_stages=stages, maxnreg=cap, v_pairs=pairs)
+        call()
+        ref = out.clone() if ref is None else ref
+        err = (out.float() - ref.float()).abs().max().item()
+        ms = min(ms_per_call(call, 50) for _ in range(3))
+        print(f"| {'pairs' if pairs else 'bytes'} | {stages} | {cap or 'none'} | "
+              f"{ms * 1e3:.1f} | {nbytes / ms / 1e9:.2f} | {err:.3g} |")
 
 
 if __name__ == "__main__":
