@@ -80,7 +80,6 @@ def _decode_split_kernel(
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     bt_row = BT + seq64 * stride_bt
     head_off = kvh * stride_cache_h
     if FP8:
@@ -98,6 +97,8 @@ def _decode_split_kernel(
         acc_even = tl.zeros([GROUP_PAD, HEAD_DIM // 2], tl.float32)
         acc_odd = tl.zeros([GROUP_PAD, HEAD_DIM // 2], tl.float32)
         V16 = (KV + stride_kv).to(tl.pointer_type(tl.int16), bitcast=True)
+    else:
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     for t in range(tile_lo, tile_hi):
         pos = t * BLOCK_N + offs_n
         pmask = pos < seq_len
@@ -146,39 +147,34 @@ def _decode_split_kernel(
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    if VPAIRS:
-        v_scale = tl.load(SCALES + 1)
-        acc_even = acc_even * v_scale
-        acc_odd = acc_odd * v_scale
-        if NUM_SPLITS == 1:
-            denom = tl.where(l_i > 0.0, l_i, 1.0)
-            o_ptr = OUT + seq64 * stride_ot + heads[:, None] * stride_oh + 2 * offs_h[None, :]
-            tl.store(o_ptr, (acc_even / denom[:, None]).to(OUT.dtype.element_ty),
-                     mask=gmask[:, None])
-            tl.store(o_ptr + 1, (acc_odd / denom[:, None]).to(OUT.dtype.element_ty),
-                     mask=gmask[:, None])
-        else:
-            row = (seq64 * NUM_HEADS + heads) * NUM_SPLITS + split  # [GROUP_PAD]
-            tl.store(M + row, m_i, mask=gmask)
-            tl.store(L + row, l_i, mask=gmask)
-            a_ptr = ACC + row[:, None] * HEAD_DIM + 2 * offs_h[None, :]
-            tl.store(a_ptr, acc_even, mask=gmask[:, None])
-            tl.store(a_ptr + 1, acc_odd, mask=gmask[:, None])
+    # One split writes the output, several their partial results for the reduce kernel.
+    v_scale = tl.load(SCALES + 1) if FP8 else 1.0
+    denom = tl.where(l_i > 0.0, l_i, 1.0)
+    if NUM_SPLITS == 1:
+        dst = OUT + seq64 * stride_ot + heads[:, None] * stride_oh
     else:
-        if FP8:
-            acc = acc * tl.load(SCALES + 1)
-        if NUM_SPLITS == 1:
-            denom = tl.where(l_i > 0.0, l_i, 1.0)
-            o = acc / denom[:, None]
-            tl.store(
-                OUT + seq64 * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                o.to(OUT.dtype.element_ty), mask=gmask[:, None],
-            )
-        else:
-            row = (seq64 * NUM_HEADS + heads) * NUM_SPLITS + split  # [GROUP_PAD]
-            tl.store(M + row, m_i, mask=gmask)
-            tl.store(L + row, l_i, mask=gmask)
-            tl.store(ACC + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=gmask[:, None])
+        row = (seq64 * NUM_HEADS + heads) * NUM_SPLITS + split  # [GROUP_PAD]
+        tl.store(M + row, m_i, mask=gmask)
+        tl.store(L + row, l_i, mask=gmask)
+        dst = ACC + row[:, None] * HEAD_DIM
+    if VPAIRS:
+        _write_columns(dst + 2 * offs_h[None, :], acc_even, v_scale, denom, gmask, FP8,
+                       NUM_SPLITS == 1)
+        _write_columns(dst + 2 * offs_h[None, :] + 1, acc_odd, v_scale, denom, gmask, FP8,
+                       NUM_SPLITS == 1)
+    else:
+        _write_columns(dst + offs_d[None, :], acc, v_scale, denom, gmask, FP8, NUM_SPLITS == 1)
+
+
+@triton.jit
+def _write_columns(dst, acc, v_scale, denom, gmask, FP8: tl.constexpr, NORMALIZE: tl.constexpr):
+    """Output columns of the query rows in `gmask`: times V's fp8 scale, then (NORMALIZE,
+    one split) divided by the softmax sum; cast to the destination's type."""
+    if FP8:
+        acc = acc * v_scale
+    if NORMALIZE:
+        acc = acc / denom[:, None]
+    tl.store(dst, acc.to(dst.dtype.element_ty), mask=gmask[:, None])
 
 
 @triton.jit
