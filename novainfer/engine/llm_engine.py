@@ -122,15 +122,12 @@ class LLMEngine:
         self.runner = ModelRunner(config, self.model_config, folder, self.max_model_len)
         # Worker processes (tensor parallelism) end with this engine, or at exit at the latest.
         self._finalizer = weakref.finalize(self, self.runner.shutdown)
+        # The driver's block tables take the shape of the ranks' copies, whose entries they
+        # address by flat index (engine/block_tables.py).
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
-            config.max_num_seqs, -(-self.max_model_len // config.block_size),
+            *self.runner.worker.block_tables.shape,
         )
-        # the ranks' copies of the block tables are indexed by the host table's flat indices
-        if self.runner.worker.block_tables.shape != self.block_manager.tables.host.shape:
-            raise RuntimeError("the ranks' block tables and the driver's differ in shape: "
-                               f"{tuple(self.runner.worker.block_tables.shape)} vs "
-                               f"{self.block_manager.tables.host.shape}")
         self.lora = (LoRAManager(self.model_config, config.max_loras, config.max_lora_rank,
                                  config.max_cpu_loras) if config.enable_lora else None)
         self.scheduler = Scheduler(
