@@ -75,14 +75,14 @@ def main() -> None:
         del cache
 
 
-def compare_kv_dtypes(args: argparse.Namespace) -> None:
-    from novainfer.kernels.decode_attention import decode_attention
-    from novainfer.kernels.fp8 import dequantize_fp8, quantize_fp8
+def _engine_block_case(args: argparse.Namespace, dev: torch.device) -> tuple:
+    """The engine's block size (16): (tokens, q, bf16 cache, fp8 cache, its scales, block
+    tables, seq_lens) for `args.seqs` contexts of min_ctx..max_ctx tokens."""
+    from novainfer.kernels.fp8 import quantize_fp8
 
-    dev, block_size = torch.device("cuda"), 16
+    block_size = 16
     g = torch.Generator().manual_seed(0)
     lens = torch.randint(args.min_ctx, args.max_ctx + 1, (args.seqs,), generator=g)
-    tokens = int(lens.sum())
     q = torch.randn(args.seqs, args.heads, args.head_dim, device=dev, dtype=torch.bfloat16)
     width = -(-args.max_ctx // block_size)
     num_blocks = args.seqs * width
@@ -90,9 +90,17 @@ def compare_kv_dtypes(args: argparse.Namespace) -> None:
                         dtype=torch.bfloat16)
     scales = torch.tensor([0.01, 0.01], device=dev)
     fp8 = torch.stack([quantize_fp8(cache[i], scales[i]) for i in (0, 1)])
-    deq = torch.stack([dequantize_fp8(fp8[i], scales[i], torch.bfloat16) for i in (0, 1)])
     tables = torch.randperm(num_blocks, generator=g).view(args.seqs, width).int().to(dev)
-    seq_lens = lens.int().to(dev)
+    return int(lens.sum()), q, cache, fp8, scales, tables, lens.int().to(dev)
+
+
+def compare_kv_dtypes(args: argparse.Namespace) -> None:
+    from novainfer.kernels.decode_attention import decode_attention
+    from novainfer.kernels.fp8 import dequantize_fp8
+
+    tokens, q, cache, fp8, scales, tables, seq_lens = _engine_block_case(
+        args, torch.device("cuda"))
+    deq = torch.stack([dequantize_fp8(fp8[i], scales[i], torch.bfloat16) for i in (0, 1)])
     scale = args.head_dim**-0.5
     print(f"{args.seqs} seqs, contexts {args.min_ctx}-{args.max_ctx}, {args.heads} / "
           f"{args.kv_heads} heads x {args.head_dim}, block size 16, "
@@ -122,20 +130,9 @@ def fp8_variants(args: argparse.Namespace) -> None:
     as 16-bit pairs, 3 stages (one K/V buffer) or 5 (two), register cap 168 or none; each
     against the first variant's output (the 2026-12-02 default)."""
     from novainfer.kernels.decode_attention import decode_attention
-    from novainfer.kernels.fp8 import quantize_fp8
 
-    dev, block_size = torch.device("cuda"), 16
-    g = torch.Generator().manual_seed(0)
-    lens = torch.randint(args.min_ctx, args.max_ctx + 1, (args.seqs,), generator=g)
-    nbytes = int(lens.sum()) * args.kv_heads * args.head_dim * 2  # one byte an element
-    q = torch.randn(args.seqs, args.heads, args.head_dim, device=dev, dtype=torch.bfloat16)
-    width = -(-args.max_ctx // block_size)
-    num_blocks = args.seqs * width
-    scales = torch.tensor([0.01, 0.01], device=dev)
-    fp8 = quantize_fp8(torch.randn(2, num_blocks, block_size, args.kv_heads, args.head_dim,
-                                   device=dev, dtype=torch.bfloat16), scales[:1])
-    tables = torch.randperm(num_blocks, generator=g).view(args.seqs, width).int().to(dev)
-    seq_lens = lens.int().to(dev)
+    tokens, q, _, fp8, scales, tables, seq_lens = _engine_block_case(args, torch.device("cuda"))
+    nbytes = tokens * args.kv_heads * args.head_dim * 2  # one byte an element
     print(f"{args.seqs} seqs, contexts {args.min_ctx}-{args.max_ctx}, {args.heads} / "
           f"{args.kv_heads} heads x {args.head_dim}, fp8 cache, {torch.cuda.get_device_name()}")
     print("| V read | stages | register cap | us | KV TB/s | max abs diff |")

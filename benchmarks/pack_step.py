@@ -37,10 +37,8 @@ def main() -> None:
         seq.token_ids.append(1)  # one sampled token: this step decodes it
         manager.try_append(seq, 1)
         seqs.append(seq)
-    tables = manager.tables
-    if hasattr(tables, "taken"):  # a steady decode step: the ranks have every entry
-        tables.taken()
-    batch = ScheduledBatch(seqs, [1] * n, tables)
+    manager.tables.taken()  # a steady decode step: the ranks have every entry already
+    batch = ScheduledBatch(seqs, [1] * n, manager.tables)
     for _ in range(50):
         host = pack_step(batch, block)
     start = time.perf_counter()
