@@ -450,6 +450,12 @@ def random_prompts(lengths, seed: int, low: int = 5, high: int = VOCAB_SIZE) -> 
 ASYNC_SCHEDULING: list[bool | None] = [None]
 
 
+# Engine settings that force chunked prefill (32-token chunks) and preemption (8 KV blocks of
+# 16 tokens), with the prefix cache on.
+TIGHT = {"num_kv_blocks": 8, "block_size": 16, "max_model_len": 128,
+         "max_num_batched_tokens": 32}
+
+
 def make_llm(model_dir, **kwargs):
     from novainfer import LLM
 

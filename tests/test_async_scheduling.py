@@ -15,7 +15,14 @@ from __future__ import annotations
 import pytest
 import test_engine_core
 import test_engine_features
-from conftest import ASYNC_SCHEDULING, completion_tokens, hf_greedy, make_llm, random_prompts
+from conftest import (
+    ASYNC_SCHEDULING,
+    TIGHT,
+    completion_tokens,
+    hf_greedy,
+    make_llm,
+    random_prompts,
+)
 from test_engine_core import *  # the same tests, with overlapped engines
 from test_engine_features import *
 
@@ -24,9 +31,6 @@ from novainfer.config import EngineConfig
 
 assert test_engine_core and test_engine_features  # their tests are collected here too
 
-# Chunked prefill (32-token chunks), preemption (8 blocks of 16) and the prefix cache.
-TIGHT = {"num_kv_blocks": 8, "block_size": 16, "max_model_len": 128,
-         "max_num_batched_tokens": 32}
 
 
 @pytest.fixture(scope="module", autouse=True)

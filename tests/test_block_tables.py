@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_llm, random_prompts
+from conftest import TIGHT, make_llm, random_prompts
 
 import novainfer.engine.model_runner as model_runner
 from novainfer import SamplingParams
 from novainfer.engine.block_tables import BlockTables, device_tables, new_device_tables
 from novainfer.engine.step_inputs import HEADER
 
-# Chunked prefill (32-token chunks), preemption (8 blocks of 16) and the prefix cache.
-TIGHT = {"num_kv_blocks": 8, "block_size": 16, "max_model_len": 128,
-         "max_num_batched_tokens": 32}
 
 
 def _apply(copy: torch.Tensor, tables: BlockTables, rows: list[int], width: int):

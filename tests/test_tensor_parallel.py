@@ -17,16 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import completion_tokens, hf_greedy, make_llm, random_prompts
+from conftest import TIGHT, completion_tokens, hf_greedy, make_llm, random_prompts
 
 from novainfer import SamplingParams
 from novainfer.distributed.workers import WorkerFailed
 
 ROOT = Path(__file__).resolve().parents[1]
-# Forces chunked prefill (32-token chunks) and preemption (8 blocks of 16 for 3 requests
-# that each grow to 7 blocks), with the prefix cache on.
-TIGHT = {"num_kv_blocks": 8, "block_size": 16, "max_model_len": 128,
-         "max_num_batched_tokens": 32}
+# TIGHT (conftest): 8 blocks of 16 for 3 requests that each grow to 7 blocks.
 
 
 def greedy(max_tokens: int = 16, **kw) -> SamplingParams:
