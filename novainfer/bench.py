@@ -243,7 +243,9 @@ def _lora_engine_args(args: argparse.Namespace) -> dict:
     return lora_from_args(args)[1]
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, around_round=None) -> dict:
+    """The bench; `around_round(llm)`, when given, returns a context manager entered around
+    each timed generate() (benchmarks/run_breakdown.py profiles the round with it)."""
     from novainfer import LLM, SamplingParams
     from novainfer.presets import preset_folder
 
@@ -302,10 +304,11 @@ def run(args: argparse.Namespace) -> dict:
         steps_before = engine.num_steps
         _sync(device)
         with strict.round(work.output_tokens) if strict else nullcontext() as checked:
-            start = time.perf_counter()
-            outputs = llm.generate(work.prompts, params, use_tqdm=False, lora_request=loras)
-            _sync(device)
-            round_seconds.append(time.perf_counter() - start)
+            with around_round(llm) if around_round else nullcontext():
+                start = time.perf_counter()
+                outputs = llm.generate(work.prompts, params, use_tqdm=False, lora_request=loras)
+                _sync(device)
+                round_seconds.append(time.perf_counter() - start)
             produced = sum(len(o.outputs[0].token_ids) for o in outputs)
             if checked is not None:
                 checked.produced = produced

@@ -273,3 +273,98 @@ def test_ab_fused_ops_table(tmp_path, monkeypatch):
     assert "triton vs eager: mean speedup 2.00x" in md and "in 0 of 16 cells" in md
     with pytest.raises(SystemExit, match="unknown variant or model"):
         ab.main(["fused-ops", "--variants", "jit", "--device", "cpu", "--out", str(tmp_path)])
+
+
+# ---------------------------------------------------------------------- run_breakdown.py
+
+
+def _load_breakdown():
+    spec = importlib.util.spec_from_file_location(
+        "novainfer_run_breakdown", ROOT / "benchmarks" / "run_breakdown.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_breakdown_splits_the_device_timeline_at_step_markers():
+    rb = _load_breakdown()
+    K = rb.Kernel
+    kernels = [
+        K("spin_kernel(long)", 0, 1), K("nvjet_tst_128x64", 1, 3), K("_decode_split_kernel", 3, 7),
+        K("_decode_reduce_kernel", 5, 8),  # launched early (PDL): only 7-8 is its own
+        K("spin_kernel(long)", 10, 10.5), K("_rms_norm_kernel", 11, 12),
+        K("Memcpy DtoH (Device -> Pinned)", 12, 13),
+    ]
+    random.Random(0).shuffle(kernels)  # the trace's order is not the timeline's
+    infos = [rb.StepInfo(rows=200, prompt_tokens=0, context_tokens=1000),
+             rb.StepInfo(rows=4, prompt_tokens=50, context_tokens=60)]
+    steps = rb.split_steps(kernels, len(infos))
+    assert [(s, e, [k.name[:4] for k in body]) for s, e, body in steps] == [
+        (0, 10, ["nvje", "_dec", "_dec"]), (10, 13, ["_rms", "Memc"])]
+    kinds, by_name = rb.breakdown(infos, steps, kv_bytes_per_token=2000)
+    decode, prefill = kinds["decode 193-256"], kinds["prefill/mixed"]
+    assert (decode["span"], decode["busy"], decode["idle"]) == (10, 7, 3)
+    assert dict(decode["cats"]) == {"GEMM": 2, "attention": 5}
+    assert decode["kv_TBps"] == pytest.approx(1000 * 2000 / 5e-6 / 1e12)
+    assert by_name["_decode_reduce_kernel"] == 1
+    assert (prefill["span"], prefill["busy"], prefill["idle"]) == (3, 2, 1)
+    assert dict(prefill["cats"]) == {"norm": 1, "memcpy/memset": 1}
+    assert by_name["_decode_split_kernel"] == 4
+    table = rb.format_breakdown(kinds, by_name)
+    assert table.splitlines()[2].startswith("prefill/mixed")  # prefill first, then decode
+    assert "decode 193-256" in table and "_decode_split_kernel" in table
+    with pytest.raises(RuntimeError, match="2 step markers .* for 3 launched steps"):
+        rb.split_steps(kernels, 3)
+    # spans timed apart (round 1): idle is that span less the profiled kernel time
+    kinds, _ = rb.breakdown(infos, steps, kv_bytes_per_token=2000, spans=[12.0, 2.5])
+    assert (kinds["decode 193-256"]["span"], kinds["decode 193-256"]["idle"]) == (12, 5)
+    assert (kinds["prefill/mixed"]["span"], kinds["prefill/mixed"]["idle"]) == (2.5, 0.5)
+    with pytest.raises(ValueError, match="1 timed spans for 2 profiled steps"):
+        rb.breakdown(infos, steps, kv_bytes_per_token=2000, spans=[1.0])
+
+
+def test_breakdown_step_info_counts_prompt_and_context_tokens():
+    from types import SimpleNamespace as NS
+
+    rb = _load_breakdown()
+    seqs = [NS(num_prompt_tokens=100, num_computed_tokens=0),  # first chunk of a prompt
+            NS(num_prompt_tokens=100, num_computed_tokens=120),  # decoding
+            NS(num_prompt_tokens=100, num_computed_tokens=96)]  # the prompt's last chunk
+    info = rb.step_info(NS(seqs=seqs, num_new_tokens=[64, 1, 4]))
+    assert (info.rows, info.prompt_tokens, info.context_tokens) == (3, 68, 64 + 121 + 100)
+    assert info.kind == "prefill/mixed"
+    assert rb.StepInfo(300, 0, 1).kind == "decode 257+"
+    assert rb.StepInfo(16, 0, 1).kind == "decode 1-16"
+
+
+def test_bench_enters_around_round_once_per_timed_round(tmp_path, monkeypatch):
+    import argparse
+    from contextlib import contextmanager
+
+    from novainfer import bench
+
+    monkeypatch.setenv("NOVAINFER_CACHE_DIR", str(tmp_path))
+    args = bench.build_parser(argparse.ArgumentParser()).parse_args(
+        ["--preset", "tiny", "--num-seqs", "3", "--max-input-len", "16", "--max-output-len",
+         "8", "--device", "cpu", "--rounds", "2"])
+    steps = []
+
+    @contextmanager
+    def around(llm):
+        before = llm.llm_engine.num_steps
+        yield
+        steps.append(llm.llm_engine.num_steps - before)
+
+    result = bench.run(args, around_round=around)
+    assert len(steps) == 2 and steps[0] == steps[1] == result["steps"] > 0
+
+
+def test_breakdown_refuses_the_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("NOVAINFER_CACHE_DIR", str(tmp_path))
+    rb = _load_breakdown()
+    with pytest.raises(ValueError, match="needs --device cuda"):
+        rb.main(["--preset", "tiny", "--num-seqs", "2", "--max-input-len", "8",
+                 "--max-output-len", "4", "--device", "cpu"])
+    with pytest.raises(ValueError, match="leave --rounds at 1"):
+        rb.main(["--preset", "tiny", "--rounds", "3"])
