@@ -9,6 +9,8 @@ since 2026-12-02, kernels/decode_attention.py `default_tile`).
     python benchmarks/decode_sweep.py --kv-dtypes   # bf16 vs fp8 cache (bf16 or fp16 dots)
     python benchmarks/decode_sweep.py --fp8-variants [--heads 12 --kv-heads 2]
         # the fp8 kernel: V bytes vs 16-bit pairs, stages (K/V buffers), register cap
+    python benchmarks/decode_sweep.py --split-sweep [--heads 12 --kv-heads 2] [--min-ctx 800]
+        # batch sizes x split counts, contexts drawn from a range or all equal to its mean
 
 `--kv-dtypes` times only the engine's block size (16) with 64- and 128-token tiles, over a
 bf16 cache and an fp8 one read with the dots in bf16 or in fp16 (NOVAINFER_FP8_DOT), each
@@ -22,7 +24,7 @@ import functools
 import itertools
 
 import torch
-from cuda_timing import ms_per_call
+from cuda_timing import graph_ms_per_call, ms_per_call
 
 
 def main() -> None:
@@ -37,7 +39,11 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--kv-dtypes", action="store_true")
     parser.add_argument("--fp8-variants", action="store_true")
+    parser.add_argument("--split-sweep", action="store_true")
+    parser.add_argument("--batches", type=int, nargs="+", default=[32, 64, 96, 128, 192, 256])
     args = parser.parse_args()
+    if args.split_sweep:
+        return split_sweep(args)
     if args.kv_dtypes:
         return compare_kv_dtypes(args)
     if args.fp8_variants:
@@ -150,6 +156,49 @@ def fp8_variants(args: argparse.Namespace) -> None:
         ms = min(ms_per_call(call, 50) for _ in range(3))
         print(f"| {'pairs' if pairs else 'bytes'} | {stages} | {cap or 'none'} | "
               f"{ms * 1e3:.1f} | {nbytes / ms / 1e9:.2f} | {err:.3g} |")
+
+
+def split_sweep(args: argparse.Namespace) -> None:
+    """us per call (replayed from a CUDA graph, as in the engine) and KV TB/s for each batch
+    size and split count (None: the default), bf16 and fp8 caches, at 128-token tiles and the
+    default tile; contexts drawn from
+    min_ctx..max_ctx ("drawn") or all equal to the drawn ones' mean ("equal", same bytes):
+    where "equal" reads much faster, uneven contexts leave SMs idle at the end of the call."""
+    from novainfer.kernels.decode_attention import (
+        decode_attention,
+        decode_workspace_numel,
+        default_num_splits,
+    )
+
+    dev = torch.device("cuda")
+    print(f"{args.heads} / {args.kv_heads} heads x {args.head_dim}, contexts "
+          f"{args.min_ctx}-{args.max_ctx}, block size 16, {torch.cuda.get_device_name()}")
+    print("| seqs | contexts | cache | splits | us | KV TB/s |")
+    print("|---|---|---|---|---|---|")
+    for seqs in args.batches:
+        case = argparse.Namespace(**{**vars(args), "seqs": seqs})
+        tokens, q, cache, fp8, scales, tables, seq_lens = _engine_block_case(case, dev)
+        equal = torch.full_like(seq_lens, tokens // seqs)
+        default = default_num_splits(seqs, args.kv_heads, tables.shape[1] * 16, dev)
+        for contexts, lens in (("drawn", seq_lens), ("equal", equal)):
+            for name, kv in (("bf16", cache), ("fp8", fp8)):
+                nbytes = int(lens.sum()) * args.kv_heads * args.head_dim * 2 * kv.element_size()
+                kw = {"kv_scales": scales} if name == "fp8" else {}
+                for splits in (None, 1, 2, 4, 8):
+                    if splits == default:
+                        continue  # the None row
+                    out = torch.empty_like(q)
+                    tile = {} if splits is None else {"block_n": 128,
+                                                      "num_stages": 5 if name == "fp8" else 2}
+                    n = splits or default
+                    ws = torch.empty(decode_workspace_numel(seqs, args.heads, args.head_dim, n),
+                                     dtype=torch.float32, device=dev)  # before the capture
+                    call = functools.partial(decode_attention, q, kv, tables, lens, 0.088, out,
+                                             num_splits=n, workspace=ws, **tile, **kw)
+                    ms = min(graph_ms_per_call(call) for _ in range(2))
+                    label = f"{default} (default)" if splits is None else f"{splits} (128)"
+                    print(f"| {seqs} | {contexts} | {name} | {label} | {ms * 1e3:.1f} | "
+                          f"{nbytes / ms / 1e9:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

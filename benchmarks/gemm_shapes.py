@@ -1,0 +1,80 @@
+"""A preset's GEMMs at decode batch sizes: cuBLAS (F.linear) against Inductor's autotuned
+Triton templates, in us per call and TFLOP/s.
+
+    python benchmarks/gemm_shapes.py --preset r1-distill-qwen-1.5b [--rows 64 128 256]
+        [--inductor]
+
+Each shape is one layer's linear (x [rows, K] times a [N, K] weight, bf16); calls are
+replayed from a CUDA graph, so launch gaps do not count. `--inductor` also compiles the same
+F.linear with `mode="max-autotune-no-cudagraphs"` (persistent TMA templates on), which picks
+the fastest of cuBLAS and its Triton templates per shape; its column is that pick's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from cuda_timing import graph_ms_per_call
+
+
+def shapes(cfg: dict) -> list[tuple[str, int, int]]:
+    """(name, N, K) of one decoder layer's linears and the LM head."""
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim", hidden // heads)
+    return [("qkv", (heads + 2 * kv_heads) * head_dim, hidden), ("o", hidden, heads * head_dim),
+            ("gate_up", 2 * inter, hidden), ("down", hidden, inter),
+            ("lm_head", cfg["vocab_size"], hidden)]
+
+
+def main() -> None:
+    from novainfer.presets import PRESETS
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=[p for p in PRESETS if p != "tiny"],
+                        default="r1-distill-qwen-1.5b")
+    parser.add_argument("--rows", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--inductor", action="store_true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gemm_shapes needs a CUDA device")
+    dev = torch.device("cuda")
+    if args.inductor:
+        import torch._inductor.config as inductor
+
+        inductor.triton.enable_persistent_tma_matmul = True
+    print(f"{torch.cuda.get_device_name(dev)}, {args.preset}, bf16, us per call (TFLOP/s)")
+    head = f"{'rows':>5} {'shape':<8} {'N':>7} {'K':>6} {'cuBLAS':>16}"
+    print(head + (f" {'inductor':>16} {'gain':>6}" if args.inductor else ""))
+    layers = PRESETS[args.preset]["num_hidden_layers"]
+    totals = {}  # us per step: every layer's four linears and the LM head
+    for rows in args.rows:
+        for name, n, k in shapes(PRESETS[args.preset]):
+            x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16)
+            w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5
+            flop = 2 * rows * n * k
+            base = graph_ms_per_call(lambda: F.linear(x, w)) * 1e3
+            line = f"{rows:>5} {name:<8} {n:>7} {k:>6} {base:>7.1f} ({flop / base / 1e6:>5.0f})"
+            weight = 1 if name == "lm_head" else layers
+            totals[rows, "cuBLAS"] = totals.get((rows, "cuBLAS"), 0.0) + weight * base
+            if args.inductor:
+                torch._dynamo.reset()
+                tuned = torch.compile(lambda a, b: F.linear(a, b),
+                                      mode="max-autotune-no-cudagraphs", dynamic=False)
+                out = tuned(x, w)
+                torch.testing.assert_close(out, F.linear(x, w), rtol=2e-2, atol=2e-2)
+                best = graph_ms_per_call(lambda: tuned(x, w)) * 1e3
+                totals[rows, "inductor"] = totals.get((rows, "inductor"), 0.0) + weight * best
+                line += f" {best:>7.1f} ({flop / best / 1e6:>5.0f}) {base / best:>5.2f}x"
+            print(line, flush=True)
+    for rows in args.rows:
+        line = f"{rows:>5} {'per step':<8} {'':>7} {'':>6} {totals[rows, 'cuBLAS']:>7.1f}"
+        if args.inductor:
+            line += f" {'':>8} {totals[rows, 'inductor']:>7.1f}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
