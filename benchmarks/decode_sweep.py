@@ -160,8 +160,9 @@ def fp8_variants(args: argparse.Namespace) -> None:
 
 def split_sweep(args: argparse.Namespace) -> None:
     """us per call (replayed from a CUDA graph, as in the engine) and KV TB/s for each batch
-    size and split count (None: the default), bf16 and fp8 caches, at 128-token tiles and the
-    default tile; contexts drawn from
+    size and split count, bf16 and fp8 caches. The "default" row is what the engine runs
+    (its split count and tile: 64 tokens above 2 splits); the others force 128-token tiles
+    with the stages `default_tile` gives them at 1-2 splits. Contexts drawn from
     min_ctx..max_ctx ("drawn") or all equal to the drawn ones' mean ("equal", same bytes):
     where "equal" reads much faster, uneven contexts leave SMs idle at the end of the call."""
     from novainfer.kernels.decode_attention import (

@@ -2,14 +2,17 @@
 
     python benchmarks/run_breakdown.py --preset qwen3-0.6b [--kv-cache-dtype fp8] [bench flags]
 
-Runs `novainfer bench` (its flags, its workload) with torch.profiler tracing the device over
-the timed round. Each step's launch is preceded by a marker kernel (`torch.cuda._sleep(0)`),
-which splits the device timeline into steps; the host labels each step with its rows, prompt
-tokens and context tokens. Printed per step kind (prefill/mixed, decode by rows): steps,
-device span (marker to marker), kernel time (each kernel's time not covered by an earlier
-one), idle time, time by category (the name rules of `novainfer profile`), and for decode the
-KV bytes the attention read per second. The round's
-throughput includes the profiler's cost; `novainfer bench` alone gives the real figure.
+Runs `novainfer bench` (its flags, its workload) for two timed rounds. Round 1 records a
+CUDA event before each step's launch: each step's real device span. Round 2 runs under
+torch.profiler (device only) with a marker kernel (`torch.cuda._sleep(0)`) before each
+launch, which splits the device timeline into steps. The host labels each step with its rows,
+prefill tokens and context tokens. Printed per step kind (prefill/mixed, decode by rows):
+steps, span (round 1), kernel time (round 2; each kernel's time not covered by an earlier
+one: with programmatic dependent launch a kernel starts while its predecessor runs), idle
+(span - kernel time: the device waiting for the host), time by category (the name rules of
+`novainfer profile`), and for decode the KV bytes the attention read per second. With tensor
+parallelism the trace is rank 0's device. Round 1's last span also holds the host's time
+after the last step (collecting it, the final sync).
 """
 
 from __future__ import annotations
@@ -25,18 +28,18 @@ from dataclasses import dataclass, field
 MARKER = "spin_kernel"  # torch.cuda._sleep's kernel
 DECODE_BUCKETS = ((1, 16), (17, 64), (65, 128), (129, 192), (193, 256), (257, 1 << 30))
 SHOWN = ("attention", "GEMM", "norm", "rotary", "activation", "sampling", "KV-cache write",
-         "memcpy/memset", "other")
+         "memcpy/memset", "communication", "other")
 
 
 @dataclass
 class StepInfo:
     rows: int
-    prompt_tokens: int  # prompt tokens computed this step (0: a decode-only step)
+    prefill_tokens: int  # tokens of rows that are not one-token decodes (0: decode only)
     context_tokens: int  # sum over rows of the context the step's last token attends to
 
     @property
     def kind(self) -> str:
-        if self.prompt_tokens:
+        if self.prefill_tokens:
             return "prefill/mixed"
         for lo, hi in DECODE_BUCKETS:
             if lo <= self.rows <= hi:
@@ -52,12 +55,15 @@ class Kernel:
 
 
 def step_info(batch) -> StepInfo:
-    """Read before the launch advances the sequences' computed tokens."""
-    prompt = context = 0
+    """Read before the launch advances the sequences' computed tokens. A row is a decode
+    when it computes one token past its prompt; anything else (a prompt chunk, or generated
+    tokens recomputed after a preemption) counts as prefill."""
+    prefill = context = 0
     for seq, n in zip(batch.seqs, batch.num_new_tokens):
-        prompt += min(n, max(0, seq.num_prompt_tokens - seq.num_computed_tokens))
+        if n > 1 or seq.num_computed_tokens < seq.num_prompt_tokens:
+            prefill += n
         context += seq.num_computed_tokens + n
-    return StepInfo(len(batch.seqs), prompt, context)
+    return StepInfo(len(batch.seqs), prefill, context)
 
 
 def split_steps(kernels: list[Kernel], num_steps: int) -> list[tuple[float, float, list[Kernel]]]:
@@ -164,7 +170,9 @@ class Recording:
 
 @contextmanager
 def _marked_launches(engine, infos: list[StepInfo], mark):
-    """Label each launch with its step and call `mark()` just before it."""
+    """Label each launch with its step and call `mark()` just before it; the engine's own
+    `_launch` (or what its instance already had there) comes back afterwards."""
+    own = vars(engine).get("_launch")
     launch = engine._launch
 
     def marked_launch(batch, overlap):
@@ -176,7 +184,10 @@ def _marked_launches(engine, infos: list[StepInfo], mark):
     try:
         yield
     finally:
-        del engine._launch  # the bound method again
+        if own is None:
+            del engine._launch  # the class's method again
+        else:
+            engine._launch = own
 
 
 @contextmanager
@@ -187,8 +198,8 @@ def recorded_round(llm, rec: Recording):
     from torch.profiler import ProfilerActivity, profile
 
     engine = llm.llm_engine
-    if engine.runner.device.type != "cuda":
-        raise ValueError("run_breakdown traces device kernels: it needs --device cuda")
+    if engine.step_timer is not None:  # NOVAINFER_STEP_TIMING=1: it syncs every phase
+        raise ValueError("run_breakdown times steps itself: unset NOVAINFER_STEP_TIMING")
     rec.rounds += 1
     if rec.rounds == 1:
         events = []
@@ -218,17 +229,24 @@ def main(argv: list[str]) -> None:
 
     from novainfer import bench
 
+    import torch
+
     parser = bench.build_parser(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     args = parser.parse_args(argv)
     if args.rounds != 1:
         raise ValueError("run_breakdown runs its own two rounds: leave --rounds at 1")
+    for flag, given in (("--json", args.json), ("--compare", args.compare)):
+        if given:
+            raise ValueError(f"run_breakdown prints its own tables: leave out {flag}")
+    if args.device == "cpu" or not torch.cuda.is_available():
+        raise ValueError("run_breakdown traces device kernels: it needs a CUDA device")
     args.rounds = 2
     with tempfile.TemporaryDirectory() as tmp:
         rec = Recording(os.path.join(tmp, "trace.json"))
         result = bench.run(args, around_round=lambda llm: recorded_round(llm, rec))
         kernels = read_trace(rec.trace_path)
     bench.print_report(result, as_json=False)
-    if [i.kind for i in rec.timed_infos] != [i.kind for i in rec.infos]:
+    if rec.timed_infos != rec.infos:  # spans and kernels are matched step by step
         raise RuntimeError("the timed and the profiled rounds scheduled different steps")
     kinds, by_name = breakdown(rec.infos, split_steps(kernels, len(rec.infos)),
                                rec.kv_bytes_per_token, rec.spans_us)

@@ -13,7 +13,8 @@ import random
 import statistics
 import tempfile
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,7 +244,8 @@ def _lora_engine_args(args: argparse.Namespace) -> dict:
     return lora_from_args(args)[1]
 
 
-def run(args: argparse.Namespace, around_round=None) -> dict:
+def run(args: argparse.Namespace,
+        around_round: Callable[[object], AbstractContextManager] | None = None) -> dict:
     """The bench; `around_round(llm)`, when given, returns a context manager entered around
     each timed generate() (benchmarks/run_breakdown.py profiles the round with it)."""
     from novainfer import LLM, SamplingParams

@@ -297,8 +297,8 @@ def test_breakdown_splits_the_device_timeline_at_step_markers():
         K("Memcpy DtoH (Device -> Pinned)", 12, 13),
     ]
     random.Random(0).shuffle(kernels)  # the trace's order is not the timeline's
-    infos = [rb.StepInfo(rows=200, prompt_tokens=0, context_tokens=1000),
-             rb.StepInfo(rows=4, prompt_tokens=50, context_tokens=60)]
+    infos = [rb.StepInfo(rows=200, prefill_tokens=0, context_tokens=1000),
+             rb.StepInfo(rows=4, prefill_tokens=50, context_tokens=60)]
     steps = rb.split_steps(kernels, len(infos))
     assert [(s, e, [k.name[:4] for k in body]) for s, e, body in steps] == [
         (0, 10, ["nvje", "_dec", "_dec"]), (10, 13, ["_rms", "Memc"])]
@@ -332,7 +332,15 @@ def test_breakdown_step_info_counts_prompt_and_context_tokens():
             NS(num_prompt_tokens=100, num_computed_tokens=120),  # decoding
             NS(num_prompt_tokens=100, num_computed_tokens=96)]  # the prompt's last chunk
     info = rb.step_info(NS(seqs=seqs, num_new_tokens=[64, 1, 4]))
-    assert (info.rows, info.prompt_tokens, info.context_tokens) == (3, 68, 64 + 121 + 100)
+    assert (info.rows, info.prefill_tokens, info.context_tokens) == (3, 68, 64 + 121 + 100)
+    # after a preemption: generated tokens recomputed in one chunk are prefill work too
+    again = rb.step_info(NS(seqs=[NS(num_prompt_tokens=10, num_computed_tokens=0)],
+                            num_new_tokens=[30]))
+    assert again.prefill_tokens == 30 and again.kind == "prefill/mixed"
+    # the last prompt token alone is prefill, one token past the prompt a decode
+    last = [NS(num_prompt_tokens=10, num_computed_tokens=9), NS(num_prompt_tokens=10,
+                                                                num_computed_tokens=10)]
+    assert rb.step_info(NS(seqs=last, num_new_tokens=[1, 1])).prefill_tokens == 1
     assert info.kind == "prefill/mixed"
     assert rb.StepInfo(300, 0, 1).kind == "decode 257+"
     assert rb.StepInfo(16, 0, 1).kind == "decode 1-16"
@@ -360,11 +368,42 @@ def test_bench_enters_around_round_once_per_timed_round(tmp_path, monkeypatch):
     assert len(steps) == 2 and steps[0] == steps[1] == result["steps"] > 0
 
 
-def test_breakdown_refuses_the_cpu(tmp_path, monkeypatch):
-    monkeypatch.setenv("NOVAINFER_CACHE_DIR", str(tmp_path))
+def test_breakdown_refuses_the_cpu_and_flags_it_cannot_honour():
     rb = _load_breakdown()
-    with pytest.raises(ValueError, match="needs --device cuda"):
-        rb.main(["--preset", "tiny", "--num-seqs", "2", "--max-input-len", "8",
-                 "--max-output-len", "4", "--device", "cpu"])
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        rb.main(["--preset", "tiny", "--device", "cpu"])
     with pytest.raises(ValueError, match="leave --rounds at 1"):
         rb.main(["--preset", "tiny", "--rounds", "3"])
+    for flag in (["--json"], ["--compare", "hf"]):
+        with pytest.raises(ValueError, match=f"leave out {flag[0]}"):
+            rb.main(["--preset", "tiny", *flag])
+
+
+def test_breakdown_marks_each_launch_first_and_puts_the_method_back():
+    from types import SimpleNamespace as NS
+
+    rb = _load_breakdown()
+
+    class Engine:
+        def __init__(self):
+            self.calls = []
+
+        def _launch(self, batch, overlap):
+            self.calls.append(("launch", len(batch.seqs)))
+            if overlap == "fail":
+                raise RuntimeError("launch failed")
+            return "launched"
+
+    engine, infos = Engine(), []
+    batch = NS(seqs=[NS(num_prompt_tokens=4, num_computed_tokens=4)], num_new_tokens=[1])
+    with rb._marked_launches(engine, infos, lambda: engine.calls.append(("mark",))):
+        assert engine._launch(batch, True) == "launched"
+        with pytest.raises(RuntimeError, match="launch failed"):
+            engine._launch(batch, "fail")
+    assert engine.calls == [("mark",), ("launch", 1), ("mark",), ("launch", 1)]
+    assert infos == [rb.StepInfo(1, 0, 5)] * 2
+    assert "_launch" not in vars(engine)  # the class's method again
+    own = engine._launch = lambda batch, overlap: "own"  # an instance's own, kept
+    with rb._marked_launches(engine, [], lambda: None):
+        assert engine._launch(batch, True) == "own"
+    assert engine._launch is own
