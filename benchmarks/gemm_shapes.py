@@ -19,17 +19,16 @@ import torch.nn.functional as F
 from cuda_timing import graph_ms_per_call
 
 
-def shapes(cfg: dict) -> list[tuple[str, int, int]]:
-    """(name, N, K) of one decoder layer's linears and the LM head."""
-    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    head_dim = cfg.get("head_dim", hidden // heads)
-    return [("qkv", (heads + 2 * kv_heads) * head_dim, hidden), ("o", hidden, heads * head_dim),
-            ("gate_up", 2 * inter, hidden), ("down", hidden, inter),
-            ("lm_head", cfg["vocab_size"], hidden)]
+def shapes(cfg) -> list[tuple[str, int, int]]:
+    """(name, N, K) of one decoder layer's linears and the LM head (cfg: a ModelConfig)."""
+    hidden, qkv_heads = cfg.hidden_size, cfg.num_heads + 2 * cfg.num_kv_heads
+    return [("qkv", qkv_heads * cfg.head_dim, hidden), ("o", hidden, cfg.num_heads * cfg.head_dim),
+            ("gate_up", 2 * cfg.intermediate_size, hidden), ("down", hidden, cfg.intermediate_size),
+            ("lm_head", cfg.vocab_size, hidden)]
 
 
 def main() -> None:
+    from novainfer.models.config import ModelConfig
     from novainfer.presets import PRESETS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -48,10 +47,11 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name(dev)}, {args.preset}, bf16, us per call (TFLOP/s)")
     head = f"{'rows':>5} {'shape':<8} {'N':>7} {'K':>6} {'cuBLAS':>16}"
     print(head + (f" {'inductor':>16} {'gain':>6}" if args.inductor else ""))
-    layers = PRESETS[args.preset]["num_hidden_layers"]
+    cfg = ModelConfig.from_dict(PRESETS[args.preset])
+    layers = cfg.num_layers
     totals = {}  # us per step: every layer's four linears and the LM head
     for rows in args.rows:
-        for name, n, k in shapes(PRESETS[args.preset]):
+        for name, n, k in shapes(cfg):
             x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16)
             w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5
             flop = 2 * rows * n * k

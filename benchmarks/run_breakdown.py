@@ -197,6 +197,8 @@ def recorded_round(llm, rec: Recording):
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from novainfer.bench import kv_bytes_per_token
+
     engine = llm.llm_engine
     if engine.step_timer is not None:  # NOVAINFER_STEP_TIMING=1: it syncs every phase
         raise ValueError("run_breakdown times steps itself: unset NOVAINFER_STEP_TIMING")
@@ -218,10 +220,7 @@ def recorded_round(llm, rec: Recording):
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             yield
     prof.export_chrome_trace(rec.trace_path)
-    runner = engine.runner
-    cfg = runner.model_config
-    rec.kv_bytes_per_token = (cfg.num_layers * 2 * runner.worker.num_kv_heads * cfg.head_dim
-                              * runner.kv_cache.element_size())
+    rec.kv_bytes_per_token = kv_bytes_per_token(engine.runner)
 
 
 def main(argv: list[str]) -> None:

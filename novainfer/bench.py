@@ -105,14 +105,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def kv_bytes_per_token(runner) -> int:
+    """KV-cache bytes one token of context takes on one rank, all layers (1 byte an element
+    with an fp8 cache)."""
+    cfg = runner.model_config
+    return (cfg.num_layers * 2 * runner.worker.num_kv_heads * cfg.head_dim
+            * runner.kv_cache.element_size())
+
+
 def floor_seconds(llm, work: Workload, steps: int, bandwidth: float, flops: float) -> dict:
     """The time the run cannot beat: bytes it must move over bandwidth + matmul FLOPs. With
     tensor parallelism the ranks work at once, so this is one rank's share (its weight
     shard, its KV heads) over one device's bandwidth: the N devices' floor."""
     runner = llm.llm_engine.runner
     cfg = runner.model_config
-    elem = runner.kv_cache.element_size()  # 1 byte with an fp8 cache
-    kv_per_token = cfg.num_layers * 2 * runner.worker.num_kv_heads * cfg.head_dim * elem
+    kv_per_token = kv_bytes_per_token(runner)
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     embed = cfg.vocab_size * cfg.hidden_size // runner.tp.size
     matmul_params = sum(p.numel() for p in runner.model.parameters()) - (

@@ -18,7 +18,6 @@ import torch
 class BlockTables:
     def __init__(self, num_rows: int, width: int) -> None:
         self.host = np.zeros((num_rows, width), dtype=np.int32)  # 0-padded
-        self.width = width
         # Entries written since the devices last took them: flat index -> value. A dict keeps
         # the last write of an entry (a row freed, then given to another sequence).
         self._pending: dict[int, int] = {}
@@ -26,7 +25,7 @@ class BlockTables:
     def write(self, row: int, start: int, blocks: list[int]) -> None:
         """Entries [start, start + len(blocks)) of `row`."""
         self.host[row, start : start + len(blocks)] = blocks
-        base = row * self.width + start
+        base = row * self.host.shape[1] + start
         self._pending.update(zip(range(base, base + len(blocks)), blocks))
 
     def clear(self, row: int, count: int) -> None:
