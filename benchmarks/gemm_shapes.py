@@ -2,12 +2,15 @@
 Triton templates, in us per call and TFLOP/s.
 
     python benchmarks/gemm_shapes.py --preset r1-distill-qwen-1.5b [--rows 64 128 256]
-        [--inductor]
+        [--inductor] [--cublaslt] [--tunableop]
 
 Each shape is one layer's linear (x [rows, K] times a [N, K] weight, bf16); calls are
 replayed from a CUDA graph, so launch gaps do not count. `--inductor` also compiles the same
 F.linear with `mode="max-autotune-no-cudagraphs"` (persistent TMA templates on), which picks
 the fastest of cuBLAS and its Triton templates per shape; its column is that pick's time.
+`--cublaslt` adds a column with torch's cuBLASLt backend (`preferred_blas_library`), and
+`--tunableop` one with PyTorch's TunableOp, which times cuBLAS/cuBLASLt's candidate
+algorithms (split-K ones included) on each shape's first call and keeps the fastest.
 """
 
 from __future__ import annotations
@@ -27,6 +30,32 @@ def shapes(cfg) -> list[tuple[str, int, int]]:
             ("lm_head", cfg.vocab_size, hidden)]
 
 
+def _alternative_ms(kind: str, x: torch.Tensor, w: torch.Tensor) -> float:
+    """ms per call of x @ w.T by another route than the default cuBLAS call, checked
+    against it: Inductor's max-autotune pick, the cuBLASLt backend, or TunableOp's pick."""
+    expected = F.linear(x, w)
+    if kind == "inductor":
+        torch._dynamo.reset()
+        fn = torch.compile(lambda a, b: F.linear(a, b), mode="max-autotune-no-cudagraphs",
+                           dynamic=False)
+        call = lambda: fn(x, w)  # noqa: E731
+    else:
+        call = lambda: F.linear(x, w)  # noqa: E731
+    try:
+        if kind == "cublaslt":
+            torch.backends.cuda.preferred_blas_library("cublaslt")
+        if kind == "tunableop":
+            torch.cuda.tunable.enable(True)
+            torch.cuda.tunable.tuning_enable(True)
+        torch.testing.assert_close(call(), expected, rtol=2e-2, atol=2e-2)  # tunes here
+        if kind == "tunableop":
+            torch.cuda.tunable.tuning_enable(False)  # no tuning inside the capture
+        return graph_ms_per_call(call)
+    finally:
+        torch.backends.cuda.preferred_blas_library("cublas")
+        torch.cuda.tunable.enable(False)
+
+
 def main() -> None:
     from novainfer.models.config import ModelConfig
     from novainfer.presets import PRESETS
@@ -36,6 +65,8 @@ def main() -> None:
                         default="r1-distill-qwen-1.5b")
     parser.add_argument("--rows", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--inductor", action="store_true")
+    parser.add_argument("--cublaslt", action="store_true")
+    parser.add_argument("--tunableop", action="store_true")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gemm_shapes needs a CUDA device")
@@ -46,7 +77,8 @@ def main() -> None:
         inductor.triton.enable_persistent_tma_matmul = True
     print(f"{torch.cuda.get_device_name(dev)}, {args.preset}, bf16, us per call (TFLOP/s)")
     head = f"{'rows':>5} {'shape':<8} {'N':>7} {'K':>6} {'cuBLAS':>16}"
-    print(head + (f" {'inductor':>16} {'gain':>6}" if args.inductor else ""))
+    extras = [name for name in ("inductor", "cublaslt", "tunableop") if getattr(args, name)]
+    print(head + "".join(f" {name:>16} {'gain':>6}" for name in extras))
     cfg = ModelConfig.from_dict(PRESETS[args.preset])
     layers = cfg.num_layers
     totals = {}  # us per step: every layer's four linears and the LM head
@@ -59,20 +91,15 @@ def main() -> None:
             line = f"{rows:>5} {name:<8} {n:>7} {k:>6} {base:>7.1f} ({flop / base / 1e6:>5.0f})"
             weight = 1 if name == "lm_head" else layers
             totals[rows, "cuBLAS"] = totals.get((rows, "cuBLAS"), 0.0) + weight * base
-            if args.inductor:
-                torch._dynamo.reset()
-                tuned = torch.compile(lambda a, b: F.linear(a, b),
-                                      mode="max-autotune-no-cudagraphs", dynamic=False)
-                out = tuned(x, w)
-                torch.testing.assert_close(out, F.linear(x, w), rtol=2e-2, atol=2e-2)
-                best = graph_ms_per_call(lambda: tuned(x, w)) * 1e3
-                totals[rows, "inductor"] = totals.get((rows, "inductor"), 0.0) + weight * best
+            for extra in extras:
+                best = _alternative_ms(extra, x, w) * 1e3
+                totals[rows, extra] = totals.get((rows, extra), 0.0) + weight * best
                 line += f" {best:>7.1f} ({flop / best / 1e6:>5.0f}) {base / best:>5.2f}x"
             print(line, flush=True)
     for rows in args.rows:
         line = f"{rows:>5} {'per step':<8} {'':>7} {'':>6} {totals[rows, 'cuBLAS']:>7.1f}"
-        if args.inductor:
-            line += f" {'':>8} {totals[rows, 'inductor']:>7.1f}"
+        for extra in extras:
+            line += f" {'':>8} {totals[rows, extra]:>7.1f}"
         print(line)
 
 
