@@ -25,6 +25,7 @@ from novainfer.engine.cuda_graphs import (
     MIN_PREFILL_BUCKET,
     DecodeGraphs,
     PrefillGraphs,
+    bucket_sizes,
     prefill_graph_tokens,
     sample_graph_seqs,
 )
@@ -144,6 +145,12 @@ class ModelWorker:
                 cfg.hidden_size, self.dtype, device, self.lora, config.max_loras, pool,
                 self.model.compute_logits, sample_seqs,
             )
+        # On CUDA the LM head of eagerly sampled rows runs at a few row counts, each called
+        # once here. cuBLAS's first call at a new shape held the host 10-16 ms (one H200,
+        # 2026-12-03, docs/performance.md): a stall mid-run, once per new count. The same
+        # counts with and without CUDA graphs keep the tokens equal.
+        self.logit_rows = bucket_sizes(config.max_num_seqs) if device.type == "cuda" else []
+        self._warm_logit_rows()
 
     def _build_model(self, folder: Path) -> torch.nn.Module:
         cfg = self.model_config
@@ -311,10 +318,27 @@ class ModelWorker:
             yield self.model.compute_logits(hidden[rows[lo : lo + PROMPT_LOGPROBS_ROWS]])
 
     def sample_logits(self, hidden: torch.Tensor, inputs: StepInputs) -> torch.Tensor | None:
-        """Logits of the rows that sample (rank 0), or None (no such rows / other ranks)."""
-        if inputs.logits_indices.numel() == 0:
+        """Logits of the rows that sample (rank 0), or None (no such rows / other ranks).
+        The LM head runs on `padded_rows` rows; the padding repeats row 0 and is dropped."""
+        rows = inputs.logits_indices
+        n = rows.numel()
+        if n == 0:
             return None
-        return self.model.compute_logits(hidden[inputs.logits_indices])
+        size = padded_rows(n, self.logit_rows)
+        if size > n:
+            rows = torch.nn.functional.pad(rows, (0, size - n))
+        logits = self.model.compute_logits(hidden[rows])
+        return None if logits is None else logits[:n]
+
+    @torch.inference_mode()
+    def _warm_logit_rows(self) -> None:
+        """One LM head call at each of `logit_rows` (every rank: a collective with TP)."""
+        if not self.logit_rows:
+            return
+        hidden = torch.zeros(self.logit_rows[-1], self.model_config.hidden_size,
+                             dtype=self.dtype, device=self.device)
+        for rows in self.logit_rows:
+            self.model.compute_logits(hidden[:rows])
 
     def release_graphs(self) -> None:
         """Free the CUDA graphs, before the process group they captured collectives of goes
@@ -343,6 +367,11 @@ class ModelWorker:
 
 
 SAMPLED, SHARE = HEADER.index("num_sampled"), HEADER.index("share_sampled")
+
+
+def padded_rows(n: int, buckets: list[int]) -> int:
+    """The smallest bucket that holds n rows; n itself when none does (or there are none)."""
+    return next((b for b in buckets if b >= n), n)
 
 
 def pack_cpu_weights(model: torch.nn.Module) -> None:
