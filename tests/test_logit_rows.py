@@ -75,15 +75,29 @@ def test_gpu_logit_rows_are_warm_buckets_and_tokens_match_the_eager_engine(check
     from novainfer import LLM
     from novainfer.engine.cuda_graphs import bucket_sizes
 
+    from novainfer.models.decoder import CausalLM
+
     folder = checkpoint("qwen3")
     prompts = [[3 + i, 11, 40 + 3 * i, 7, 9 + i] * (1 + i) for i in range(5)]
     params = [SamplingParams(max_tokens=6 + 3 * i, ignore_eos=True, temperature=0.0)
               for i in range(5)]
     kw = {"device": "cuda", "dtype": "float32", "attention_backend": "triton",
           "max_model_len": 256, "max_num_seqs": 8, "num_kv_blocks": 256}
-    graphs = LLM(str(folder), **kw)
+    rows = []
+    compute = CausalLM.compute_logits
+
+    def spy(self, hidden):
+        rows.append(hidden.shape[0])
+        return compute(self, hidden)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CausalLM, "compute_logits", spy)
+        graphs = LLM(str(folder), **kw)
+        warm = list(rows)
+        with_graphs = completion_tokens(graphs.generate(prompts, params, use_tqdm=False))
     assert graphs.llm_engine.runner.worker.logit_rows == bucket_sizes(8) == [1, 2, 4, 8]
-    with_graphs = completion_tokens(graphs.generate(prompts, params, use_tqdm=False))
+    assert warm[-4:] == [1, 2, 4, 8]  # the start-up calls, after any capture's
+    assert set(rows) <= set(warm)  # no LM head call at a row count it had not warmed
     del graphs
     eager = LLM(str(folder), enforce_eager=True, **kw)
     assert completion_tokens(eager.generate(prompts, params, use_tqdm=False)) == with_graphs

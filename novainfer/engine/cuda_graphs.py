@@ -202,8 +202,10 @@ class DecodeGraphs:
 
     def can_sample(self, meta: AttentionMetadata) -> bool:
         """Whether a decode step of this batch has whole-step graphs (`run_sampled`): its
-        rows fill a bucket exactly. A padded batch would run the LM head on more rows than
-        the eager path does, and cuBLAS may then round the logits differently."""
+        rows fill a bucket exactly, since the graphs sample every row of their bucket and
+        padding rows would need sampling inputs of their own. (The logits would not change:
+        the eager LM head runs at the same bucket row counts, engine/worker.py
+        `logit_rows`.)"""
         return meta.num_seqs in self.sample_sizes and self.can_run(meta)
 
     def run_sampled(

@@ -145,10 +145,11 @@ class ModelWorker:
                 cfg.hidden_size, self.dtype, device, self.lora, config.max_loras, pool,
                 self.model.compute_logits, sample_seqs,
             )
-        # On CUDA the LM head of eagerly sampled rows runs at a few row counts, each called
-        # once here. cuBLAS's first call at a new shape held the host 10-16 ms (one H200,
-        # 2026-12-03, docs/performance.md): a stall mid-run, once per new count. The same
-        # counts with and without CUDA graphs keep the tokens equal.
+        # On CUDA the LM head of the sampled rows (not the prompt-logprob rows) runs at a
+        # few row counts, each called once here. In the bench's prefill steps cuBLAS held
+        # the host 10-16 ms (under the profiler; ~5 ms by cProfile) at each row count it
+        # had not met, with a lazy kernel load (one H200, 2026-12-03, docs/performance.md).
+        # The same counts with and without CUDA graphs keep the tokens equal.
         self.logit_rows = bucket_sizes(config.max_num_seqs) if device.type == "cuda" else []
         self._warm_logit_rows()
 
@@ -319,7 +320,8 @@ class ModelWorker:
 
     def sample_logits(self, hidden: torch.Tensor, inputs: StepInputs) -> torch.Tensor | None:
         """Logits of the rows that sample (rank 0), or None (no such rows / other ranks).
-        The LM head runs on `padded_rows` rows; the padding repeats row 0 and is dropped."""
+        The LM head runs on `padded_rows` rows; the padding repeats the step's hidden row 0
+        and its logits are dropped."""
         rows = inputs.logits_indices
         n = rows.numel()
         if n == 0:
