@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 
 from conftest import make_paged_batch
 
-from novainfer.kernels.decode_attention import decode_attention
+from novainfer.kernels.decode_attention import decode_attention, decode_order
 from novainfer.kernels.fp8 import (
     FP8_DTYPE,
     FP8_MAX,
@@ -152,6 +152,21 @@ def test_decode_reads_fp8_like_the_dequantized_cache(dtype):
                          num_splits=splits, kv_scales=scales)
         TorchReferenceBackend().decode(q, deq, meta, 0.2, ref)
         _close(out, ref, dtype)
+
+
+def test_decode_fp8_program_order_gives_the_same_bits():
+    """Over an fp8 cache too, launching a sequence's kv heads side by side and the sequences
+    longest first changes no output bit (kernels/decode_attention.py, decode_order)."""
+    lens = [5, 130, 17, 0, 64]
+    q, _, _, fp8, _, scales, meta = _attention_case([1] * 5, lens, torch.float32)
+    for splits in (1, 2):
+        plain, ordered = torch.empty_like(q), torch.empty_like(q)
+        decode_attention(q, fp8, meta.block_tables, meta.seq_lens, 0.2, plain,
+                         num_splits=splits, kv_scales=scales)
+        decode_attention(q, fp8, meta.block_tables, meta.seq_lens, 0.2, ordered,
+                         num_splits=splits, kv_scales=scales, heads_first=True,
+                         order=decode_order(meta.seq_lens))
+        assert torch.equal(ordered, plain)
 
 
 def test_decode_fp8_128_token_tiles():

@@ -8,6 +8,8 @@ on realistic shapes (head_dim 128, 16/8 heads, contexts up to ~4k) and CUDA-grap
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 
 import pytest
@@ -24,6 +26,7 @@ from conftest import make_paged_batch
 from novainfer.kernels.decode_attention import (
     alloc_decode_workspace,
     decode_attention,
+    decode_order,
     decode_workspace_numel,
     default_maxnreg,
     default_tile,
@@ -258,6 +261,72 @@ def test_decode_all_padding_rows_are_zero():
     assert not out.any() and len(lens) == 3
 
 
+@pytest.mark.parametrize("num_splits", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_program_order_gives_the_same_bits(num_splits, dtype):
+    """heads_first and order (any permutation, `decode_order`'s longest first included) only
+    move programs: every output bit equals the plain launch's, padding rows included."""
+    lens = [5, 0, 70, 33, 1, 16, 49]
+    q, _, _, cache, meta = _make_batch([1] * len(lens), lens, 8, 2, 32, 16, dtype, DEV, seed=4)
+    call = functools.partial(decode_attention, q, cache, meta.block_tables, meta.seq_lens,
+                             0.2, num_splits=num_splits)
+    plain = call(torch.full_like(q, float("nan")))
+    _assert_close(plain, _ref_decode(q, cache, meta.block_tables, lens, 0.2), dtype)
+    longest = decode_order(meta.seq_lens)
+    assert [lens[i] for i in longest.tolist()] == sorted(lens, reverse=True)
+    shuffled = torch.randperm(len(lens), generator=torch.Generator().manual_seed(2)).to(DEV)
+    for kw in ({"heads_first": True}, {"order": longest}, {"order": shuffled.int()},
+               {"heads_first": True, "order": longest}):
+        out = call(torch.full_like(q, float("nan")), **kw)
+        assert torch.equal(out, plain), kw
+
+
+def _order_calls(monkeypatch, num_splits, value=None):
+    """The decode_attention calls (their heads_first and order) of two layers attending in
+    one step through the triton backend, with NOVAINFER_DECODE_ORDER=value."""
+    import novainfer.kernels.decode_attention as kernel_module
+    import novainfer.layers.attention.triton_backend as backend_module
+
+    if value is None:
+        monkeypatch.delenv("NOVAINFER_DECODE_ORDER", raising=False)
+    else:
+        monkeypatch.setenv("NOVAINFER_DECODE_ORDER", value)
+    kernel_module.decode_order_enabled.cache_clear()
+    calls = []
+
+    def record(*args, **kwargs):
+        calls.append((kwargs["heads_first"], kwargs["order"]))
+        return decode_attention(*args, **kwargs)
+
+    monkeypatch.setattr(backend_module, "decode_attention", record)
+    lens = [9, 40, 3, 0, 22]
+    q, _, _, cache, meta = _make_batch([1] * 5, lens, 4, 2, 16, 8, torch.float32, DEV)
+    backend = TritonBackend(num_splits=num_splits)
+    try:
+        outs = [backend.attend(q, cache, meta, 0.25) for _ in range(2)]
+    finally:
+        kernel_module.decode_order_enabled.cache_clear()
+    assert torch.equal(outs[0], outs[1])
+    _assert_close(outs[0], _ref_decode(q, cache, meta.block_tables, lens, 0.25), torch.float32)
+    return calls, lens
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_backend_orders_decodes_longest_first_at_one_or_two_splits(monkeypatch, num_splits):
+    calls, lens = _order_calls(monkeypatch, num_splits)
+    (first_heads, first), (second_heads, second) = calls
+    assert first_heads and second_heads
+    assert [lens[i] for i in first.tolist()] == sorted(lens, reverse=True)
+    assert second is first, "one argsort a step, shared by the layers"
+
+
+def test_backend_keeps_the_plain_order_at_more_splits_or_when_off(monkeypatch):
+    assert _order_calls(monkeypatch, 4)[0] == [(False, None)] * 2
+    assert _order_calls(monkeypatch, 1, "off")[0] == [(False, None)] * 2
+    with pytest.raises(ValueError, match="NOVAINFER_DECODE_ORDER must be"):
+        _order_calls(monkeypatch, 1, "shortest")
+
+
 # ----------------------------------------------------------------------------- prefill
 
 
@@ -451,3 +520,28 @@ def test_gpu_decode_cuda_graph():
         ref = _ref_decode(q, cache, tables, new.tolist(), d**-0.5)
         _assert_close(out, ref, torch.bfloat16)
         assert not out[0].any()
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_graph_derives_the_decode_order_at_replay():
+    """A captured decode step sorts its own sequences: the capture drops what the warm-up
+    derived into the metadata (engine/cuda_graphs.py `_capture`), so a replay with new
+    lengths runs the longest-first order of those lengths, and the bits of an eager call."""
+    from novainfer.engine.cuda_graphs import _capture
+
+    dev = torch.device("cuda")
+    lens = [40, 9, 33, 3, 22, 17]
+    q, _, _, cache, meta = _make_batch([1] * 6, lens, 16, 8, 128, 16, torch.bfloat16, dev)
+    backend = TritonBackend(num_splits=1)
+    out = torch.empty_like(q)
+    graph = _capture(lambda: out.copy_(backend.attend(q, cache, meta, 0.1)), None, meta)
+    order = meta.backend_cache["triton_decode_order"]  # the graph's own tensor
+    new = [5, 9, 30, 3, 22, 0]
+    meta.seq_lens.copy_(torch.tensor(new, dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert [new[i] for i in order.tolist()] == sorted(new, reverse=True)
+    eager = dataclasses.replace(meta, backend_cache={})
+    assert torch.equal(out, backend.attend(q, cache, eager, 0.1))
+

@@ -97,11 +97,17 @@ def _forward_into(model: torch.nn.Module, out: torch.Tensor, args: tuple) -> Cal
     return lambda: out.copy_(model(*args))
 
 
-def _capture(run: Callable[[], None], pool: tuple | None) -> torch.cuda.CUDAGraph:
-    """One graph of `run` (which writes its result into a static buffer), in `pool`; a
-    warm-up call first, so anything that compiles does so outside the capture."""
+def _capture(
+    run: Callable[[], None], pool: tuple | None, meta: AttentionMetadata
+) -> torch.cuda.CUDAGraph:
+    """One graph of `run` (which writes its result into a static buffer, attending with
+    `meta`), in `pool`; a warm-up call first, so anything that compiles does so outside the
+    capture. What the warm-up derived into `meta.backend_cache` is dropped: the graph must
+    derive it from its static inputs itself (the decode order, kernels/decode_attention.py),
+    not replay a warm-up's result."""
     run()
     torch.cuda.synchronize()
+    meta.backend_cache.clear()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool):
         run()
@@ -181,17 +187,18 @@ class DecodeGraphs:
             for with_lora in (False, True) if self.lora is not None else (False,):
                 if self.lora is not None:
                     self.lora.batch = self._lora_batch(size) if with_lora else None
-                graph = _capture(_forward_into(self.model, self.hidden[:size], args), pool)
+                graph = _capture(_forward_into(self.model, self.hidden[:size], args), pool, meta)
                 pool = graph.pool()
                 self.graphs[size, with_lora] = graph
         if self.lora is not None:
             self.lora.batch = None
         for size in reversed(self.sample_sizes):
-            args = (self.input_ids[:size], self.positions[:size], self.kv_cache, self._meta(size))
+            meta = self._meta(size)
+            args = (self.input_ids[:size], self.positions[:size], self.kv_cache, meta)
             for mode in SAMPLE_MODES:
                 run = _forward_sample_into(self.model, self.logits, self.tokens[:size], args,
                                            mode, self.scale[:size], self.u[:size])
-                graph = _capture(run, pool)
+                graph = _capture(run, pool, meta)
                 pool = graph.pool()
                 self.graphs[size, mode] = graph
         if self.kv_cache.is_cuda:
@@ -320,8 +327,9 @@ class PrefillGraphs:
         # they attend to nothing and write nothing to the cache.
         pool = None
         for size in reversed(self.sizes):
-            args = (self.input_ids[:size], self.positions[:size], self.kv_cache, self._meta(size))
-            graph = _capture(_forward_into(self.model, self.hidden[:size], args), pool)
+            meta = self._meta(size)
+            args = (self.input_ids[:size], self.positions[:size], self.kv_cache, meta)
+            graph = _capture(_forward_into(self.model, self.hidden[:size], args), pool, meta)
             pool = graph.pool()
             self.graphs[size] = graph
 

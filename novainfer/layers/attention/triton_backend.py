@@ -7,6 +7,8 @@ import torch
 
 from novainfer.kernels.decode_attention import (
     decode_attention,
+    decode_order,
+    decode_order_enabled,
     decode_workspace_numel,
     default_num_splits,
 )
@@ -100,9 +102,16 @@ class TritonBackend:
                 ws = self._get_workspace(
                     decode_workspace_numel(nd, num_heads, head_dim, splits), q.device
                 )
+            seq_lens = meta.seq_lens[:nd]
+            order = None
+            if splits <= 2 and decode_order_enabled():  # kernels/decode_attention.py
+                order = meta.backend_cache.get("triton_decode_order")
+                if order is None:  # one argsort a step, shared by the layers
+                    order = meta.backend_cache["triton_decode_order"] = decode_order(seq_lens)
             decode_attention(
-                q[:nd], kv_cache, block_tables, meta.seq_lens[:nd], scale, out[:nd],
+                q[:nd], kv_cache, block_tables, seq_lens, scale, out[:nd],
                 num_splits=splits, workspace=ws, kv_scales=kv_scales,
+                heads_first=order is not None, order=order,
             )
         if meta.num_seqs > nd:
             qsl, max_q = self._prefill_offsets(meta)
