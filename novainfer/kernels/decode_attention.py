@@ -305,17 +305,16 @@ def default_maxnreg(
 
 @functools.cache
 def decode_order_enabled() -> bool:
-    """NOVAINFER_DECODE_ORDER: "longest-first" (the default) or "off". With it, steps whose
-    decode attention runs at one or two splits launch a sequence's kv heads side by side
-    and the sequences longest first (`decode_attention`'s heads_first and order; the order
-    is one argsort a step, inside the CUDA graphs). On an H200 (2026-12-03, the kernel alone,
-    contexts drawn from 100-2048 tokens, replayed from a CUDA graph, us per call; a session
-    prototype of `python benchmarks/decode_sweep.py --order-sweep`): qwen3-0.6b's heads (16 / 8), bf16 cache, 256
-    sequences 269.2 -> 258.8, 128 147.0 -> 130.6, 64 88.5 -> 78.3; fp8 cache 155.4 -> 146.3,
-    90.0 -> 77.0, 57.6 -> 49.8; r1-distill-qwen-1.5b's (12 / 2), bf16, 256 83.6 -> 78.8,
-    128 (2 splits) 50.5 -> 45.7; fp8 56.0 -> 49.8, 35.9 -> 30.4. At 4 splits (r1's heads, 64
-    sequences) it lost 3% (30.0 -> 30.9): the splits even out the programs already. Read once
-    per process."""
+    """NOVAINFER_DECODE_ORDER: "longest-first" (the default) or "off". With it, steps whose decode
+    attention runs at one or two splits launch a sequence's kv heads side by side and the
+    sequences longest first (`decode_attention`'s heads_first and order; the order is one
+    argsort a step, inside the CUDA graphs). On an H200 (2026-12-03, the kernel alone, contexts
+    drawn from 100-2048 tokens, replayed from a CUDA graph, us per call; a session prototype of
+    `python benchmarks/decode_sweep.py --order-sweep`): qwen3-0.6b's heads (16 / 8), bf16 cache,
+    256 sequences 269.2 -> 258.8, 128 147.0 -> 130.6, 64 88.5 -> 78.3; fp8 cache 155.4 -> 146.3,
+    90.0 -> 77.0, 57.6 -> 49.8; r1-distill-qwen-1.5b's (12 / 2), bf16, 256 83.6 -> 78.8, 128 (2
+    splits) 50.5 -> 45.7; fp8 56.0 -> 49.8, 35.9 -> 30.4. At 4 splits (r1's heads, 64 sequences)
+    it lost 3% (30.0 -> 30.9): the splits even out the programs already. Read once per process."""
     value = os.environ.get("NOVAINFER_DECODE_ORDER", "").strip().lower() or "longest-first"
     if value not in ("longest-first", "off"):
         raise ValueError(f"NOVAINFER_DECODE_ORDER must be 'longest-first' or 'off', got {value!r}")
