@@ -12,8 +12,8 @@ since 2026-12-02, kernels/decode_attention.py `default_tile`).
     python benchmarks/decode_sweep.py --split-sweep [--heads 12 --kv-heads 2] [--min-ctx 800]
         # batch sizes x split counts, contexts drawn from a range or all equal to its mean
     python benchmarks/decode_sweep.py --order-sweep [--heads 12 --kv-heads 2]
-        # program order at the default split count: plain, kv heads side by side, longest
-        # sequence first, both (the engine's at 1-2 splits, NOVAINFER_DECODE_ORDER)
+        # the plain launch against the engine's (a sequence's programs side by side, the
+        # longest sequences first, twice the splits: NOVAINFER_DECODE_ORDER)
 
 `--kv-dtypes` times only the engine's block size (16) with 64- and 128-token tiles, over a
 bf16 cache and an fp8 one read with the dots in bf16 or in fp16 (NOVAINFER_FP8_DOT), each
@@ -210,9 +210,11 @@ def split_sweep(args: argparse.Namespace) -> None:
 
 
 def order_sweep(args: argparse.Namespace) -> None:
-    """us per call (replayed from a CUDA graph) at each batch size's default split count, bf16
-    and fp8 caches, for the four program orders; each checked bit for bit against the plain
-    launch (the order moves programs, not arithmetic)."""
+    """us per call (replayed from a CUDA graph), bf16 and fp8 caches: the plain launch at the
+    plain split count (2 programs per SM) against a sequence's programs side by side and the
+    sequences longest first, at that split count and at the engine's (4 programs per SM,
+    NOVAINFER_DECODE_ORDER); each checked bit for bit against the plain launch at its split
+    count (the order moves programs, not arithmetic)."""
     from novainfer.kernels.decode_attention import (
         decode_attention,
         decode_order,
@@ -223,30 +225,36 @@ def order_sweep(args: argparse.Namespace) -> None:
     dev = torch.device("cuda")
     print(f"{args.heads} / {args.kv_heads} heads x {args.head_dim}, contexts "
           f"{args.min_ctx}-{args.max_ctx}, block size 16, {torch.cuda.get_device_name()}")
-    print("| seqs | cache | splits | order | us | KV TB/s | same bits |")
+    print("| seqs | cache | launch | splits | us | KV TB/s | same bits |")
     print("|---|---|---|---|---|---|---|")
     for seqs in args.batches:
         case = argparse.Namespace(**{**vars(args), "seqs": seqs})
         tokens, q, cache, fp8, scales, tables, seq_lens = _engine_block_case(case, dev)
-        splits = default_num_splits(seqs, args.kv_heads, tables.shape[1] * 16, dev)
-        ws = torch.empty(decode_workspace_numel(seqs, args.heads, args.head_dim, splits),
-                         dtype=torch.float32, device=dev)
-        order = decode_order(seq_lens)
+        width = tables.shape[1] * 16
+        plain_splits = default_num_splits(seqs, args.kv_heads, width, dev)
+        ordered_splits = default_num_splits(seqs, args.kv_heads, width, dev, programs_per_sm=4)
+        ordered = {"heads_first": True, "order": decode_order(seq_lens)}
         for name, kv in (("bf16", cache), ("fp8", fp8)):
             nbytes = tokens * args.kv_heads * args.head_dim * 2 * kv.element_size()
             kw = {"kv_scales": scales} if name == "fp8" else {}
-            plain = None
-            for label, extra in (("plain", {}), ("heads first", {"heads_first": True}),
-                                 ("longest first", {"order": order}),
-                                 ("both", {"heads_first": True, "order": order})):
+            plain = {}
+            for label, splits, extra in (("plain", plain_splits, {}),
+                                         ("ordered", plain_splits, ordered),
+                                         ("plain", ordered_splits, {}),
+                                         ("ordered (engine)", ordered_splits, ordered)):
+                if label == "plain" and splits in plain:
+                    continue  # one split count for both rules
+                ws = torch.empty(decode_workspace_numel(seqs, args.heads, args.head_dim, splits),
+                                 dtype=torch.float32, device=dev)
                 out = torch.empty_like(q)
                 call = functools.partial(decode_attention, q, kv, tables, seq_lens, 0.088, out,
                                          num_splits=splits, workspace=ws, **kw, **extra)
                 call()
-                plain = out.clone() if plain is None else plain
+                plain.setdefault(splits, out.clone())
                 ms = min(graph_ms_per_call(call) for _ in range(3))
-                print(f"| {seqs} | {name} | {splits} | {label} | {ms * 1e3:.1f} | "
-                      f"{nbytes / ms / 1e9:.2f} | {torch.equal(out, plain)} |", flush=True)
+                print(f"| {seqs} | {name} | {label} | {splits} | {ms * 1e3:.1f} | "
+                      f"{nbytes / ms / 1e9:.2f} | {torch.equal(out, plain[splits])} |",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -50,13 +50,26 @@ def test_switch():
 
 
 class _EagerGraph:
-    """What `_capture` gives back on the CPU: the recorded call, run again on replay."""
+    """What `_capture` gives back on the CPU: the recorded call, run again on replay. Values
+    derived into the metadata are derived afresh on each replay, as a captured graph's
+    kernels do (the decode order, layers/attention/triton_backend.py)."""
 
-    def __init__(self, run):
-        self.replay = run
+    def __init__(self, run, meta=None):
+        self.run, self.meta = run, meta
+
+    def replay(self):
+        if self.meta is not None:
+            self.meta.backend_cache.clear()
+        self.run()
 
     def pool(self):
         return None
+
+
+def _fake_capture(run, pool, meta):
+    """engine/cuda_graphs.py `_capture` on the CPU: the warm-up call, then an _EagerGraph."""
+    run()
+    return _EagerGraph(run, meta)
 
 
 def _triton_model(folder):
@@ -111,7 +124,7 @@ def _step(query_lens, seq_lens, first_block, vocab, seed):
 def test_padded_prefill_matches_the_eager_step(checkpoint, monkeypatch):
     pytest.importorskip("triton")
     if DEV.type == "cpu":
-        monkeypatch.setattr(cuda_graphs, "_capture", lambda run, pool: (run(), _EagerGraph(run))[1])
+        monkeypatch.setattr(cuda_graphs, "_capture", _fake_capture)
     model, cfg = _triton_model(checkpoint("llama"))
     g = torch.Generator().manual_seed(0)
     cache = torch.randn(cfg.num_layers, 2, 64, BLOCK, cfg.num_kv_heads, cfg.head_dim,

@@ -28,6 +28,7 @@ from novainfer.kernels.decode_attention import (
     decode_attention,
     decode_order,
     decode_workspace_numel,
+    default_num_splits,
     default_maxnreg,
     default_tile,
 )
@@ -281,8 +282,8 @@ def test_decode_program_order_gives_the_same_bits(num_splits, dtype):
         assert torch.equal(out, plain), kw
 
 
-def _order_calls(monkeypatch, num_splits, value=None):
-    """The decode_attention calls (their heads_first and order) of two layers attending in
+def _order_calls(monkeypatch, num_splits, value=None, lens=(9, 40, 3, 0, 22)):
+    """The decode_attention calls (heads_first, order, num_splits) of two layers attending in
     one step through the triton backend, with NOVAINFER_DECODE_ORDER=value."""
     import novainfer.kernels.decode_attention as kernel_module
     import novainfer.layers.attention.triton_backend as backend_module
@@ -295,12 +296,12 @@ def _order_calls(monkeypatch, num_splits, value=None):
     calls = []
 
     def record(*args, **kwargs):
-        calls.append((kwargs["heads_first"], kwargs["order"]))
+        calls.append((kwargs["heads_first"], kwargs["order"], kwargs["num_splits"]))
         return decode_attention(*args, **kwargs)
 
     monkeypatch.setattr(backend_module, "decode_attention", record)
-    lens = [9, 40, 3, 0, 22]
-    q, _, _, cache, meta = _make_batch([1] * 5, lens, 4, 2, 16, 8, torch.float32, DEV)
+    lens = list(lens)
+    q, _, _, cache, meta = _make_batch([1] * len(lens), lens, 4, 2, 16, 8, torch.float32, DEV)
     backend = TritonBackend(num_splits=num_splits)
     try:
         outs = [backend.attend(q, cache, meta, 0.25) for _ in range(2)]
@@ -308,23 +309,41 @@ def _order_calls(monkeypatch, num_splits, value=None):
         kernel_module.decode_order_enabled.cache_clear()
     assert torch.equal(outs[0], outs[1])
     _assert_close(outs[0], _ref_decode(q, cache, meta.block_tables, lens, 0.25), torch.float32)
-    return calls, lens
+    return calls, lens, meta
 
 
-@pytest.mark.parametrize("num_splits", [1, 2])
-def test_backend_orders_decodes_longest_first_at_one_or_two_splits(monkeypatch, num_splits):
-    calls, lens = _order_calls(monkeypatch, num_splits)
-    (first_heads, first), (second_heads, second) = calls
+@pytest.mark.parametrize("num_splits", [1, 2, 4, None])
+def test_backend_orders_decodes_longest_first(monkeypatch, num_splits):
+    calls, lens, meta = _order_calls(monkeypatch, num_splits)
+    (first_heads, first, splits), (second_heads, second, _) = calls
     assert first_heads and second_heads
     assert [lens[i] for i in first.tolist()] == sorted(lens, reverse=True)
     assert second is first, "one argsort a step, shared by the layers"
+    if num_splits is None:  # twice the plain launch's programs per SM
+        width = meta.block_tables.shape[1] * 8
+        assert splits == default_num_splits(5, 2, width, DEV, programs_per_sm=4)
 
 
-def test_backend_keeps_the_plain_order_at_more_splits_or_when_off(monkeypatch):
-    assert _order_calls(monkeypatch, 4)[0] == [(False, None)] * 2
-    assert _order_calls(monkeypatch, 1, "off")[0] == [(False, None)] * 2
+def test_backend_keeps_the_plain_launch_when_off(monkeypatch):
+    assert [c[:2] for c in _order_calls(monkeypatch, 4, "off")[0]] == [(False, None)] * 2
+    calls, _, meta = _order_calls(monkeypatch, None, "off")
+    width = meta.block_tables.shape[1] * 8
+    assert calls[0][2] == default_num_splits(5, 2, width, DEV, programs_per_sm=2)
     with pytest.raises(ValueError, match="NOVAINFER_DECODE_ORDER must be"):
         _order_calls(monkeypatch, 1, "shortest")
+
+
+def test_backend_one_decode_needs_no_argsort(monkeypatch):
+    calls = _order_calls(monkeypatch, None, lens=(37,))[0]
+    assert [c[:2] for c in calls] == [(True, None)] * 2
+
+
+def test_default_num_splits_programs_per_sm():
+    dev = torch.device("cpu")  # 8 "SMs" off CUDA
+    assert default_num_splits(4, 2, 4096, dev) == 2  # 8 programs for 16 wanted
+    assert default_num_splits(4, 2, 4096, dev, programs_per_sm=4) == 4
+    assert default_num_splits(64, 2, 4096, dev, programs_per_sm=4) == 1
+    assert default_num_splits(1, 1, 128, dev, programs_per_sm=4) == 2  # 64-token pieces
 
 
 # ----------------------------------------------------------------------------- prefill

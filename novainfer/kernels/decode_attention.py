@@ -1,7 +1,7 @@
 """Paged decode attention (one query token per sequence), flash-decoding style.
 
 Kernel 1 (`_decode_split_kernel`): grid (sequences, kv heads, splits), or (kv heads,
-sequences, splits) with `heads_first`; with `order` the sequence axis walks the sequences in
+splits, sequences) with `heads_first`; with `order` the sequence axis walks the sequences in
 that order (`decode_order`: longest first). A program takes one
 sequence, one kv head and one slice of the context, loads the query heads of that kv head's
 group as one [GROUP_PAD, D] tile (so each K/V tile is read once per group) and walks its
@@ -61,17 +61,18 @@ def _decode_split_kernel(
     if PDL:  # before anything is read or written (kernels/_common.py, pdl_launch)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    if HEADS_FIRST:
+    if HEADS_FIRST:  # grid (kv heads, splits, sequences): a sequence's programs together
         kvh = tl.program_id(0)
-        slot = tl.program_id(1)
+        split = tl.program_id(1)
+        slot = tl.program_id(2)
     else:
         slot = tl.program_id(0)
         kvh = tl.program_id(1)
+        split = tl.program_id(2)
     if HAS_ORDER:
         seq = tl.load(ORDER + slot)
     else:
         seq = slot
-    split = tl.program_id(2)
     seq64 = seq.to(tl.int64)
 
     seq_len = tl.load(SEQ_LENS + seq)
@@ -236,17 +237,19 @@ def _sm_count(device: torch.device) -> int:
 
 def default_num_splits(
     num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device,
-    min_tokens_per_split: int = 64, max_splits: int = 32,
+    min_tokens_per_split: int = 64, max_splits: int = 32, programs_per_sm: int = 2,
 ) -> int:
-    """Splits so that (seqs x kv heads x splits) programs fill ~2 waves of SMs, never splitting
-    the context into pieces shorter than `min_tokens_per_split`. Depends only on static
-    quantities (batch size, kv heads, maximum context capacity, SM count): CUDA-graph safe."""
+    """Splits so that (seqs x kv heads x splits) programs number at least `programs_per_sm`
+    per SM (rounded up to a power of two), never splitting the context into pieces shorter
+    than `min_tokens_per_split`. Depends only on static quantities (batch size, kv heads,
+    maximum context capacity, SM count): CUDA-graph safe. 2 per SM suits the plain launch
+    order; with the sequences longest first (`decode_order_enabled`) the backend asks for 4."""
     # H200 (132 SMs), D=128, 8 kv heads, bf16: 8 seqs x 4k -> 8 splits (51 us vs 141 us
     # unsplit); 64 x 1k or more -> 1 split (~3.4-4.0 TB/s). A minimum of 64 tokens (one
     # tile) instead of 256: qwen3-0.6b at batch 1, 1,000-token context, max_model_len 1,264,
     # 1.334 -> 1.217 ms/token (benchmarks/latency.py, one call); large batches unchanged.
     programs = max(1, num_seqs * num_kv_heads)
-    want = next_pow2(cdiv(2 * _sm_count(device), programs))
+    want = next_pow2(cdiv(programs_per_sm * _sm_count(device), programs))
     by_len = max(1, cdiv(max_context, min_tokens_per_split))
     return max(1, min(want, by_len, max_splits))
 
@@ -305,16 +308,24 @@ def default_maxnreg(
 
 @functools.cache
 def decode_order_enabled() -> bool:
-    """NOVAINFER_DECODE_ORDER: "longest-first" (the default) or "off". With it, steps whose decode
-    attention runs at one or two splits launch a sequence's kv heads side by side and the
-    sequences longest first (`decode_attention`'s heads_first and order; the order is one
-    argsort a step, inside the CUDA graphs). On an H200 (2026-12-03, the kernel alone, contexts
-    drawn from 100-2048 tokens, replayed from a CUDA graph, us per call; a session prototype of
-    `python benchmarks/decode_sweep.py --order-sweep`): qwen3-0.6b's heads (16 / 8), bf16 cache,
-    256 sequences 269.2 -> 258.8, 128 147.0 -> 130.6, 64 88.5 -> 78.3; fp8 cache 155.4 -> 146.3,
-    90.0 -> 77.0, 57.6 -> 49.8; r1-distill-qwen-1.5b's (12 / 2), bf16, 256 83.6 -> 78.8, 128 (2
-    splits) 50.5 -> 45.7; fp8 56.0 -> 49.8, 35.9 -> 30.4. At 4 splits (r1's heads, 64 sequences)
-    it lost 3% (30.0 -> 30.9): the splits even out the programs already. Read once per process."""
+    """NOVAINFER_DECODE_ORDER: "longest-first" (the default) or "off". With it, decode steps
+    launch a sequence's programs side by side and the sequences longest first
+    (`decode_attention`'s heads_first and order; the order is one argsort a step, inside the
+    CUDA graphs), at twice the split count (`default_num_splits`, programs_per_sm=4): with
+    the long sequences first, more and shorter programs even out the end of the call instead
+    of leaving SMs idle. Measured on an H200, 2026-12-03, with the kernel alone (contexts
+    drawn from 100-2048 tokens, replayed from a CUDA graph, us per call, `python
+    benchmarks/decode_sweep.py --order-sweep` and its prototypes). Plain at the old split
+    count against both at the new one:
+    - qwen3-0.6b's heads (16 / 8), bf16 cache: 16 sequences 25.3 -> 19.0; 48 66.1 -> 60.0;
+      128 147.0 -> 130.6.
+    - The same on the fp8 cache: 16 sequences 18.7 -> 13.7; 48 44.8 -> 40.5.
+    - r1-distill-qwen-1.5b's heads (12 / 2), bf16: 48 sequences 25.8 -> 21.9; 64 30.2 ->
+      26.9; 128 50.0 -> 42.2.
+    - The same on fp8: 48 sequences 18.9 -> 14.9; 64 22.1 -> 18.5.
+    The order alone, at the old split count, lost where every program fits in one wave
+    (qwen3's heads, 48 sequences at 1 split: 66.1 -> 73.4), since neighbouring programs
+    share an SM: the doubled split count avoids that case. Read once per process."""
     value = os.environ.get("NOVAINFER_DECODE_ORDER", "").strip().lower() or "longest-first"
     if value not in ("longest-first", "off"):
         raise ValueError(f"NOVAINFER_DECODE_ORDER must be 'longest-first' or 'off', got {value!r}")
@@ -382,11 +393,12 @@ def decode_attention(
     by inline PTX (`_decode_split_kernel`, VPAIRS); None: wherever it applies (an fp8 cache
     read with fp16 dots, head_dim <= 128, compiled kernels on CUDA: the interpreter cannot
     run PTX); True where it does not is a ValueError.
-    heads_first: a sequence's kv heads run as neighbouring programs (they read the same cache
-    blocks, which hold every kv head of a token side by side). order: int [seqs], a
-    permutation of 0..seqs-1: the programs take the sequences in this order (`decode_order`
-    gives the longest first, so that the long ones do not start last and leave SMs idle at the
-    end). Neither changes a program's arithmetic: the output is the same bits.
+    heads_first: a sequence's programs (its kv heads and splits) are neighbours in the
+    launch (its kv heads read the same cache blocks, which hold every kv head of a token side
+    by side). order: int [seqs], a permutation of 0..seqs-1: the programs take the sequences
+    in this order (`decode_order` gives the longest first, so that the long ones do not start
+    last and leave SMs idle at the end). Neither changes a program's arithmetic: the output
+    is the same bits.
 
     num_splits None -> `default_num_splits` from static shapes (graph safe). workspace: an fp32
     tensor of at least `decode_workspace_numel(...)` elements (else allocated when splitting).
@@ -444,7 +456,7 @@ def decode_attention(
         lse = workspace[rows * (head_dim + 1) : rows * (head_dim + 2)]
     else:
         acc = m = lse = out  # unused
-    grid = ((num_kv_heads, num_seqs, num_splits) if heads_first
+    grid = ((num_kv_heads, num_splits, num_seqs) if heads_first
             else (num_seqs, num_kv_heads, num_splits))
     _decode_split_kernel[grid](
         q, kv_cache, block_tables, seq_lens, out, acc, m, lse, kv_scales if fp8 else seq_lens,

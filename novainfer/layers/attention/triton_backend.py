@@ -92,10 +92,12 @@ class TritonBackend:
         if nd:
             num_heads, head_dim = q.shape[1], q.shape[2]
             block_tables = meta.block_tables[:nd]
+            ordered = decode_order_enabled()  # kernels/decode_attention.py
             splits = self.num_splits
             if splits is None:
                 splits = default_num_splits(
-                    nd, kv_cache.shape[3], block_tables.shape[1] * kv_cache.shape[2], q.device
+                    nd, kv_cache.shape[3], block_tables.shape[1] * kv_cache.shape[2], q.device,
+                    programs_per_sm=4 if ordered else 2,
                 )
             ws = None
             if splits > 1:
@@ -104,14 +106,14 @@ class TritonBackend:
                 )
             seq_lens = meta.seq_lens[:nd]
             order = None
-            if splits <= 2 and decode_order_enabled():  # kernels/decode_attention.py
+            if ordered and nd > 1:
                 order = meta.backend_cache.get("triton_decode_order")
                 if order is None:  # one argsort a step, shared by the layers
                     order = meta.backend_cache["triton_decode_order"] = decode_order(seq_lens)
             decode_attention(
                 q[:nd], kv_cache, block_tables, seq_lens, scale, out[:nd],
                 num_splits=splits, workspace=ws, kv_scales=kv_scales,
-                heads_first=order is not None, order=order,
+                heads_first=ordered, order=order,
             )
         if meta.num_seqs > nd:
             qsl, max_q = self._prefill_offsets(meta)
