@@ -117,7 +117,8 @@ def _triton_call(cell: dict) -> Callable[[], torch.Tensor]:
     from novainfer.kernels.decode_attention import (
         alloc_decode_workspace,
         decode_attention,
-        default_num_splits,
+        decode_launch,
+        decode_order,
     )
     from novainfer.kernels.prefill_attention import prefill_attention
 
@@ -127,11 +128,15 @@ def _triton_call(cell: dict) -> Callable[[], torch.Tensor]:
         qsl, L = cell["query_start_loc"], cell["seq_len"]
         return lambda: prefill_attention(q, cache, tables, qsl, seq_lens, L, scale, out)
     batch, heads, head_dim = q.shape
-    # As TritonBackend picks them: from static shapes, the scratch allocated once.
-    splits = default_num_splits(batch, cache.shape[3], tables.shape[1] * cache.shape[2], q.device)
+    # As TritonBackend launches it: the split count from static shapes, the scratch allocated
+    # once, the order (NOVAINFER_DECODE_ORDER) sorted once outside the timed call, as one
+    # step's layers share it.
+    splits, ordered = decode_launch(batch, cache.shape[3], tables.shape[1] * cache.shape[2],
+                                    q.device)
     ws = alloc_decode_workspace(batch, heads, head_dim, splits, q.device) if splits > 1 else None
+    order = decode_order(seq_lens) if ordered and batch > 1 else None
     return lambda: decode_attention(q, cache, tables, seq_lens, scale, out, num_splits=splits,
-                                    workspace=ws)
+                                    workspace=ws, heads_first=ordered, order=order)
 
 
 def _sdpa_call(cell: dict, backend: SDPBackend) -> Callable[[], torch.Tensor]:

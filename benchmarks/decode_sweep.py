@@ -208,7 +208,6 @@ def split_sweep(args: argparse.Namespace) -> None:
                           f"{nbytes / ms / 1e9:.2f} |", flush=True)
 
 
-
 def order_sweep(args: argparse.Namespace) -> None:
     """us per call (replayed from a CUDA graph), bf16 and fp8 caches: the plain launch at the
     plain split count (2 programs per SM) against a sequence's programs side by side and the

@@ -2,15 +2,15 @@
 Triton templates, in us per call and TFLOP/s.
 
     python benchmarks/gemm_shapes.py --preset r1-distill-qwen-1.5b [--rows 64 128 256]
-        [--inductor] [--cublaslt] [--tunableop]
+        [--inductor] [--cublaslt]
 
 Each shape is one layer's linear (x [rows, K] times a [N, K] weight, bf16); calls are
 replayed from a CUDA graph, so launch gaps do not count. `--inductor` also compiles the same
 F.linear with `mode="max-autotune-no-cudagraphs"` (persistent TMA templates on), which picks
 the fastest of cuBLAS and its Triton templates per shape; its column is that pick's time.
-`--cublaslt` adds a column with torch's cuBLASLt backend (`preferred_blas_library`), and
-`--tunableop` one with PyTorch's TunableOp, which times cuBLAS/cuBLASLt's candidate
-algorithms (split-K ones included) on each shape's first call and keeps the fastest.
+`--cublaslt` adds a column with torch's cuBLASLt backend (`preferred_blas_library`): the
+algorithm cuBLASLt's heuristic picks, not a search over its algorithms. (PyTorch's TunableOp
+searches only on ROCm; on CUDA its one candidate is the default cuBLAS call.)
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def shapes(cfg) -> list[tuple[str, int, int]]:
 
 def _alternative_ms(kind: str, x: torch.Tensor, w: torch.Tensor) -> float:
     """ms per call of x @ w.T by another route than the default cuBLAS call, checked
-    against it: Inductor's max-autotune pick, the cuBLASLt backend, or TunableOp's pick."""
+    against it: Inductor's max-autotune pick or the cuBLASLt backend."""
     expected = F.linear(x, w)
     if kind == "inductor":
         torch._dynamo.reset()
@@ -41,19 +41,14 @@ def _alternative_ms(kind: str, x: torch.Tensor, w: torch.Tensor) -> float:
         call = lambda: fn(x, w)  # noqa: E731
     else:
         call = lambda: F.linear(x, w)  # noqa: E731
+    previous = torch.backends.cuda.preferred_blas_library()
     try:
         if kind == "cublaslt":
             torch.backends.cuda.preferred_blas_library("cublaslt")
-        if kind == "tunableop":
-            torch.cuda.tunable.enable(True)
-            torch.cuda.tunable.tuning_enable(True)
-        torch.testing.assert_close(call(), expected, rtol=2e-2, atol=2e-2)  # tunes here
-        if kind == "tunableop":
-            torch.cuda.tunable.tuning_enable(False)  # no tuning inside the capture
+        torch.testing.assert_close(call(), expected, rtol=2e-2, atol=2e-2)
         return graph_ms_per_call(call)
     finally:
-        torch.backends.cuda.preferred_blas_library("cublas")
-        torch.cuda.tunable.enable(False)
+        torch.backends.cuda.preferred_blas_library(previous)
 
 
 def main() -> None:
@@ -66,7 +61,6 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--inductor", action="store_true")
     parser.add_argument("--cublaslt", action="store_true")
-    parser.add_argument("--tunableop", action="store_true")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gemm_shapes needs a CUDA device")
@@ -77,7 +71,7 @@ def main() -> None:
         inductor.triton.enable_persistent_tma_matmul = True
     print(f"{torch.cuda.get_device_name(dev)}, {args.preset}, bf16, us per call (TFLOP/s)")
     head = f"{'rows':>5} {'shape':<8} {'N':>7} {'K':>6} {'cuBLAS':>16}"
-    extras = [name for name in ("inductor", "cublaslt", "tunableop") if getattr(args, name)]
+    extras = [name for name in ("inductor", "cublaslt") if getattr(args, name)]
     print(head + "".join(f" {name:>16} {'gain':>6}" for name in extras))
     cfg = ModelConfig.from_dict(PRESETS[args.preset])
     layers = cfg.num_layers

@@ -67,7 +67,9 @@ class _EagerGraph:
 
 
 def _fake_capture(run, pool, meta):
-    """engine/cuda_graphs.py `_capture` on the CPU: the warm-up call, then an _EagerGraph."""
+    """engine/cuda_graphs.py `_capture` on the CPU: the warm-up call (on values it derives
+    itself, as there), then an _EagerGraph."""
+    meta.backend_cache.clear()
     run()
     return _EagerGraph(run, meta)
 

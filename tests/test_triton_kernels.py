@@ -26,6 +26,7 @@ from conftest import make_paged_batch
 from novainfer.kernels.decode_attention import (
     alloc_decode_workspace,
     decode_attention,
+    MAX_GRID_Z,
     decode_order,
     decode_workspace_numel,
     default_num_splits,
@@ -282,7 +283,7 @@ def test_decode_program_order_gives_the_same_bits(num_splits, dtype):
         assert torch.equal(out, plain), kw
 
 
-def _order_calls(monkeypatch, num_splits, value=None, lens=(9, 40, 3, 0, 22)):
+def _order_calls(monkeypatch, num_splits, value=None, lens=(9, 300, 3, 0, 122)):
     """The decode_attention calls (heads_first, order, num_splits) of two layers attending in
     one step through the triton backend, with NOVAINFER_DECODE_ORDER=value."""
     import novainfer.kernels.decode_attention as kernel_module
@@ -312,6 +313,16 @@ def _order_calls(monkeypatch, num_splits, value=None, lens=(9, 40, 3, 0, 22)):
     return calls, lens, meta
 
 
+def _split_rules(meta) -> tuple[int, int]:
+    """The plain (2 programs per SM) and the ordered (4) split counts of `_order_calls`'s step;
+    its contexts are long enough for the two to differ."""
+    width = meta.block_tables.shape[1] * 8
+    plain = default_num_splits(5, 2, width, DEV, programs_per_sm=2)
+    ordered = default_num_splits(5, 2, width, DEV, programs_per_sm=4)
+    assert plain < ordered
+    return plain, ordered
+
+
 @pytest.mark.parametrize("num_splits", [1, 2, 4, None])
 def test_backend_orders_decodes_longest_first(monkeypatch, num_splits):
     calls, lens, meta = _order_calls(monkeypatch, num_splits)
@@ -319,18 +330,30 @@ def test_backend_orders_decodes_longest_first(monkeypatch, num_splits):
     assert first_heads and second_heads
     assert [lens[i] for i in first.tolist()] == sorted(lens, reverse=True)
     assert second is first, "one argsort a step, shared by the layers"
-    if num_splits is None:  # twice the plain launch's programs per SM
-        width = meta.block_tables.shape[1] * 8
-        assert splits == default_num_splits(5, 2, width, DEV, programs_per_sm=4)
+    assert splits == (num_splits or _split_rules(meta)[1])  # twice the plain rule's programs
 
 
 def test_backend_keeps_the_plain_launch_when_off(monkeypatch):
     assert [c[:2] for c in _order_calls(monkeypatch, 4, "off")[0]] == [(False, None)] * 2
     calls, _, meta = _order_calls(monkeypatch, None, "off")
-    width = meta.block_tables.shape[1] * 8
-    assert calls[0][2] == default_num_splits(5, 2, width, DEV, programs_per_sm=2)
+    assert calls[0][2] == _split_rules(meta)[0]
     with pytest.raises(ValueError, match="NOVAINFER_DECODE_ORDER must be"):
         _order_calls(monkeypatch, 1, "shortest")
+
+
+def test_decode_order_arguments_are_checked():
+    lens = [3, 9]
+    q, _, _, cache, meta = _make_batch([1, 1], lens, 4, 2, 16, 8, torch.float32, DEV)
+    call = functools.partial(decode_attention, q, cache, meta.block_tables, meta.seq_lens,
+                             0.25, torch.empty_like(q))
+    for bad in (torch.tensor([1, 0, 2], device=DEV), torch.tensor([1.0, 0.0], device=DEV)):
+        with pytest.raises(ValueError, match="order must be an int32 or int64 tensor"):
+            call(order=bad)
+    many = torch.zeros(MAX_GRID_Z + 1, 4, 16, device=DEV)
+    with pytest.raises(ValueError, match="at most 65535"):
+        decode_attention(many, cache, meta.block_tables[:1].expand(len(many), -1),
+                         torch.zeros(len(many), dtype=torch.int32, device=DEV), 0.25,
+                         torch.empty_like(many), heads_first=True)
 
 
 def test_backend_one_decode_needs_no_argsort(monkeypatch):
@@ -563,4 +586,35 @@ def test_gpu_graph_derives_the_decode_order_at_replay():
     assert [new[i] for i in order.tolist()] == sorted(new, reverse=True)
     eager = dataclasses.replace(meta, backend_cache={})
     assert torch.equal(out, backend.attend(q, cache, eager, 0.1))
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_second_capture_warms_up_on_its_own_order(monkeypatch):
+    """Two captures with one metadata (the LoRA and the sampling graphs do this): the second
+    warm-up must sort the lengths itself, not read the first graph's order tensor, which a
+    capture allocates but never writes (zeroed here, as stale memory may be)."""
+    import novainfer.layers.attention.triton_backend as backend_module
+    from novainfer.engine.cuda_graphs import _capture
+
+    eager_orders = []
+
+    def record(*args, **kwargs):
+        if not torch.cuda.is_current_stream_capturing():
+            eager_orders.append(kwargs["order"].clone())
+        return decode_attention(*args, **kwargs)
+
+    monkeypatch.setattr(backend_module, "decode_attention", record)
+    dev = torch.device("cuda")
+    lens = [40, 9, 33, 3, 22, 17]
+    q, _, _, cache, meta = _make_batch([1] * 6, lens, 16, 8, 128, 16, torch.bfloat16, dev)
+    backend = TritonBackend(num_splits=1)
+    out = torch.empty_like(q)
+    _capture(lambda: out.copy_(backend.attend(q, cache, meta, 0.1)), None, meta)
+    meta.backend_cache["triton_decode_order"].zero_()
+    eager_orders.clear()
+    _capture(lambda: out.copy_(backend.attend(q, cache, meta, 0.1)), None, meta)
+    assert eager_orders, "the warm-up attended"
+    for order in eager_orders:
+        assert [lens[i] for i in order.tolist()] == sorted(lens, reverse=True)
 

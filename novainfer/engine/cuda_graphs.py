@@ -102,9 +102,12 @@ def _capture(
 ) -> torch.cuda.CUDAGraph:
     """One graph of `run` (which writes its result into a static buffer, attending with
     `meta`), in `pool`; a warm-up call first, so anything that compiles does so outside the
-    capture. What the warm-up derived into `meta.backend_cache` is dropped: the graph must
-    derive it from its static inputs itself (the decode order, kernels/decode_attention.py),
-    not replay a warm-up's result."""
+    capture. `meta.backend_cache` is emptied before the warm-up and again before the capture:
+    each derives its per-step values (the decode order, kernels/decode_attention.py) itself.
+    The graph must not replay the warm-up's tensors, and the warm-up must not read a tensor
+    that an earlier capture with the same metadata allocated but never wrote (a capture runs
+    no kernels). The graph's own values stay in the cache until the next capture."""
+    meta.backend_cache.clear()
     run()
     torch.cuda.synchronize()
     meta.backend_cache.clear()

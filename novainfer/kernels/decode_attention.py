@@ -313,18 +313,19 @@ def decode_order_enabled() -> bool:
     (`decode_attention`'s heads_first and order; the order is one argsort a step, inside the
     CUDA graphs), at twice the split count (`default_num_splits`, programs_per_sm=4): with
     the long sequences first, more and shorter programs even out the end of the call instead
-    of leaving SMs idle. Measured on an H200, 2026-12-03, with the kernel alone (contexts
-    drawn from 100-2048 tokens, replayed from a CUDA graph, us per call, `python
-    benchmarks/decode_sweep.py --order-sweep` and its prototypes). Plain at the old split
-    count against both at the new one:
-    - qwen3-0.6b's heads (16 / 8), bf16 cache: 16 sequences 25.3 -> 19.0; 48 66.1 -> 60.0;
-      128 147.0 -> 130.6.
-    - The same on the fp8 cache: 16 sequences 18.7 -> 13.7; 48 44.8 -> 40.5.
-    - r1-distill-qwen-1.5b's heads (12 / 2), bf16: 48 sequences 25.8 -> 21.9; 64 30.2 ->
-      26.9; 128 50.0 -> 42.2.
-    - The same on fp8: 48 sequences 18.9 -> 14.9; 64 22.1 -> 18.5.
+    of leaving SMs idle. At a given split count the order changes no output bit; the doubled
+    split count sums in another order, as any split count does. Measured on an H200,
+    2026-12-03, with the kernel alone (`python benchmarks/decode_sweep.py --order-sweep`:
+    contexts drawn from 100-2048 tokens, replayed from a CUDA graph, us per call), plain at
+    the old split count against both at the new one:
+    - qwen3-0.6b's heads (16 / 8), bf16 cache: 16 sequences 25.4 -> 18.9; 48 66.3 -> 60.1;
+      128 144.4 -> 128.1.
+    - The same on the fp8 cache: 16 sequences 19.2 -> 13.9; 48 45.1 -> 40.5.
+    - r1-distill-qwen-1.5b's heads (12 / 2), bf16: 48 sequences 25.7 -> 22.0; 64 30.5 ->
+      27.0; 128 50.2 -> 42.6.
+    - The same on fp8: 48 sequences 19.1 -> 15.0; 64 22.4 -> 18.9.
     The order alone, at the old split count, lost where every program fits in one wave
-    (qwen3's heads, 48 sequences at 1 split: 66.1 -> 73.4), since neighbouring programs
+    (qwen3's heads, 48 sequences at 1 split: 66.3 -> 73.1), since neighbouring programs
     share an SM: the doubled split count avoids that case. Read once per process."""
     value = os.environ.get("NOVAINFER_DECODE_ORDER", "").strip().lower() or "longest-first"
     if value not in ("longest-first", "off"):
@@ -335,6 +336,24 @@ def decode_order_enabled() -> bool:
 def decode_order(seq_lens: torch.Tensor) -> torch.Tensor:
     """The sequences' indices, longest context first (`decode_attention`'s order)."""
     return torch.argsort(seq_lens, descending=True)
+
+
+# A CUDA grid's y and z dimensions hold at most 65535 programs; heads_first puts the
+# sequences on z.
+MAX_GRID_Z = 65535
+
+
+def decode_launch(
+    num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device
+) -> tuple[int, bool]:
+    """How the engine launches a decode step (layers/attention/triton_backend.py): (split
+    count, ordered). Ordered (`decode_order_enabled`, and at most MAX_GRID_Z sequences):
+    heads_first with the sequences longest first, at 4 programs per SM; else the plain
+    launch at 2."""
+    ordered = decode_order_enabled() and num_seqs <= MAX_GRID_Z
+    splits = default_num_splits(num_seqs, num_kv_heads, max_context, device,
+                                programs_per_sm=4 if ordered else 2)
+    return splits, ordered
 
 
 def decode_workspace_numel(num_seqs: int, num_heads: int, head_dim: int, num_splits: int) -> int:
@@ -445,6 +464,13 @@ def decode_attention(
                          f"and compiled kernels on CUDA (got kv {kv_cache.dtype}, q {q.dtype}, "
                          f"dot_f16 {dot_f16}, head_dim {head_dim}, device {q.device.type})")
     v_pairs = pairs_apply if v_pairs is None else v_pairs
+    if heads_first and num_seqs > MAX_GRID_Z:
+        raise ValueError(f"heads_first launches the sequences on the grid's z axis, which holds "
+                         f"at most {MAX_GRID_Z}; got {num_seqs} sequences")
+    if order is not None and (order.shape != (num_seqs,) or order.device != q.device
+                              or order.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"order must be an int32 or int64 tensor of shape ({num_seqs},) on "
+                         f"{q.device}, got {order.dtype} {tuple(order.shape)} on {order.device}")
     if num_splits > 1:
         need = decode_workspace_numel(num_seqs, num_heads, head_dim, num_splits)
         if workspace is None:

@@ -7,10 +7,9 @@ import torch
 
 from novainfer.kernels.decode_attention import (
     decode_attention,
+    decode_launch,
     decode_order,
-    decode_order_enabled,
     decode_workspace_numel,
-    default_num_splits,
 )
 from novainfer.kernels.kv_cache import store_kv
 from novainfer.kernels.prefill_attention import prefill_attention
@@ -92,13 +91,11 @@ class TritonBackend:
         if nd:
             num_heads, head_dim = q.shape[1], q.shape[2]
             block_tables = meta.block_tables[:nd]
-            ordered = decode_order_enabled()  # kernels/decode_attention.py
-            splits = self.num_splits
-            if splits is None:
-                splits = default_num_splits(
-                    nd, kv_cache.shape[3], block_tables.shape[1] * kv_cache.shape[2], q.device,
-                    programs_per_sm=4 if ordered else 2,
-                )
+            splits, ordered = decode_launch(  # kernels/decode_attention.py
+                nd, kv_cache.shape[3], block_tables.shape[1] * kv_cache.shape[2], q.device
+            )
+            if self.num_splits is not None:
+                splits = self.num_splits
             ws = None
             if splits > 1:
                 ws = self._get_workspace(
