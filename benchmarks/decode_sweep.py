@@ -106,6 +106,17 @@ def _engine_block_case(args: argparse.Namespace, dev: torch.device) -> tuple:
     return int(lens.sum()), q, cache, fp8, scales, tables, lens.int().to(dev)
 
 
+def _batch_cases(args: argparse.Namespace, dev: torch.device, columns: tuple[str, ...]):
+    """Print a sweep's title and table header, then yield (seqs, `_engine_block_case`) for
+    each of args.batches."""
+    print(f"{args.heads} / {args.kv_heads} heads x {args.head_dim}, contexts "
+          f"{args.min_ctx}-{args.max_ctx}, block size 16, {torch.cuda.get_device_name()}")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for seqs in args.batches:
+        yield seqs, _engine_block_case(argparse.Namespace(**{**vars(args), "seqs": seqs}), dev)
+
+
 def compare_kv_dtypes(args: argparse.Namespace) -> None:
     from novainfer.kernels.decode_attention import decode_attention
     from novainfer.kernels.fp8 import dequantize_fp8
@@ -166,11 +177,13 @@ def fp8_variants(args: argparse.Namespace) -> None:
 
 def split_sweep(args: argparse.Namespace) -> None:
     """us per call (replayed from a CUDA graph, as in the engine) and KV TB/s for each batch
-    size and split count, bf16 and fp8 caches. The "default" row is what the engine runs
-    (its split count and tile: 64 tokens above 2 splits); the others force 128-token tiles
-    with the stages `default_tile` gives them at 1-2 splits. Contexts drawn from
-    min_ctx..max_ctx ("drawn") or all equal to the drawn ones' mean ("equal", same bytes):
-    where "equal" reads much faster, uneven contexts leave SMs idle at the end of the call."""
+    size and split count, bf16 and fp8 caches. The "default" row is `decode_attention`'s own
+    default, the plain launch (its split count at 2 programs per SM, and its tile: 64 tokens
+    above 2 splits; the engine's ordered launch is `--order-sweep`'s); the others force
+    128-token tiles with the stages `default_tile` gives them at 1-2 splits. Contexts drawn
+    from min_ctx..max_ctx ("drawn") or all equal to the drawn ones' mean ("equal", same
+    bytes): where "equal" reads much faster, uneven contexts leave SMs idle at the end of
+    the call."""
     from novainfer.kernels.decode_attention import (
         decode_attention,
         decode_workspace_numel,
@@ -178,13 +191,8 @@ def split_sweep(args: argparse.Namespace) -> None:
     )
 
     dev = torch.device("cuda")
-    print(f"{args.heads} / {args.kv_heads} heads x {args.head_dim}, contexts "
-          f"{args.min_ctx}-{args.max_ctx}, block size 16, {torch.cuda.get_device_name()}")
-    print("| seqs | contexts | cache | splits | us | KV TB/s |")
-    print("|---|---|---|---|---|---|")
-    for seqs in args.batches:
-        case = argparse.Namespace(**{**vars(args), "seqs": seqs})
-        tokens, q, cache, fp8, scales, tables, seq_lens = _engine_block_case(case, dev)
+    cases = _batch_cases(args, dev, ("seqs", "contexts", "cache", "splits", "us", "KV TB/s"))
+    for seqs, (tokens, q, cache, fp8, scales, tables, seq_lens) in cases:
         equal = torch.full_like(seq_lens, tokens // seqs)
         default = default_num_splits(seqs, args.kv_heads, tables.shape[1] * 16, dev)
         for contexts, lens in (("drawn", seq_lens), ("equal", equal)):
@@ -222,13 +230,9 @@ def order_sweep(args: argparse.Namespace) -> None:
     )
 
     dev = torch.device("cuda")
-    print(f"{args.heads} / {args.kv_heads} heads x {args.head_dim}, contexts "
-          f"{args.min_ctx}-{args.max_ctx}, block size 16, {torch.cuda.get_device_name()}")
-    print("| seqs | cache | launch | splits | us | KV TB/s | same bits |")
-    print("|---|---|---|---|---|---|---|")
-    for seqs in args.batches:
-        case = argparse.Namespace(**{**vars(args), "seqs": seqs})
-        tokens, q, cache, fp8, scales, tables, seq_lens = _engine_block_case(case, dev)
+    cases = _batch_cases(args, dev, ("seqs", "cache", "launch", "splits", "us", "KV TB/s",
+                                     "same bits"))
+    for seqs, (tokens, q, cache, fp8, scales, tables, seq_lens) in cases:
         width = tables.shape[1] * 16
         plain_splits = default_num_splits(seqs, args.kv_heads, width, dev)
         ordered_splits = default_num_splits(seqs, args.kv_heads, width, dev, programs_per_sm=4)
