@@ -9,7 +9,7 @@ import torch
 from conftest import completion_tokens, make_llm
 
 from novainfer import SamplingParams
-from novainfer.engine.worker import padded_rows
+from novainfer.engine.cuda_graphs import padded_rows
 
 
 def test_padded_rows_picks_the_smallest_bucket_that_fits():

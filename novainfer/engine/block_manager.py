@@ -5,10 +5,10 @@ LoRA adapter) and, through the previous block's hash, every token before them. T
 finds a candidate: every cached block also keeps its key, `(parent key, tokens)` (the tokens
 as int64 bytes) with the extras in place of the parent for a first block, and a hit counts
 only if that key equals the sequence's own (tokens compared, parents compared by identity
-first). A hash collision therefore costs a miss, never another request's KV. Blocks whose ref count drops to zero
-keep their hash and key and wait in the free queue; they are handed out again
-least-recently-used first, and a later request with the same prefix can take them back
-before that happens.
+first). A hash collision therefore costs a miss, never another request's KV. Blocks whose
+ref count drops to zero keep their hash and key and wait in the free queue; they are handed
+out again least-recently-used first, and a later request with the same prefix can take them
+back before that happens.
 
 Each sequence holding blocks also owns a row of `tables` (engine/block_tables.py), an int32
 mirror of its block table (0-padded) that is written only when blocks change; every rank keeps

@@ -49,6 +49,11 @@ def bucket_sizes(max_num_seqs: int) -> list[int]:
     return sorted(set(sizes + [max_num_seqs]))
 
 
+def padded_rows(n: int, buckets: list[int]) -> int:
+    """The smallest bucket that holds n rows; n itself when none does (or there are none)."""
+    return next((b for b in buckets if b >= n), n)
+
+
 def prefill_buckets(max_tokens: int) -> list[int]:
     """Token counts a prefill graph is captured at: powers of two from 16 to 512, then every
     256 (a prompt pads by at most a quarter above 512 tokens, where the GPU work starts to
@@ -238,7 +243,7 @@ class DecodeGraphs:
         lora: LoRABatch | None = None,
     ) -> torch.Tensor:
         n = meta.num_seqs
-        size = next(s for s in self.sizes if s >= n)
+        size = padded_rows(n, self.sizes)  # a bucket: `can_run`
         self._fill(input_ids, positions, meta, size)
         if lora is not None:
             segment_per_slot(lora, self.lora_tokens, self.lora_start, self.lora_counts)
@@ -344,7 +349,7 @@ class PrefillGraphs:
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         n, s = input_ids.shape[0], meta.num_seqs
-        size = next(b for b in self.sizes if b >= n)
+        size = padded_rows(n, self.sizes)  # a bucket: `can_run`
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
         self.slot_mapping[:n].copy_(meta.slot_mapping)

@@ -26,6 +26,7 @@ from novainfer.engine.cuda_graphs import (
     DecodeGraphs,
     PrefillGraphs,
     bucket_sizes,
+    padded_rows,
     prefill_graph_tokens,
     sample_graph_seqs,
 )
@@ -369,11 +370,6 @@ class ModelWorker:
 
 
 SAMPLED, SHARE = HEADER.index("num_sampled"), HEADER.index("share_sampled")
-
-
-def padded_rows(n: int, buckets: list[int]) -> int:
-    """The smallest bucket that holds n rows; n itself when none does (or there are none)."""
-    return next((b for b in buckets if b >= n), n)
 
 
 def pack_cpu_weights(model: torch.nn.Module) -> None:
