@@ -341,6 +341,19 @@ def test_backend_keeps_the_plain_launch_when_off(monkeypatch):
         _order_calls(monkeypatch, 1, "shortest")
 
 
+@pytest.mark.parametrize("n", [1, 5, 128, 129, 300])
+def test_decode_order_is_a_stable_descending_sort(n):
+    """decode_order's one-launch rank kernel (the interpreter on the CPU) against torch's
+    stable argsort: ties (many equal lengths) keep index order, padding rows (0) go last,
+    sizes off the kernel's 128-sequence block."""
+    g = torch.Generator().manual_seed(n)
+    lens = torch.randint(0, 20, (n,), generator=g, dtype=torch.int32)
+    lens[torch.randint(0, n, (n // 4,), generator=g)] = 0
+    got = decode_order(lens.to(DEV))
+    assert got.dtype == torch.int32 and got.shape == (n,)
+    assert got.cpu().tolist() == torch.argsort(lens, descending=True, stable=True).tolist()
+
+
 def test_decode_order_arguments_are_checked():
     lens = [3, 9]
     q, _, _, cache, meta = _make_batch([1, 1], lens, 4, 2, 16, 8, torch.float32, DEV)

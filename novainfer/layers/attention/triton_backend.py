@@ -105,7 +105,7 @@ class TritonBackend:
             order = None
             if ordered and nd > 1:
                 order = meta.backend_cache.get("triton_decode_order")
-                if order is None:  # one argsort a step, shared by the layers
+                if order is None:  # one decode_order a step, shared by the layers
                     order = meta.backend_cache["triton_decode_order"] = decode_order(seq_lens)
             decode_attention(
                 q[:nd], kv_cache, block_tables, seq_lens, scale, out[:nd],
