@@ -355,15 +355,13 @@ ORDER_BLOCK = 128
 
 def decode_order(seq_lens: torch.Tensor) -> torch.Tensor:
     """The sequences' indices (int32), longest context first, ties in index order
-    (`decode_attention`'s order). One launch of `_order_kernel` where Triton runs (CUDA, or
-    the interpreter) instead of torch.argsort's sort kernels: on an H200 (2026-12-03,
-    benchmarks/run_breakdown.py, where "sort" kernels count as sampling) the sampling
-    category of a bench run fell from 35.6 to 23.6 ms on qwen3-0.6b and r1-distill-qwen-1.5b
-    alike; the argsort had cost ~18 us a step at 193-256 sequences. Lengths: non-negative
-    (padding rows: 0, last)."""
+    (`decode_attention`'s order), on CUDA or in Triton's interpreter like the decode kernel
+    it feeds. One launch of `_order_kernel` instead of torch.argsort's sort kernels: on an
+    H200 (2026-12-03, benchmarks/run_breakdown.py, where "sort" kernels count as sampling)
+    the sampling category of a bench run fell from 35.6 to 23.6 ms on qwen3-0.6b and
+    r1-distill-qwen-1.5b alike; the argsort had cost ~18 us a step at 193-256 sequences.
+    Lengths: non-negative (padding rows: 0, last)."""
     n = seq_lens.shape[0]
-    if not (seq_lens.is_cuda or interpreting()):
-        return torch.argsort(seq_lens, descending=True, stable=True).int()
     order = torch.empty(n, dtype=torch.int32, device=seq_lens.device)
     if n:
         _order_kernel[(cdiv(n, ORDER_BLOCK),)](seq_lens, order, n, BLOCK=ORDER_BLOCK)
